@@ -1,7 +1,7 @@
 //! Test harness: runs the real `keyd` binary on a temporary socket with a temporary config, and
 //! kills it on drop.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -82,7 +82,11 @@ impl Keyd {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("keyd exited early with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "keyd did not start:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "keyd did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
@@ -129,7 +133,11 @@ impl Drop for Keyd {
 }
 
 /// Runs `keyd` once with `config` and returns its exit status and output (for startup errors).
-pub fn run_to_exit(config_file: &Path, config_dir: &Path, extra_env: &[(&str, &str)]) -> (Option<i32>, String) {
+pub fn run_to_exit(
+    config_file: &Path,
+    config_dir: &Path,
+    extra_env: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keyd"));
     command
         .env("AZIOT_KEYD_CONFIG", config_file)
@@ -156,5 +164,7 @@ pub fn b64(bytes: &[u8]) -> String {
 /// base64 decode (standard).
 pub fn unb64(text: &str) -> Vec<u8> {
     use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
 }
