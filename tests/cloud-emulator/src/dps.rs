@@ -1,0 +1,303 @@
+//! DPS registration API (spec 9.2): `PUT /{idScope}/registrations/{id}/register` and
+//! `GET /{idScope}/registrations/{id}/operations/{operationId}`.
+//!
+//! Error codes are the emulator's own choice within the classes the spec names:
+//! 400001 bad `api-version`, 400004 invalid body, 400005 `registrationId` mismatch,
+//! 401002 bad or missing credential, 404001 unknown ID scope or route, 404002 unknown
+//! operation, 405000 wrong method; injected faults use `<status>000` plus 1 for 429.
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::{
+    reply::{dps_error, Reply},
+    state::{Credential, Outcome, Plan, RegistrationRec, State},
+    util::{self, ApiVersion},
+};
+
+/// `api-version` values accepted on DPS routes.
+pub const DPS_API_VERSIONS: &[&str] = &["2018-11-01", "2019-03-31", "2021-06-01"];
+
+/// What the server extracted from the HTTP request.
+#[derive(Debug)]
+pub(crate) struct RequestInfo<'a> {
+    pub method: &'a Method,
+    pub query: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub if_match: Option<&'a str>,
+    pub body: &'a [u8],
+    pub cred: &'a Credential,
+}
+
+fn check_api_version(query: Option<&str>) -> Result<(), Reply> {
+    match util::api_version(query) {
+        ApiVersion::Missing => Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_001,
+            "api-version not specified",
+        )),
+        ApiVersion::Repeated => Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_001,
+            "api-version specified more than once",
+        )),
+        ApiVersion::Value(v) if DPS_API_VERSIONS.contains(&v.as_str()) => Ok(()),
+        ApiVersion::Value(v) => Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_001,
+            &format!("invalid api-version {v:?}"),
+        )),
+    }
+}
+
+/// Handles a DPS request. `segs` are the decoded path segments (`segs[1] == "registrations"`).
+pub(crate) fn handle(state: &mut State, req: &RequestInfo<'_>, segs: &[String]) -> Reply {
+    if !segs[0].eq_ignore_ascii_case(&state.id_scope) {
+        return dps_error(StatusCode::NOT_FOUND, 404_001, "unknown ID scope");
+    }
+    let (reg_id, route) = match segs {
+        [_, _, reg, r] if r == "register" => (reg, None),
+        [_, _, reg, o, op] if o == "operations" => (reg, Some(op)),
+        _ => return dps_error(StatusCode::NOT_FOUND, 404_001, "not found"),
+    };
+    let allowed = if route.is_none() {
+        Method::PUT
+    } else {
+        Method::GET
+    };
+    if *req.method != allowed {
+        return dps_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            405_000,
+            "method not allowed",
+        )
+        .with_allow(if route.is_none() { "PUT" } else { "GET" });
+    }
+    if reg_id.is_empty() {
+        return dps_error(StatusCode::BAD_REQUEST, 400_004, "empty registration ID");
+    }
+    if let Err(r) = check_api_version(req.query) {
+        return r;
+    }
+    let attested = match state.authenticate_registration(reg_id, req.cred, util::now_secs()) {
+        Ok(a) => a,
+        Err(why) => {
+            log::info!("DPS: registration {reg_id:?} rejected: {why}");
+            return dps_error(StatusCode::UNAUTHORIZED, 401_002, "Unauthorized")
+                .with_auth(Some(false));
+        }
+    };
+    let reply = match route {
+        None => register(state, req, reg_id, attested),
+        Some(op) => poll(state, reg_id, op),
+    };
+    reply.with_auth(Some(true))
+}
+
+fn register(
+    state: &mut State,
+    req: &RequestInfo<'_>,
+    reg_id: &str,
+    attested: crate::state::Attested,
+) -> Reply {
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return dps_error(StatusCode::BAD_REQUEST, 400_004, "request body is required");
+    }
+    let body: Value = match serde_json::from_slice(req.body) {
+        Ok(Value::Object(o)) => Value::Object(o),
+        Ok(_) => {
+            return dps_error(
+                StatusCode::BAD_REQUEST,
+                400_004,
+                "request body must be a JSON object",
+            )
+        }
+        Err(e) => {
+            return dps_error(
+                StatusCode::BAD_REQUEST,
+                400_004,
+                &format!("invalid request body: {e}"),
+            )
+        }
+    };
+    match body.get("registrationId") {
+        Some(Value::String(s)) if s == reg_id => {}
+        Some(Value::String(_)) => {
+            return dps_error(
+                StatusCode::BAD_REQUEST,
+                400_005,
+                "registrationId in the body does not match the path",
+            )
+        }
+        _ => {
+            return dps_error(
+                StatusCode::BAD_REQUEST,
+                400_004,
+                "registrationId missing from the body",
+            )
+        }
+    }
+    let request_payload = body.get("payload").filter(|p| !p.is_null()).cloned();
+
+    let outcome = match &state.settings.fail_registrations {
+        Some(f) => Outcome::Fail(f.clone()),
+        None => Outcome::Assign(Box::new(Plan {
+            device_id: attested.device_id,
+            hub: attested
+                .assigned_hub
+                .unwrap_or_else(|| state.settings.assigned_hub.clone()),
+            device_auth: attested.device_auth,
+            iot_edge: attested.iot_edge,
+            payload: attested.payload,
+            attestation_field: attested.attestation_field,
+            group_id: attested.group_id,
+            source: attested.source,
+            request_payload,
+        })),
+    };
+    let operation_id = format!(
+        "4.{}.{}",
+        util::hex_lower(&util::random_bytes(8)),
+        util::random_guid()
+    );
+    state.operations.insert(
+        operation_id.clone(),
+        crate::state::Operation {
+            registration_id: reg_id.to_string(),
+            polls_left: state.settings.assigning_polls,
+            outcome,
+            result: None,
+        },
+    );
+    Reply::json(
+        StatusCode::ACCEPTED,
+        json!({ "operationId": operation_id, "status": "assigning" }),
+    )
+    .with_retry_after(Some(state.settings.retry_after_secs))
+}
+
+fn poll(state: &mut State, reg_id: &str, op_id: &str) -> Reply {
+    let retry_after = state.settings.retry_after_secs;
+    let Some(op) = state
+        .operations
+        .get_mut(op_id)
+        .filter(|op| op.registration_id == reg_id)
+    else {
+        return dps_error(StatusCode::NOT_FOUND, 404_002, "operation not found");
+    };
+    if op.result.is_none() && op.polls_left > 0 {
+        op.polls_left -= 1;
+        return Reply::json(
+            StatusCode::ACCEPTED,
+            json!({ "operationId": op_id, "status": "assigning" }),
+        )
+        .with_retry_after(Some(retry_after));
+    }
+    let (status, reg_state) = match op.result.clone() {
+        Some(done) => done,
+        None => {
+            let outcome = op.outcome.clone();
+            let done = finish(state, reg_id, outcome);
+            if let Some(op) = state.operations.get_mut(op_id) {
+                op.result = Some(done.clone());
+            }
+            done
+        }
+    };
+    Reply::json(
+        StatusCode::OK,
+        json!({ "operationId": op_id, "status": status, "registrationState": reg_state }),
+    )
+}
+
+/// Completes an operation: applies the assignment to the hub (or records the failure) and
+/// returns (`status`, `registrationState`).
+fn finish(state: &mut State, reg_id: &str, outcome: Outcome) -> (&'static str, Value) {
+    let now = util::now_ms();
+    let etag = state.next_etag();
+    match outcome {
+        Outcome::Fail(f) => {
+            let created = state
+                .registrations
+                .get(reg_id)
+                .map_or(now, |r| r.created_ms);
+            (
+                "failed",
+                json!({
+                    "registrationId": reg_id,
+                    "createdDateTimeUtc": util::rfc3339_ms(created),
+                    "status": "failed",
+                    "errorCode": f.error_code,
+                    "errorMessage": f.message,
+                    "lastUpdatedDateTimeUtc": util::rfc3339_ms(now),
+                    "etag": etag,
+                }),
+            )
+        }
+        Outcome::Assign(plan) => {
+            let device = state.upsert_device(
+                &plan.hub,
+                &plan.device_id,
+                plan.device_auth.clone(),
+                plan.iot_edge,
+            );
+            let rec = state
+                .registrations
+                .entry(reg_id.to_string())
+                .or_insert_with(|| RegistrationRec {
+                    registration_id: reg_id.to_string(),
+                    device_id: plan.device_id.clone(),
+                    assigned_hub: plan.hub.clone(),
+                    enrollment: plan.source.clone(),
+                    created_ms: now,
+                    updated_ms: now,
+                    etag: String::new(),
+                    assignments: 0,
+                    last_request_payload: None,
+                    device_generation_id: String::new(),
+                });
+            rec.assignments += 1;
+            rec.device_id.clone_from(&plan.device_id);
+            rec.assigned_hub.clone_from(&plan.hub);
+            rec.enrollment.clone_from(&plan.source);
+            rec.updated_ms = now;
+            rec.etag.clone_from(&etag);
+            rec.last_request_payload.clone_from(&plan.request_payload);
+            rec.device_generation_id = device["generationId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let substatus = if rec.assignments == 1 {
+                "initialAssignment"
+            } else {
+                "reprovisionedToInitialAssignment"
+            };
+            let attestation = match &plan.group_id {
+                Some(g) => json!({ "enrollmentGroupId": g }),
+                None => json!({}),
+            };
+            let mut reg_state = json!({
+                "registrationId": reg_id,
+                "createdDateTimeUtc": util::rfc3339_ms(rec.created_ms),
+                "assignedHub": plan.hub,
+                "deviceId": plan.device_id,
+                "status": "assigned",
+                "substatus": substatus,
+                "lastUpdatedDateTimeUtc": util::rfc3339_ms(now),
+                "etag": etag,
+            });
+            if let Some(map) = reg_state.as_object_mut() {
+                map.insert(plan.attestation_field.to_string(), attestation);
+                if let Some(p) = plan.payload {
+                    map.insert("payload".to_string(), p);
+                }
+            }
+            log::info!(
+                "DPS: {reg_id:?} assigned to hub {:?} as device {:?} ({substatus})",
+                plan.hub,
+                plan.device_id
+            );
+            ("assigned", reg_state)
+        }
+    }
+}
