@@ -629,3 +629,37 @@ async fn binary_prints_ready_line_and_stops_on_sigterm() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn persistent_ca_and_second_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || cloud_emulator::Config {
+        pki_dir: Some(dir.path().join("pki")),
+        hub_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    };
+    let first = cloud_emulator::start(cfg()).await.unwrap();
+    let first_pem = first.ca_cert_pem().to_string();
+    assert_eq!(first.ca_cert_path(), dir.path().join("pki/ca.pem"));
+    first.shutdown().await;
+    assert!(dir.path().join("pki/ca.key").exists());
+
+    // A second start loads the same CA instead of making a new one.
+    let emu = cloud_emulator::start(cfg()).await.unwrap();
+    assert_eq!(emu.ca_cert_pem(), first_pem);
+    let key = sas_device(&emu, "d-two").await;
+    // The extra listener serves the same hub (trusted through the persisted CA file).
+    let hub_addr = emu.hub_https_addr().expect("second listener");
+    assert_ne!(hub_addr, emu.https_addr());
+    let a = https(
+        hub_addr,
+        emu.ca_cert_path(),
+        None,
+        Req::new(Method::GET, format!("/devices/d-two?{API}"))
+            .host(emu.hub_hostname())
+            .auth(device_token(&emu, "d-two", &key)),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.json);
+    emu.shutdown().await;
+}
