@@ -1,1 +1,106 @@
-//! Placeholder while this crate is written.
+//! certd, the certificate service: stores PEM chains under caller-chosen IDs and issues X.509
+//! certificates from CSRs, signing every certificate through keyd (it never holds a private
+//! key).
+//!
+//! Request flow: `http-common` server → [`routes::Router`] (the one route table) →
+//! [`handlers`] (parse, shape answers) → [`service::CertService`] (authorization, preloaded
+//! certs, issuance rules, per-ID write ordering) → [`issuance`] (X.509 building, pure) and
+//! [`keys`] (keyd through one shared `key_api::Client`) → [`store::CertStore`]
+//! implementations. Nothing below `handlers` sees HTTP types.
+
+pub mod config;
+pub mod error;
+mod handlers;
+pub mod issuance;
+pub mod keys;
+pub mod pem;
+pub mod routes;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use config_common::ConfigPaths;
+
+pub use config::Config;
+pub use error::CertError;
+pub use service::CertService;
+
+/// Builds the service from a validated configuration (opens the file store).
+pub async fn build_service(config: &Config) -> Result<CertService, CertError> {
+    let homedir = config.homedir.clone();
+    let store = tokio::task::spawn_blocking(move || store::file::FileStore::open(&homedir))
+        .await
+        .map_err(CertError::Task)??;
+    let keyd =
+        key_api::Client::from_uri(&config.keyd_endpoint).map_err(|source| CertError::Keyd {
+            step: "connecting",
+            source,
+        })?;
+    Ok(CertService::new(
+        Arc::new(store),
+        config.policy.clone(),
+        keyd,
+    ))
+}
+
+/// Serves certd on `listener` until `shutdown` resolves. When `config_paths` is given, changes
+/// to principals, `cert_issuance` and `preloaded_certs` are picked up without a restart.
+pub async fn run(
+    config: Config,
+    config_paths: Option<ConfigPaths>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CertError> {
+    let service = Arc::new(build_service(&config).await?);
+    if let Some(paths) = config_paths {
+        tokio::spawn(watch_policy(paths, Arc::clone(&service)));
+    }
+    let options = http_common::ServerOptions {
+        max_connections_per_uid: config.max_requests,
+        ..http_common::ServerOptions::default()
+    };
+    http_common::server::notify_ready();
+    log::info!("certd is serving");
+    http_common::serve(
+        listener,
+        Arc::new(routes::Router::new(service)),
+        options,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// How often the configuration files are checked for changes.
+const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn watch_policy(paths: ConfigPaths, service: Arc<CertService>) {
+    let mut fingerprint = paths.fingerprint();
+    loop {
+        tokio::time::sleep(CONFIG_POLL_INTERVAL).await;
+        let current = paths.fingerprint();
+        if current == fingerprint {
+            continue;
+        }
+        fingerprint = current;
+        let reloaded =
+            config_common::load_table(&paths).and_then(|loaded| Config::from_loaded(&loaded));
+        match reloaded {
+            Ok(config) => {
+                log::info!(
+                    "configuration changed; {} principal entries, {} issuance entries, {} preloaded certs in force",
+                    config.policy.principals.len(),
+                    config.policy.issuance.len(),
+                    config.policy.preloaded.len()
+                );
+                service.set_policy(config.policy);
+            }
+            Err(error) => {
+                log::warn!("configuration changed but is invalid, keeping the old one: {error}")
+            }
+        }
+    }
+}

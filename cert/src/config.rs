@@ -1,0 +1,822 @@
+//! certd's configuration: `config.toml` plus `config.d/*.toml`, merged by config-common, then
+//! validated into [`Config`]. Both the reference layout (`[preloaded_certs]`) and the seed's flat
+//! `"preloaded_cert:<id>" = "/abs/path"` keys are accepted.
+//!
+//! The reloadable part (principals, `cert_issuance`, `preloaded_certs`) is kept apart in
+//! [`Policy`] so a config change can replace it without a restart. EST issuance is not
+//! implemented: naming it is a startup error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use config_common::{ConfigError, Loaded};
+use serde::Deserialize;
+
+/// The default listener.
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/aziot/certd.sock";
+/// The default keyd endpoint.
+pub const DEFAULT_KEYD_ENDPOINT: &str = "unix:///run/aziot/keyd.sock";
+/// The default base config file.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/aziot/certd/config.toml";
+/// The default drop-in folder.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/aziot/certd/config.d";
+/// Key algorithms for draft-route key pairs when `key_algorithms` is not set.
+pub const DEFAULT_KEY_ALGORITHMS: &str = "ec-p256:rsa-2048";
+/// Validity of issued certificates when `expiry_days` is not set.
+pub const DEFAULT_EXPIRY_DAYS: u32 = 30;
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Store root; dynamic certs live in `<homedir>/certs`.
+    pub homedir: PathBuf,
+    /// Per-uid concurrent connection budget.
+    pub max_requests: usize,
+    /// certd's listener URI.
+    pub endpoint: String,
+    /// keyd's URI.
+    pub keyd_endpoint: String,
+    /// The parts that a reload may change.
+    pub policy: Policy,
+}
+
+/// The reloadable part of the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Who may write which cert IDs.
+    pub principals: Vec<Principal>,
+    /// `[cert_issuance.local_ca]`.
+    pub local_ca: Option<LocalCa>,
+    /// `[cert_issuance.<certId>]`, by cert ID.
+    pub issuance: BTreeMap<String, IssuanceOptions>,
+    /// Preloaded certs, by cert ID.
+    pub preloaded: BTreeMap<String, Preloaded>,
+}
+
+/// `[[principal]] uid = N, certs = ["glob", ...]`: write access.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Principal {
+    /// The caller's uid.
+    pub uid: u32,
+    /// Cert ID globs (`*`, `?`).
+    #[serde(default)]
+    pub certs: Vec<String>,
+}
+
+/// `[cert_issuance.local_ca]`: the local CA's cert ID and keyd key ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalCa {
+    /// The CA certificate's cert ID.
+    pub cert: String,
+    /// The CA private key's keyd key pair ID.
+    pub pk: String,
+}
+
+/// How a cert ID is issued when the request names no issuer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Signed by keyd key pair `<certId>`.
+    SelfSigned,
+    /// Signed by the local CA.
+    LocalCa,
+    /// EST enrollment (not implemented; refused at startup).
+    Est,
+}
+
+/// The subject an issuance option imposes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubjectSpec {
+    /// `common_name = "..."`: the subject is just this CN.
+    CommonName(String),
+    /// `subject = { CN = "...", O = "..." }`: attribute short name → value, in DN order.
+    Fields(Vec<(String, String)>),
+}
+
+/// `[cert_issuance.<certId>]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IssuanceOptions {
+    /// The method, if set.
+    pub method: Option<Method>,
+    /// The imposed subject, if any.
+    pub subject: Option<SubjectSpec>,
+    /// Validity in days (default [`DEFAULT_EXPIRY_DAYS`]).
+    pub expiry_days: Option<u32>,
+    /// keyd algorithm preference for draft-route key pairs.
+    pub key_algorithms: Option<String>,
+}
+
+/// A preloaded cert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Preloaded {
+    /// Read from this file on every request.
+    File(PathBuf),
+    /// The concatenation of these certs, in order.
+    List(Vec<String>),
+}
+
+/// Short names accepted in `subject` tables, their OIDs, and their place in the DN (lower first).
+pub const SUBJECT_ATTRIBUTES: &[(&str, &str)] = &[
+    ("DC", "0.9.2342.19200300.100.1.25"),
+    ("C", "2.5.4.6"),
+    ("ST", "2.5.4.8"),
+    ("L", "2.5.4.7"),
+    ("street", "2.5.4.9"),
+    ("postalCode", "2.5.4.17"),
+    ("O", "2.5.4.10"),
+    ("OU", "2.5.4.11"),
+    ("title", "2.5.4.12"),
+    ("SN", "2.5.4.4"),
+    ("GN", "2.5.4.42"),
+    ("initials", "2.5.4.43"),
+    ("pseudonym", "2.5.4.65"),
+    ("dnQualifier", "2.5.4.46"),
+    ("serialNumber", "2.5.4.5"),
+    ("CN", "2.5.4.3"),
+    ("UID", "0.9.2342.19200300.100.1.1"),
+    ("emailAddress", "1.2.840.113549.1.9.1"),
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoints {
+    aziot_certd: Option<String>,
+    aziot_keyd: Option<String>,
+    // Written by shared tooling into every daemon's endpoints table; certd does not call them.
+    #[allow(dead_code)]
+    aziot_identityd: Option<String>,
+    #[allow(dead_code)]
+    aziot_tpmd: Option<String>,
+}
+
+/// One `[cert_issuance.*]` table. `local_ca` uses `cert`/`pk`; `est` and the EST fields are
+/// recognized only to be refused or ignored with a clear message.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuance {
+    method: Option<Method>,
+    common_name: Option<String>,
+    subject: Option<BTreeMap<String, String>>,
+    expiry_days: Option<i64>,
+    key_algorithms: Option<String>,
+    cert: Option<String>,
+    pk: Option<String>,
+    // EST settings (per-cert or in `[cert_issuance.est]`): accepted by the parser so the error
+    // can say that EST is not implemented rather than "unknown field".
+    url: Option<toml::Value>,
+    username: Option<toml::Value>,
+    password: Option<toml::Value>,
+    identity_cert: Option<toml::Value>,
+    identity_pk: Option<toml::Value>,
+    bootstrap_identity_cert: Option<toml::Value>,
+    bootstrap_identity_pk: Option<toml::Value>,
+    trusted_certs: Option<toml::Value>,
+    identity_auto_renew: Option<toml::Value>,
+    urls: Option<toml::Value>,
+}
+
+impl RawIssuance {
+    fn est_fields(&self) -> Vec<&'static str> {
+        let fields: [(&'static str, bool); 10] = [
+            ("url", self.url.is_some()),
+            ("username", self.username.is_some()),
+            ("password", self.password.is_some()),
+            ("identity_cert", self.identity_cert.is_some()),
+            ("identity_pk", self.identity_pk.is_some()),
+            (
+                "bootstrap_identity_cert",
+                self.bootstrap_identity_cert.is_some(),
+            ),
+            (
+                "bootstrap_identity_pk",
+                self.bootstrap_identity_pk.is_some(),
+            ),
+            ("trusted_certs", self.trusted_certs.is_some()),
+            ("identity_auto_renew", self.identity_auto_renew.is_some()),
+            ("urls", self.urls.is_some()),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, present)| *present)
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPreloaded {
+    Uri(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    homedir_path: Option<String>,
+    max_requests: Option<i64>,
+    #[serde(default)]
+    cert_issuance: BTreeMap<String, RawIssuance>,
+    #[serde(default)]
+    preloaded_certs: BTreeMap<String, RawPreloaded>,
+    #[serde(default)]
+    principal: Vec<Principal>,
+    #[serde(default)]
+    endpoints: RawEndpoints,
+    /// The seed's flat `"preloaded_cert:<id>"` keys, checked by hand.
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
+}
+
+const PRELOADED_PREFIX: &str = "preloaded_cert:";
+
+/// Checks a cert ID: 1–512 bytes of UTF-8 without NUL or ASCII control characters. Returns the
+/// reason when it is not acceptable.
+pub fn cert_id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("must not be empty")
+    } else if id.len() > 512 {
+        Some("must be at most 512 bytes")
+    } else if id.chars().any(|character| character.is_ascii_control()) {
+        Some("must not contain control characters")
+    } else {
+        None
+    }
+}
+
+/// Parses a preloaded file location: `file:///abs/path` (percent-decoded) or `/abs/path`.
+fn preloaded_path(value: &str) -> Result<PathBuf, &'static str> {
+    let path = match value.strip_prefix("file://") {
+        Some(rest) => percent_encoding::percent_decode_str(rest)
+            .decode_utf8()
+            .map_err(|_| "the file:// URI is not valid UTF-8 after percent-decoding")?
+            .into_owned(),
+        None => value.to_owned(),
+    };
+    if !path.starts_with('/') {
+        return Err(
+            "expected a file:///absolute/path URI, an absolute path, or a list of cert IDs",
+        );
+    }
+    Ok(PathBuf::from(path))
+}
+
+impl Config {
+    /// Validates a merged configuration table.
+    pub fn from_loaded(loaded: &Loaded) -> Result<Config, ConfigError> {
+        let raw: RawConfig = loaded.deserialize()?;
+
+        let mut flat_homedir = None;
+        let mut preloaded: BTreeMap<String, (String, Preloaded)> = BTreeMap::new();
+        for (name, value) in &raw.rest {
+            let Some(id) = name.strip_prefix(PRELOADED_PREFIX) else {
+                return Err(ConfigError::invalid(loaded, name.clone(), "unknown field"));
+            };
+            let toml::Value::String(value) = value else {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    name.clone(),
+                    "expected a string (an absolute path)",
+                ));
+            };
+            if let Some(problem) = cert_id_problem(id) {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    name.clone(),
+                    format!("invalid cert ID: {problem}"),
+                ));
+            }
+            let path = preloaded_path(value)
+                .map_err(|reason| ConfigError::invalid(loaded, name.clone(), reason))?;
+            preloaded.insert(id.to_owned(), (name.clone(), Preloaded::File(path)));
+        }
+        if let Some(homedir) = raw.homedir_path {
+            flat_homedir = Some(homedir);
+        }
+        for (id, value) in raw.preloaded_certs {
+            let key = format!("preloaded_certs.{id}");
+            if let Some(problem) = cert_id_problem(&id) {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    "preloaded_certs",
+                    format!("invalid cert ID {id:?}: {problem}"),
+                ));
+            }
+            let entry = match value {
+                RawPreloaded::Uri(uri) => Preloaded::File(
+                    preloaded_path(&uri)
+                        .map_err(|reason| ConfigError::invalid(loaded, &key, reason))?,
+                ),
+                RawPreloaded::List(members) => Preloaded::List(members),
+            };
+            if let Some((previous_key, previous)) = preloaded.get(&id) {
+                if *previous != entry {
+                    return Err(ConfigError::invalid(
+                        loaded,
+                        key,
+                        format!(
+                            "conflicts with `{previous_key}`, which is set to a different value"
+                        ),
+                    ));
+                }
+            }
+            preloaded.insert(id, (key, entry));
+        }
+        for (id, (key, entry)) in &preloaded {
+            let Preloaded::List(members) = entry else {
+                continue;
+            };
+            for member in members {
+                if member == id {
+                    return Err(ConfigError::invalid(loaded, key, "the list names itself"));
+                }
+                if let Some(problem) = cert_id_problem(member) {
+                    return Err(ConfigError::invalid(
+                        loaded,
+                        key,
+                        format!("invalid cert ID {member:?}: {problem}"),
+                    ));
+                }
+                if let Some((_, Preloaded::List(_))) = preloaded.get(member) {
+                    return Err(ConfigError::invalid(
+                        loaded,
+                        key,
+                        format!("member {member:?} is itself a list; lists cannot be nested"),
+                    ));
+                }
+            }
+        }
+
+        let mut local_ca = None;
+        let mut issuance = BTreeMap::new();
+        for (id, options) in raw.cert_issuance {
+            let key = format!("cert_issuance.{id}");
+            let not_implemented = || {
+                ConfigError::invalid(
+                    loaded,
+                    &key,
+                    format!("EST issuance is not implemented (cert_issuance.{id})"),
+                )
+            };
+            if id == "est" || options.method == Some(Method::Est) {
+                return Err(not_implemented());
+            }
+            if let Some(field) = options.est_fields().first() {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("{key}.{field}"),
+                    format!("EST issuance is not implemented (cert_issuance.{id})"),
+                ));
+            }
+            if id == "local_ca" {
+                local_ca = Some(parse_local_ca(loaded, &key, options)?);
+                continue;
+            }
+            if let Some(problem) = cert_id_problem(&id) {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    key,
+                    format!("invalid cert ID: {problem}"),
+                ));
+            }
+            issuance.insert(id, parse_options(loaded, &key, options)?);
+        }
+        for (id, options) in &issuance {
+            if options.method == Some(Method::LocalCa) && local_ca.is_none() {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("cert_issuance.{id}.method"),
+                    "method \"local_ca\" needs [cert_issuance.local_ca] with cert and pk",
+                ));
+            }
+        }
+
+        for (index, principal) in raw.principal.iter().enumerate() {
+            if principal.certs.iter().any(String::is_empty) {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("principal[{index}].certs"),
+                    "empty glob",
+                ));
+            }
+        }
+
+        let Some(homedir) = flat_homedir else {
+            return Err(ConfigError::invalid(loaded, "homedir_path", "is required"));
+        };
+        if !homedir.starts_with('/') {
+            return Err(ConfigError::invalid(
+                loaded,
+                "homedir_path",
+                "must be an absolute path",
+            ));
+        }
+        let max_requests = match raw.max_requests {
+            None => 10,
+            Some(value) => usize::try_from(value)
+                .ok()
+                .filter(|value| *value > 0)
+                .ok_or_else(|| {
+                    ConfigError::invalid(loaded, "max_requests", "must be at least 1")
+                })?,
+        };
+
+        Ok(Config {
+            homedir: PathBuf::from(homedir),
+            max_requests,
+            endpoint: raw
+                .endpoints
+                .aziot_certd
+                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
+            keyd_endpoint: raw
+                .endpoints
+                .aziot_keyd
+                .unwrap_or_else(|| DEFAULT_KEYD_ENDPOINT.to_owned()),
+            policy: Policy {
+                principals: raw.principal,
+                local_ca,
+                issuance,
+                preloaded: preloaded
+                    .into_iter()
+                    .map(|(id, (_, entry))| (id, entry))
+                    .collect(),
+            },
+        })
+    }
+}
+
+fn parse_local_ca(loaded: &Loaded, key: &str, raw: RawIssuance) -> Result<LocalCa, ConfigError> {
+    let extra = [
+        ("method", raw.method.is_some()),
+        ("common_name", raw.common_name.is_some()),
+        ("subject", raw.subject.is_some()),
+        ("expiry_days", raw.expiry_days.is_some()),
+        ("key_algorithms", raw.key_algorithms.is_some()),
+    ];
+    if let Some((field, _)) = extra.iter().find(|(_, present)| *present) {
+        return Err(ConfigError::invalid(
+            loaded,
+            format!("{key}.{field}"),
+            "only cert and pk may be set in [cert_issuance.local_ca]",
+        ));
+    }
+    let required = |value: Option<String>, field: &str| {
+        value
+            .filter(|value| cert_id_problem(value).is_none())
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    loaded,
+                    format!("{key}.{field}"),
+                    "a non-empty ID is required",
+                )
+            })
+    };
+    Ok(LocalCa {
+        cert: required(raw.cert, "cert")?,
+        pk: required(raw.pk, "pk")?,
+    })
+}
+
+fn parse_options(
+    loaded: &Loaded,
+    key: &str,
+    raw: RawIssuance,
+) -> Result<IssuanceOptions, ConfigError> {
+    for (field, present) in [("cert", raw.cert.is_some()), ("pk", raw.pk.is_some())] {
+        if present {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.{field}"),
+                "only allowed in [cert_issuance.local_ca]",
+            ));
+        }
+    }
+    let subject = match (raw.common_name, raw.subject) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.subject"),
+                "common_name and subject cannot both be set",
+            ))
+        }
+        (Some(common_name), None) => {
+            if common_name.is_empty() {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("{key}.common_name"),
+                    "must not be empty",
+                ));
+            }
+            Some(SubjectSpec::CommonName(common_name))
+        }
+        (None, Some(fields)) => {
+            if fields.is_empty() {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("{key}.subject"),
+                    "must name at least one attribute",
+                ));
+            }
+            for name in fields.keys() {
+                if !SUBJECT_ATTRIBUTES.iter().any(|(known, _)| known == name) {
+                    let known: Vec<&str> =
+                        SUBJECT_ATTRIBUTES.iter().map(|(name, _)| *name).collect();
+                    return Err(ConfigError::invalid(
+                        loaded,
+                        format!("{key}.subject.{name}"),
+                        format!("unknown attribute; expected one of {}", known.join(", ")),
+                    ));
+                }
+            }
+            let mut ordered: Vec<(String, String)> = fields.into_iter().collect();
+            ordered.sort_by_key(|(name, _)| {
+                SUBJECT_ATTRIBUTES
+                    .iter()
+                    .position(|(known, _)| known == name)
+                    .unwrap_or(usize::MAX)
+            });
+            Some(SubjectSpec::Fields(ordered))
+        }
+        (None, None) => None,
+    };
+    let expiry_days = match raw.expiry_days {
+        None => None,
+        Some(days) => Some(
+            u32::try_from(days)
+                .ok()
+                .filter(|days| *days > 0 && *days <= 365 * 100)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        loaded,
+                        format!("{key}.expiry_days"),
+                        "expiry_days must be greater than 0 (and at most 36500)",
+                    )
+                })?,
+        ),
+    };
+    if let Some(algorithms) = &raw.key_algorithms {
+        if algorithms.is_empty() {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.key_algorithms"),
+                "must not be empty",
+            ));
+        }
+    }
+    Ok(IssuanceOptions {
+        method: raw.method,
+        subject,
+        expiry_days,
+        key_algorithms: raw.key_algorithms,
+    })
+}
+
+/// Whether `text` matches `pattern` (`*` any run including none, `?` exactly one character,
+/// everything else literal; the whole text must match; `/` is not special).
+///
+/// A copy of keyd's matcher (certd may not depend on the keyd crate); to be moved to a shared
+/// crate.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let text: Vec<char> = text.chars().collect();
+    let (mut pattern_index, mut text_index) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while text_index < text.len() {
+        match pattern.get(pattern_index) {
+            Some('*') => {
+                backtrack = Some((pattern_index, text_index));
+                pattern_index += 1;
+            }
+            Some(&character) if character == '?' || character == text[text_index] => {
+                pattern_index += 1;
+                text_index += 1;
+            }
+            _ => match backtrack {
+                Some((star, matched)) => {
+                    pattern_index = star + 1;
+                    text_index = matched + 1;
+                    backtrack = Some((star, matched + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[pattern_index..]
+        .iter()
+        .all(|&character| character == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let table: toml::Table = text.parse().unwrap();
+        let loaded = Loaded {
+            table: table.clone(),
+            sources: vec![(PathBuf::from("/etc/certd/config.toml"), table)],
+        };
+        Config::from_loaded(&loaded).map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let config = parse(
+            r#"
+            homedir_path = "/var/lib/aziot/certd"
+            max_requests = 20
+            "preloaded_cert:seed" = "/var/secrets/seed.cer"
+
+            [cert_issuance.local_ca]
+            cert = "local-ca"
+            pk = "local-ca"
+
+            [cert_issuance.device-id]
+            method = "local_ca"
+            common_name = "my-device"
+            expiry_days = 365
+
+            [cert_issuance.aziot-edged-ca]
+            method = "self_signed"
+            subject = { O = "Contoso", CN = "edge ca", C = "US" }
+
+            [preloaded_certs]
+            local-ca = "file:///var/secrets/local%2Dca.pem"
+            aziot-edged-trust-bundle = ["aziot-edged-ca", "trust-bundle-user"]
+
+            [[principal]]
+            uid = 5558
+            certs = ["aziot-edged-ca", "aziot-edged/module/*"]
+
+            [endpoints]
+            aziot_certd = "unix:///tmp/certd.sock"
+            aziot_keyd = "unix:///tmp/keyd.sock"
+            aziot_identityd = "unix:///tmp/identityd.sock"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.max_requests, 20);
+        assert_eq!(config.endpoint, "unix:///tmp/certd.sock");
+        assert_eq!(config.keyd_endpoint, "unix:///tmp/keyd.sock");
+        let policy = &config.policy;
+        assert_eq!(
+            policy.local_ca,
+            Some(LocalCa {
+                cert: "local-ca".into(),
+                pk: "local-ca".into()
+            })
+        );
+        assert_eq!(
+            policy.preloaded["local-ca"],
+            Preloaded::File("/var/secrets/local-ca.pem".into())
+        );
+        assert_eq!(
+            policy.preloaded["seed"],
+            Preloaded::File("/var/secrets/seed.cer".into())
+        );
+        assert_eq!(
+            policy.issuance["device-id"],
+            IssuanceOptions {
+                method: Some(Method::LocalCa),
+                subject: Some(SubjectSpec::CommonName("my-device".into())),
+                expiry_days: Some(365),
+                key_algorithms: None,
+            }
+        );
+        assert_eq!(
+            policy.issuance["aziot-edged-ca"].subject,
+            Some(SubjectSpec::Fields(vec![
+                ("C".into(), "US".into()),
+                ("O".into(), "Contoso".into()),
+                ("CN".into(), "edge ca".into()),
+            ]))
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse("homedir_path = \"/h\"").unwrap();
+        assert_eq!(config.endpoint, DEFAULT_ENDPOINT);
+        assert_eq!(config.keyd_endpoint, DEFAULT_KEYD_ENDPOINT);
+        assert_eq!(config.max_requests, 10);
+        assert_eq!(config.policy, Policy::default());
+    }
+
+    #[test]
+    fn invalid_configs_name_the_key() {
+        let cases = [
+            ("", "key `homedir_path`: is required"),
+            ("homedir_path = \"rel\"", "must be an absolute path"),
+            ("homedir_path = \"/h\"\nsurprise = 1", "`surprise`: unknown field"),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"",
+                "EST issuance is not implemented (cert_issuance.x)",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.est]\ntrusted_certs = []",
+                "EST issuance is not implemented (cert_issuance.est)",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nurl = \"https://est\"",
+                "cert_issuance.x.url",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nexpiry_days = 0",
+                "expiry_days must be greater than 0",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\ncommon_name = \"a\"\nsubject = { CN = \"b\" }",
+                "common_name and subject cannot both be set",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nsubject = { XX = \"b\" }",
+                "cert_issuance.x.subject.XX",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"magic\"",
+                "cert_issuance.x.method",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"local_ca\"",
+                "needs [cert_issuance.local_ca]",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.local_ca]\ncert = \"c\"",
+                "cert_issuance.local_ca.pk",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nbogus = 1",
+                "cert_issuance.x.bogus",
+            ),
+            (
+                "homedir_path = \"/h\"\n[preloaded_certs]\nx = \"relative\"",
+                "preloaded_certs.x",
+            ),
+            (
+                "homedir_path = \"/h\"\n[preloaded_certs]\nx = [\"x\"]",
+                "the list names itself",
+            ),
+            (
+                "homedir_path = \"/h\"\n[preloaded_certs]\nx = [\"y\"]\ny = [\"z\"]",
+                "lists cannot be nested",
+            ),
+            (
+                "homedir_path = \"/h\"\n\"preloaded_cert:x\" = \"/a\"\n[preloaded_certs]\nx = \"file:///b\"",
+                "conflicts",
+            ),
+            (
+                "homedir_path = \"/h\"\n[[principal]]\nuid = \"x\"",
+                "principal[0].uid",
+            ),
+            (
+                "homedir_path = \"/h\"\n[[principal]]\nuid = 1\ncerts = [\"\"]",
+                "principal[0].certs",
+            ),
+            ("homedir_path = \"/h\"\nmax_requests = 0", "max_requests"),
+            (
+                "homedir_path = \"/h\"\n[endpoints]\naziot_edged = \"x\"",
+                "endpoints.aziot_edged",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(text).unwrap_err();
+            assert!(error.contains(expected), "{text:?}: {error}");
+            assert!(error.contains("/etc/certd/config.toml"), "{error}");
+        }
+        // The same preloaded cert given identically both ways is fine.
+        parse("homedir_path = \"/h\"\n\"preloaded_cert:x\" = \"/a\"\n[preloaded_certs]\nx = \"file:///a\"")
+            .unwrap();
+    }
+
+    #[test]
+    fn globs() {
+        let cases = [
+            ("device-id", "device-id", true),
+            ("device-id", "device-id-temp", false),
+            (
+                "aziot-edged/module/*",
+                "aziot-edged/module/m:1:server",
+                true,
+            ),
+            ("*", "", true),
+            ("?", "", false),
+            ("a?c", "abc", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("Cert", "cert", false),
+        ];
+        for (pattern, text, expected) in cases {
+            assert_eq!(glob_matches(pattern, text), expected, "{pattern} vs {text}");
+        }
+    }
+
+    #[test]
+    fn cert_ids() {
+        assert_eq!(cert_id_problem("aziot-edged/module/m:1:server"), None);
+        assert!(cert_id_problem("").is_some());
+        assert!(cert_id_problem("a\nb").is_some());
+        assert!(cert_id_problem("a\0b").is_some());
+        assert!(cert_id_problem(&"x".repeat(513)).is_some());
+        assert_eq!(cert_id_problem(&"x".repeat(512)), None);
+    }
+}
