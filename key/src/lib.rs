@@ -38,18 +38,65 @@ pub async fn build_service(config: &Config) -> Result<KeyService, KeyError> {
         }
         None => None,
     };
-    if config.pkcs11.is_some() {
-        return Err(KeyError::Store(store::StoreError::NotSupported(
-            "PKCS#11 key storage is not available in this build".to_owned(),
-        )));
-    }
+    let (token, preloaded_pkcs11) = match &config.pkcs11 {
+        Some(pkcs11) => open_pkcs11(pkcs11, &config.preloaded_keys).await?,
+        None => (None, None),
+    };
     let storage = service::Storage {
         file,
-        token: None,
+        token,
         preloaded: config.preloaded_keys.clone(),
-        preloaded_pkcs11: None,
+        preloaded_pkcs11,
     };
     KeyService::new(storage, config.principals.clone()).await
+}
+
+type TokenStorage = (
+    Option<Arc<dyn store::KeyStore>>,
+    Option<Arc<dyn service::PreloadedLoader>>,
+);
+
+/// Loads the PKCS#11 module, opens and logs in to the base-slot token (if configured) and checks
+/// the preloaded `pkcs11:` URIs. Errors name the library, slot, token or key, never the PIN.
+async fn open_pkcs11(
+    pkcs11: &config::Pkcs11Config,
+    preloaded: &std::collections::BTreeMap<String, String>,
+) -> Result<TokenStorage, KeyError> {
+    let startup_error = |message: String| KeyError::Store(store::StoreError::Token(message));
+    for (id, uri) in preloaded {
+        if uri.starts_with("pkcs11:") {
+            store::pkcs11::Pkcs11Preloaded::check_uri(uri).map_err(|reason| {
+                startup_error(format!(
+                    "preloaded key {id:?} has an invalid pkcs11: URI: {reason}"
+                ))
+            })?;
+        }
+    }
+    let pkcs11 = pkcs11.clone();
+    tokio::task::spawn_blocking(move || -> Result<TokenStorage, KeyError> {
+        let module = pkcs11_sys::Module::open(&pkcs11.lib_path)
+            .map_err(|error| startup_error(format!("pkcs11_lib_path: {error}")))?;
+        let token = match &pkcs11.base_slot {
+            Some(base_slot) => {
+                let store = store::pkcs11::Pkcs11Store::open(&module, base_slot)
+                    .map_err(|error| startup_error(format!("pkcs11_base_slot: {error}")))?;
+                log::info!(
+                    "dynamic keys live in PKCS#11 token {:?} (slot {})",
+                    store.token().label(),
+                    store.token().slot_id()
+                );
+                Some(Arc::new(store) as Arc<dyn store::KeyStore>)
+            }
+            None => None,
+        };
+        let loader = store::pkcs11::Pkcs11Preloaded::new(module);
+        Ok((
+            token,
+            Some(Arc::new(loader) as Arc<dyn service::PreloadedLoader>),
+        ))
+    })
+    .await
+    .map_err(KeyError::Task)?
 }
 
 /// Serves keyd on `listener` until `shutdown` resolves. When `config_paths` is given, principal

@@ -7,6 +7,7 @@
 //! (file I/O, token calls): the service calls them on blocking threads.
 
 pub mod file;
+pub mod pkcs11;
 
 use std::sync::Arc;
 
