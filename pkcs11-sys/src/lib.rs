@@ -363,6 +363,11 @@ impl Token {
         self.max_sessions
     }
 
+    /// How many sessions the pool has open right now (busy or idle).
+    pub fn open_sessions(&self) -> usize {
+        lock(&self.pool).open
+    }
+
     /// Offers a PIN from a URI: used unless the token is already logged in.
     fn offer_pin(&self, pin: AuthPin) {
         if !self.logged_in.load(Ordering::Acquire) {
