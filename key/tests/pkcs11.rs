@@ -793,6 +793,21 @@ async fn move_delete_and_file_fallback() {
     assert!(key_files(&keyd)
         .iter()
         .any(|name| name.starts_with("oddaes-")));
+    // An import that goes to a file replaces a token key of that ID (which would shadow it).
+    let shadow = client.import_key("shadow", "sign", &[1; 32]).await.unwrap();
+    assert_eq!(hsm.objects_labelled("shadow").len(), 1);
+    client
+        .import_key("shadow", "encrypt,sign", &[2; 32])
+        .await
+        .unwrap();
+    assert!(hsm.objects_labelled("shadow").is_empty());
+    assert_eq!(
+        client
+            .sign(&shadow, SignMechanism::HmacSha256 { message: b"x" })
+            .await
+            .unwrap(),
+        hmac_sha256(&[2; 32], b"x")
+    );
 }
 
 #[test]

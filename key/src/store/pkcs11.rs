@@ -499,16 +499,21 @@ impl KeyStore for Pkcs11Store {
     }
 
     fn import_key(&self, id: &str, usage: Usage, bytes: &[u8]) -> Result<StoredKey, StoreError> {
+        // When the import goes to the file store instead, the token's old key of this ID must
+        // go: it would shadow the imported one.
+        let refuse = |error: StoreError| -> Result<StoredKey, StoreError> {
+            self.destroy_labelled(id, &[ObjectClass::SECRET_KEY])?;
+            self.cache_put(id, None);
+            Err(error)
+        };
         if usage.encrypt && (usage.derive || usage.sign) {
-            return Err(no_single_object_type());
+            return refuse(no_single_object_type());
         }
         let mut template = secret_attributes(id);
         template.push(Attribute::Class(ObjectClass::SECRET_KEY));
         if usage.encrypt {
             if ![16, 24, 32].contains(&bytes.len()) {
-                self.destroy_labelled(id, &[ObjectClass::SECRET_KEY])?;
-                self.cache_put(id, None);
-                return Err(StoreError::NotSupported(
+                return refuse(StoreError::NotSupported(
                     "a token AES key must be 16, 24 or 32 bytes".to_owned(),
                 ));
             }
@@ -525,9 +530,7 @@ impl KeyStore for Pkcs11Store {
             ]);
         }
         template.push(Attribute::Value(bytes.to_vec()));
-        // Create first, then destroy what the label named before, so a failed import leaves
-        // the old key in place... unless the import falls back to files: then the old token key
-        // must go, or it would shadow the imported file key.
+        // Create first, then destroy what the label named before.
         let created: Result<Result<ObjectHandle, CryptokiError>, StoreError> =
             in_session(&self.token, |session| {
                 let old = session
@@ -544,11 +547,10 @@ impl KeyStore for Pkcs11Store {
         let object = match created? {
             Ok(object) => object,
             Err(error) => {
-                self.destroy_labelled(id, &[ObjectClass::SECRET_KEY])?;
-                return Err(StoreError::NotSupported(format!(
+                return refuse(StoreError::NotSupported(format!(
                     "the token refused the key: {}",
                     pkcs11_sys::describe(&error)
-                )));
+                )))
             }
         };
         let key = StoredKey::Symmetric(Arc::new(TokenSecretKey {
