@@ -286,6 +286,8 @@ pub struct IssuerCert {
     pub not_after: SystemTime,
     /// Its public key.
     pub public_key: PKey<Public>,
+    /// Its public key in comparable form (`None`: a key type certd cannot sign with).
+    pub comparable_key: Option<PublicKey>,
     /// The stored PEM chain, appended to issued certificates.
     pub chain: String,
 }
@@ -313,12 +315,14 @@ pub fn issuer_from_pem(id: &str, chain: String) -> Result<IssuerCert, CertError>
         Ok(None) => key_identifier(&tbs.subject_public_key_info),
         Err(_) => return Err(unusable("its subjectKeyIdentifier is malformed")),
     };
+    let comparable_key = PublicKey::from_pkey(&public_key)?;
     Ok(IssuerCert {
         id: id.to_owned(),
         subject: tbs.subject,
         key_identifier,
         not_after: tbs.validity.not_after.to_system_time(),
         public_key,
+        comparable_key,
         chain,
     })
 }
@@ -489,10 +493,24 @@ pub fn assemble(
     .map_err(encoding)
 }
 
-/// Whether the certificate's signature verifies with `key`.
-pub fn signed_by(certificate_der: &[u8], key: &PKey<Public>) -> bool {
-    openssl::x509::X509::from_der(certificate_der)
-        .and_then(|certificate| certificate.verify(key))
+/// Whether `signature` over `tbs_der` verifies with `key` (the check that keyd signed with the
+/// expected key). Works on the bytes directly: parsing the finished certificate with OpenSSL
+/// would decode its public key through OpenSSL 3's slow decoder machinery for nothing.
+pub fn signature_verifies(
+    algorithm: SignatureAlgorithm,
+    tbs_der: &[u8],
+    signature: &[u8],
+    key: &PKey<Public>,
+) -> bool {
+    let expected_type = match algorithm {
+        SignatureAlgorithm::EcdsaSha256 => openssl::pkey::Id::EC,
+        SignatureAlgorithm::RsaSha256 => openssl::pkey::Id::RSA,
+    };
+    if key.id() != expected_type {
+        return false;
+    }
+    openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), key)
+        .and_then(|mut verifier| verifier.verify_oneshot(signature, tbs_der))
         .unwrap_or(false)
 }
 
@@ -698,9 +716,22 @@ mod tests {
         let tbs = build_tbs(template, issued_by, algorithm, days, SystemTime::now()).unwrap();
         let der = tbs_der(&tbs).unwrap();
         let signature = sign_like_keyd(key, algorithm, &der);
+        assert!(signature_verifies(
+            algorithm,
+            &der,
+            &signature,
+            &public(key)
+        ));
+        assert!(!signature_verifies(
+            algorithm,
+            &der,
+            &signature,
+            &public(&ec_key())
+        ));
         let certificate = assemble(tbs, algorithm, &signature).unwrap();
-        assert!(signed_by(&certificate, &public(key)));
-        openssl::x509::X509::from_der(&certificate).unwrap()
+        let certificate = openssl::x509::X509::from_der(&certificate).unwrap();
+        assert!(certificate.verify(&public(key)).unwrap());
+        certificate
     }
 
     fn template_from(csr: &Csr) -> Template {
@@ -773,6 +804,7 @@ mod tests {
             key_identifier: vec![1, 2, 3],
             not_after: SystemTime::now() - Duration::from_secs(1),
             public_key: public(&key),
+            comparable_key: None,
             chain: String::new(),
         };
         let error = build_tbs(

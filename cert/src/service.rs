@@ -180,15 +180,55 @@ pub struct IssuerRequest {
     pub private_key_handle: KeyHandle,
 }
 
+/// The error for a signing key that is not the expected one.
+type Mismatch<'a> = Box<dyn Fn() -> CertError + Send + Sync + 'a>;
+
 /// How a certificate will be signed.
 struct Plan<'a> {
-    issuer: Option<IssuerCert>,
+    issuer: Option<Arc<IssuerCert>>,
     signing_key: SigningKey<'a>,
     /// The key the signature must verify with.
     expected_key: PKey<Public>,
+    /// The same key in comparable form (`None`: a key type certd cannot sign with).
+    expected: Option<PublicKey>,
     /// The error when keyd's key is not `expected_key`.
-    mismatch: Box<dyn Fn() -> CertError + Send + Sync + 'a>,
+    mismatch: Mismatch<'a>,
 }
+
+impl<'a> Plan<'a> {
+    /// Signed by the holder of `issuer` (whose key `signing_key` must be).
+    fn by_issuer(
+        issuer: Arc<IssuerCert>,
+        signing_key: SigningKey<'a>,
+        mismatch: Mismatch<'a>,
+    ) -> Self {
+        Plan {
+            expected_key: issuer.public_key.clone(),
+            expected: issuer.comparable_key.clone(),
+            issuer: Some(issuer),
+            signing_key,
+            mismatch,
+        }
+    }
+
+    /// Self-signed with `signing_key`, which must be `key`.
+    fn self_signed(
+        key: PKey<Public>,
+        signing_key: SigningKey<'a>,
+        mismatch: Mismatch<'a>,
+    ) -> Result<Self, CertError> {
+        Ok(Plan {
+            expected: PublicKey::from_pkey(&key)?,
+            expected_key: key,
+            issuer: None,
+            signing_key,
+            mismatch,
+        })
+    }
+}
+
+/// Most parsed issuer certificates kept.
+const ISSUER_CACHE_LIMIT: usize = 256;
 
 /// The cert service.
 #[derive(Debug)]
@@ -198,6 +238,8 @@ pub struct CertService {
     keys: Keys,
     slots: Slots,
     cache: Cache,
+    /// Parsed issuer certificates by cert ID, reused while the stored chain is unchanged.
+    issuers: Mutex<HashMap<String, Arc<IssuerCert>>>,
 }
 
 /// Checks a cert ID field.
@@ -217,6 +259,7 @@ impl CertService {
             keys: Keys::new(keyd),
             slots: Slots::default(),
             cache: Cache::default(),
+            issuers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -382,12 +425,25 @@ impl CertService {
         self.write(id, Write::Delete).await
     }
 
-    async fn issuer_cert(&self, policy: &Policy, id: &str) -> Result<IssuerCert, CertError> {
+    /// Cert `id` as an issuer. The parsed form is cached and reused while the stored chain is
+    /// byte-for-byte the same (preloaded files are still read on every request).
+    async fn issuer_cert(&self, policy: &Policy, id: &str) -> Result<Arc<IssuerCert>, CertError> {
         let chain = self
             .load(policy, id)
             .await?
             .ok_or_else(|| CertError::NotFound(id.to_owned()))?;
-        issuance::issuer_from_pem(id, chain)
+        if let Some(cached) = lock(&self.issuers).get(id) {
+            if cached.chain == chain {
+                return Ok(Arc::clone(cached));
+            }
+        }
+        let issuer = Arc::new(issuance::issuer_from_pem(id, chain)?);
+        let mut issuers = lock(&self.issuers);
+        if issuers.len() >= ISSUER_CACHE_LIMIT {
+            issuers.clear();
+        }
+        issuers.insert(id.to_owned(), Arc::clone(&issuer));
+        Ok(issuer)
     }
 
     /// The local CA plan (`[cert_issuance.local_ca]`).
@@ -396,18 +452,16 @@ impl CertService {
             CertError::BadRequest("no [cert_issuance.local_ca] is configured".to_owned())
         })?;
         let issuer = self.issuer_cert(policy, &local_ca.cert).await?;
-        let expected_key = issuer.public_key.clone();
-        Ok(Plan {
-            issuer: Some(issuer),
-            signing_key: SigningKey::Certd(&local_ca.pk),
-            expected_key,
-            mismatch: Box::new(move || {
+        Ok(Plan::by_issuer(
+            issuer,
+            SigningKey::Certd(&local_ca.pk),
+            Box::new(move || {
                 CertError::BadRequest(format!(
                     "key pair {:?} in keyd does not match the public key of cert {:?}",
                     local_ca.pk, local_ca.cert
                 ))
             }),
-        })
+        ))
     }
 
     /// Signs `template` according to `plan` and returns the new certificate followed by the
@@ -419,19 +473,19 @@ impl CertService {
         plan: &Plan<'_>,
         expiry_days: u32,
     ) -> Result<String, CertError> {
-        let expected = PublicKey::from_pkey(&plan.expected_key)?.ok_or_else(|| {
+        let expected = plan.expected.as_ref().ok_or_else(|| {
             CertError::BadRequest(
                 "the signing key's type is not supported (EC P-256/P-384/P-521 or RSA)".to_owned(),
             )
         })?;
-        if self.keys.public_key(plan.signing_key, true).await? != expected
-            && self.keys.public_key(plan.signing_key, false).await? != expected
+        if self.keys.public_key(plan.signing_key, true).await? != *expected
+            && self.keys.public_key(plan.signing_key, false).await? != *expected
         {
             return Err((plan.mismatch)());
         }
         let algorithm = expected.signature_algorithm();
         let issued_by = match &plan.issuer {
-            Some(issuer) => IssuedBy::Cert(issuer),
+            Some(issuer) => IssuedBy::Cert(issuer.as_ref()),
             None => IssuedBy::Itself,
         };
         let tbs = issuance::build_tbs(
@@ -446,11 +500,11 @@ impl CertService {
             .keys
             .sign(plan.signing_key, algorithm, &tbs_der)
             .await?;
-        let certificate = issuance::assemble(tbs, algorithm, &signature)?;
-        if !issuance::signed_by(&certificate, &plan.expected_key) {
+        if !issuance::signature_verifies(algorithm, &tbs_der, &signature, &plan.expected_key) {
             self.keys.forget(plan.signing_key);
             return Err((plan.mismatch)());
         }
+        let certificate = issuance::assemble(tbs, algorithm, &signature)?;
         let mut chain = pem::encode("CERTIFICATE", &certificate);
         if let Some(issuer) = &plan.issuer {
             pem::append(&mut chain, &issuer.chain);
@@ -485,32 +539,29 @@ impl CertService {
         let plan = match &issuer {
             Some(issuer) => {
                 let issuer_cert = self.issuer_cert(&policy, &issuer.cert_id).await?;
-                let expected_key = issuer_cert.public_key.clone();
-                let issuer_id = issuer.cert_id.clone();
-                Plan {
-                    issuer: Some(issuer_cert),
-                    signing_key: SigningKey::Caller(&issuer.private_key_handle),
-                    expected_key,
-                    mismatch: Box::new(move || {
+                let issuer_id = issuer.cert_id.as_str();
+                Plan::by_issuer(
+                    issuer_cert,
+                    SigningKey::Caller(&issuer.private_key_handle),
+                    Box::new(move || {
                         CertError::invalid(
                             "issuer.privateKeyHandle",
                             format!("the key does not match the public key of cert {issuer_id:?}"),
                         )
                     }),
-                }
+                )
             }
             None => match options.and_then(|options| options.method) {
-                Some(Method::SelfSigned) => Plan {
-                    issuer: None,
-                    signing_key: SigningKey::Certd(id),
-                    expected_key: csr.public_key.clone(),
-                    mismatch: Box::new(move || {
+                Some(Method::SelfSigned) => Plan::self_signed(
+                    csr.public_key.clone(),
+                    SigningKey::Certd(id),
+                    Box::new(move || {
                         CertError::invalid(
                             "csr",
                             format!("the public key does not match key pair {id:?} in keyd"),
                         )
                     }),
-                },
+                )?,
                 Some(Method::LocalCa) => self.local_ca_plan(&policy).await?,
                 Some(Method::Est) | None => {
                     return Err(CertError::BadRequest(
@@ -566,14 +617,13 @@ impl CertService {
         };
         let plan = match options.and_then(|options| options.method) {
             Some(Method::LocalCa) => self.local_ca_plan(&policy).await?,
-            _ => Plan {
-                issuer: None,
-                signing_key: SigningKey::Certd(id),
-                expected_key: public_key,
-                mismatch: Box::new(move || {
+            _ => Plan::self_signed(
+                public_key,
+                SigningKey::Certd(id),
+                Box::new(move || {
                     CertError::BadRequest(format!("key pair {id:?} changed during issuance"))
                 }),
-            },
+            )?,
         };
         let expiry_days = options
             .and_then(|options| options.expiry_days)
