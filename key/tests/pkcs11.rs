@@ -169,6 +169,10 @@ async fn generated_keys_live_in_the_token_and_are_not_extractable() {
     assert_eq!(aes.len(), 1, "{aes:?}");
     assert!(aes[0].contains("AES length 32"), "{}", aes[0]);
     assert!(aes[0].contains("never extractable"), "{}", aes[0]);
+    // Least privilege: neither secret key can wrap or unwrap other keys.
+    for object in [&hmac[0], &aes[0]] {
+        assert!(!object.contains("wrap"), "{object}");
+    }
 
     for (label, kind) in [("gen-ec", "EC"), ("gen-rsa", "RSA")] {
         let objects = hsm.objects_labelled(label);

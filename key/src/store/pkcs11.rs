@@ -96,6 +96,19 @@ fn secret_attributes(id: &str) -> Vec<Attribute> {
     ]
 }
 
+/// Usage flags of a secret key: HMAC (sign/verify) or AES (encrypt/decrypt), nothing else.
+fn secret_key_usage(hmac: bool) -> [Attribute; 7] {
+    [
+        Attribute::Sign(hmac),
+        Attribute::Verify(hmac),
+        Attribute::Encrypt(!hmac),
+        Attribute::Decrypt(!hmac),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
 fn random_bytes<const N: usize>() -> Result<[u8; N], StoreError> {
     let mut bytes = [0_u8; N];
     openssl::rand::rand_bytes(&mut bytes)?;
@@ -397,9 +410,8 @@ impl Pkcs11Store {
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::AES),
                 Attribute::ValueLen(Ulong::from(length)),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
             ]);
+            template.extend(secret_key_usage(false));
             match self
                 .token
                 .with_session(|session| session.generate_key(&Mechanism::AesKeyGen, &template))
@@ -476,9 +488,8 @@ impl KeyStore for Pkcs11Store {
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::GENERIC_SECRET),
                 Attribute::ValueLen(Ulong::from(32_u64)),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
             ]);
+            template.extend(secret_key_usage(true));
             self.token
                 .with_session(|session| {
                     session.generate_key(&Mechanism::GenericSecretKeyGen, &template)
@@ -517,18 +528,11 @@ impl KeyStore for Pkcs11Store {
                     "a token AES key must be 16, 24 or 32 bytes".to_owned(),
                 ));
             }
-            template.extend([
-                Attribute::KeyType(KeyType::AES),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-            ]);
+            template.push(Attribute::KeyType(KeyType::AES));
         } else {
-            template.extend([
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-            ]);
+            template.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
         }
+        template.extend(secret_key_usage(!usage.encrypt));
         template.push(Attribute::Value(bytes.to_vec()));
         // Create first, then destroy what the label named before.
         let created: Result<Result<ObjectHandle, CryptokiError>, StoreError> =
