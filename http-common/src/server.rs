@@ -188,10 +188,12 @@ async fn answer<H: Handler>(
 ) -> Response {
     let request_id = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map_or_else(|| request.uri().path().to_owned(), ToString::to_string);
+    let path_and_query = log::log_enabled!(log::Level::Info).then(|| {
+        request
+            .uri()
+            .path_and_query()
+            .map_or_else(|| request.uri().path().to_owned(), ToString::to_string)
+    });
     let response = if over_budget {
         let mut error = HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -208,12 +210,14 @@ async fn answer<H: Handler>(
             Err(error) => close_after(error_response(&error)),
         }
     };
-    log::info!(
-        "[{request_id}] {method} {path_and_query} uid={} pid={} -> {}",
-        caller.uid,
-        caller.pid,
-        response.status().as_u16()
-    );
+    if let Some(path_and_query) = path_and_query {
+        log::info!(
+            "[{request_id}] {method} {path_and_query} uid={} pid={} -> {}",
+            caller.uid,
+            caller.pid,
+            response.status().as_u16()
+        );
+    }
     response
 }
 
@@ -249,17 +253,22 @@ async fn receive(
     let body: Bytes = if declared_length == Some(0) {
         Bytes::new()
     } else {
-        let collected = tokio::time::timeout(
-            options.body_timeout,
-            Limited::new(body, options.max_body_bytes).collect(),
-        )
-        .await
-        .map_err(|_| {
-            HttpError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request body not received in time",
-            )
-        })?;
+        let mut collect = std::pin::pin!(Limited::new(body, options.max_body_bytes).collect());
+        // Small bodies usually arrived with the headers: take them without arming a timer.
+        let ready =
+            std::future::poll_fn(|context| std::task::Poll::Ready(collect.as_mut().poll(context)))
+                .await;
+        let collected = match ready {
+            std::task::Poll::Ready(collected) => collected,
+            std::task::Poll::Pending => tokio::time::timeout(options.body_timeout, collect)
+                .await
+                .map_err(|_| {
+                HttpError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time",
+                )
+            })?,
+        };
         match collected {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(too_large()),

@@ -6,7 +6,6 @@
 
 use openssl::bn::BigNumContext;
 use openssl::ec::{EcKey, PointConversionForm};
-use openssl::hash::MessageDigest;
 use openssl::pkey::{Id, PKey, Private, Public};
 use openssl::rsa::{Padding, Rsa};
 use openssl::symm::Cipher;
@@ -16,7 +15,8 @@ use crate::store::{KeyAlgorithm, KeyPair, RsaPadding, StoreError, SymmetricKey};
 /// A symmetric key whose bytes are in memory (file, preloaded file, or derived).
 pub struct MemoryKey {
     bytes: Vec<u8>,
-    hmac: PKey<Private>,
+    /// HMAC state with the key already absorbed, cloned per message.
+    hmac: hmac::Hmac<sha2::Sha256>,
 }
 
 impl std::fmt::Debug for MemoryKey {
@@ -28,7 +28,8 @@ impl std::fmt::Debug for MemoryKey {
 impl MemoryKey {
     /// Wraps key bytes.
     pub fn new(bytes: Vec<u8>) -> Result<Self, StoreError> {
-        let hmac = PKey::hmac(&bytes)?;
+        let hmac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&bytes)
+            .map_err(|_| StoreError::InvalidInput("invalid HMAC key".to_owned()))?;
         Ok(MemoryKey { bytes, hmac })
     }
 
@@ -50,9 +51,10 @@ impl MemoryKey {
 
 impl SymmetricKey for MemoryKey {
     fn hmac_sha256(&self, message: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let mut signer = openssl::sign::Signer::new(MessageDigest::sha256(), &self.hmac)?;
-        signer.update(message)?;
-        Ok(signer.sign_to_vec()?)
+        use hmac::Mac as _;
+        let mut mac = self.hmac.clone();
+        mac.update(message);
+        Ok(mac.finalize().into_bytes().to_vec())
     }
 
     fn aes_gcm_encrypt(

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# keyd throughput and memory benchmark over the Unix socket, with h2load (Debian's
+# nghttp2-client). Compares keyd's HMAC sign rate with a bare tokio+hyper server that only
+# parses the JSON (http-common/examples/bare_json_server.rs), using the same h2load command.
+#
+# Usage: tools/bench-keyd.sh [seconds per run, default 10]
+# Env:   BENCH_HSM=1 also runs the SoftHSM2-backed keyd (see docs/pkcs11.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration="${1:-10}"
+command -v h2load >/dev/null || { echo "h2load missing: apt-get install nghttp2-client" >&2; exit 1; }
+cargo build --release -q -p keyd -p http-common --bins --examples
+
+work="$(mktemp -d)"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_socket() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+# Prints requests per second of one h2load run.
+load() { # socket path body connections
+  timeout $((duration + 30)) h2load --h1 -B "unix:$1" -c "$4" -D "$duration" -d "$3" -H 'content-type: application/json' \
+    "http://localhost$2" 2>/dev/null | awk '/^finished in/ {gsub(",", "", $4); print int($4)} /^requests:/ {ok=$8} END {if (ok=="0") print "FAILED"}'
+}
+request() { # socket method path body
+  curl -sf --unix-socket "$1" -X "$2" -H 'content-type: application/json' "http://localhost$3" -d "$4"
+}
+
+start_keyd() { # name config-extra env...
+  local dir="$work/$1"; mkdir -p "$dir/home" "$dir/config.d"
+  printf '%s\n[endpoints]\naziot_keyd = "unix://%s/keyd.sock"\n' "$2" "$dir" > "$dir/config.toml"
+  sed -i "s|{home}|$dir/home|" "$dir/config.toml"
+  env "${@:3}" AZIOT_LOG=warn AZIOT_KEYD_CONFIG="$dir/config.toml" AZIOT_KEYD_CONFIG_DIR="$dir/config.d" \
+    target/release/keyd > "$dir/log" 2>&1 &
+  pids+=($!); KEYD_PID=$!; wait_socket "$dir/keyd.sock"; KEYD_SOCKET="$dir/keyd.sock"
+}
+
+bench_keyd() { # label
+  local socket="$KEYD_SOCKET" pid="$KEYD_PID" label="$1"
+  sleep 0.5; local idle; idle=$(rss_kb "$pid")
+  local key pair
+  key=$(request "$socket" POST '/key?api-version=2020-09-01' '{"keyId":"bench-hmac","usage":"sign"}' | sed 's/.*"keyHandle":"\([^"]*\)".*/\1/')
+  pair=$(request "$socket" POST '/keypair?api-version=2020-09-01' '{"keyId":"bench-ec","preferredAlgorithms":"ec-p256"}' | sed 's/.*"keyHandle":"\([^"]*\)".*/\1/')
+  printf '{"keyHandle":"%s","algorithm":"HMAC-SHA256","parameters":{"message":"aGVsbG8gd29ybGQ="}}' "$key" > "$work/hmac.json"
+  printf '{"keyHandle":"%s","algorithm":"ECDSA","parameters":{"digest":"uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek="}}' "$pair" > "$work/ecdsa.json"
+  local h1 h16 e1 e16
+  h1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 1)
+  h16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 16)
+  e1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 1)
+  e16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 16)
+  printf '%-14s HMAC c=1 %7s  c=16 %7s | ECDSA c=1 %7s  c=16 %7s req/s | RSS idle %s kB, peak %s kB\n' \
+    "$label" "$h1" "$h16" "$e1" "$e16" "$idle" "$(hwm_kb "$pid")"
+  HMAC16="$h16"
+}
+
+# Baseline: parse-only server.
+"target/release/examples/bare_json_server" "$work/bare.sock" & pids+=($!)
+wait_socket "$work/bare.sock"
+printf '{"keyHandle":"%s","algorithm":"HMAC-SHA256","parameters":{"message":"aGVsbG8gd29ybGQ="}}' "$(head -c 180 /dev/zero | tr '\0' 'A')" > "$work/bare.json"
+b1=$(load "$work/bare.sock" '/sign?api-version=2020-09-01' "$work/bare.json" 1)
+b16=$(load "$work/bare.sock" '/sign?api-version=2020-09-01' "$work/bare.json" 16)
+printf '%-14s JSON c=1 %7s  c=16 %7s req/s\n' "bare hyper" "$b1" "$b16"
+
+# 16 connections from one uid exceed the default per-uid budget of 10 (the excess would get 503
+# and h2load retries forever), so the benchmark raises it.
+start_keyd file 'max_requests = 64
+[aziot_keys]
+homedir_path = "{home}"'
+bench_keyd "keyd (files)"
+if [ "$HMAC16" != FAILED ] && [ "$b16" != FAILED ]; then
+  echo "keyd HMAC at 16 connections = $(( HMAC16 * 100 / b16 ))% of the bare server"
+fi
+
+if [ "${BENCH_HSM:-0}" = 1 ]; then
+  token="$work/softhsm"; mkdir -p "$token/tokens"
+  printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\n' "$token" > "$token/softhsm2.conf"
+  export SOFTHSM2_CONF="$token/softhsm2.conf"
+  softhsm2-util --init-token --free --label bench --so-pin 5678 --pin 1234 >/dev/null
+  start_keyd hsm 'max_requests = 64
+[aziot_keys]
+homedir_path = "{home}"
+pkcs11_lib_path = "/usr/lib/softhsm/libsofthsm2.so"
+pkcs11_base_slot = "pkcs11:token=bench?pin-value=1234"' SOFTHSM2_CONF="$SOFTHSM2_CONF"
+  bench_keyd "keyd (SoftHSM)"
+fi
