@@ -923,3 +923,100 @@ async fn keyd_unreachable_is_503_with_retry_after() {
     assert_eq!(headers[http::header::RETRY_AFTER], "1");
     assert_eq!(pair.certd_client().get_cert("stored").await.unwrap(), pem);
 }
+
+/// Concurrent issuance to the same and to different cert IDs all succeeds; each ID ends up
+/// holding one of the certificates issued for it (merged writes lose no acknowledged request's
+/// durability: the stored value is the newest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_issuance_to_shared_and_distinct_ids() {
+    let mut pair = Pair::new();
+    let ca_key = ec_key();
+    pair.add_key("ca", &ca_key);
+    let ca = openssl_ca(&ca_key, "CA", -1, 30);
+    std::fs::write(pair.path("ca.pem"), ca.to_pem().unwrap()).unwrap();
+    pair.start("max_requests = 64\n[preloaded_certs]\nca = \"file://{dir}/ca.pem\"\n");
+    let handle = pair.keyd_client().load_key_pair("ca").await.unwrap();
+    let csr = csr_pem(&ec_key(), "leaf", Profile::Server);
+    let mut tasks = Vec::new();
+    for index in 0..40 {
+        let client = pair.certd_client();
+        let (handle, csr) = (handle.clone(), csr.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("module/{}", index % 4);
+            let pem = client
+                .create_cert(&id, &csr, Some(("ca", &handle)))
+                .await
+                .unwrap();
+            (id, pem)
+        }));
+    }
+    let mut issued: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for task in tasks {
+        let (id, pem) = task.await.unwrap();
+        verify(&parse_chain(&pem), &ca).unwrap();
+        issued.entry(id).or_default().push(pem);
+    }
+    assert_eq!(issued.len(), 4);
+    let client = pair.certd_client();
+    for (id, pems) in &issued {
+        assert_eq!(pems.len(), 10);
+        let stored = client.get_cert(id).await.unwrap();
+        assert!(
+            pems.contains(&stored),
+            "{id} holds a certificate nobody was given"
+        );
+    }
+    // The same after a restart (what is on disk is what was served).
+    pair.certd.spawn();
+    let client = pair.certd_client();
+    for (id, pems) in &issued {
+        assert!(pems.contains(&client.get_cert(id).await.unwrap()));
+    }
+}
+
+/// A drop-in added while certd runs is applied without a restart (preloaded certs here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_changes_are_reloaded() {
+    let mut pair = Pair::new();
+    pair.start("");
+    let client = pair.certd_client();
+    assert_eq!(
+        client.get_cert("late").await.unwrap_err().status(),
+        Some(StatusCode::NOT_FOUND)
+    );
+    let pem = String::from_utf8(openssl_ca(&ec_key(), "late", 0, 1).to_pem().unwrap()).unwrap();
+    std::fs::write(pair.path("late.pem"), &pem).unwrap();
+    std::fs::write(
+        pair.certd.config_dir().join("50-late.toml"),
+        format!(
+            "[preloaded_certs]\nlate = \"{}\"\n",
+            pair.path("late.pem").display()
+        ),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match client.get_cert("late").await {
+            Ok(served) => {
+                assert_eq!(served, pem);
+                break;
+            }
+            Err(error) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not reloaded: {error}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    // An invalid change is ignored and the old configuration stays in force.
+    std::fs::write(pair.certd.config_dir().join("60-bad.toml"), "bogus = 1\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert_eq!(client.get_cert("late").await.unwrap(), pem);
+    assert!(
+        pair.certd.log().contains("keeping the old one"),
+        "{}",
+        pair.certd.log()
+    );
+}
