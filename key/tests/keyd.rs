@@ -1156,3 +1156,68 @@ async fn independent_requests_run_concurrently() {
         "signing was blocked by key generation"
     );
 }
+
+/// Runs keyd under `systemd-socket-activate` (systemd's own socket-activation tool) and checks
+/// that it answers on the inherited socket instead of binding the configured path.
+fn socket_activated(endpoint_for: impl Fn(&std::path::Path) -> String, fdname: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let activation_socket = dir.path().join("activated.sock");
+    let configured_socket = dir.path().join("configured.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"{}\"\n",
+            dir.path().join("home").display(),
+            endpoint_for(&configured_socket)
+        ),
+    )
+    .unwrap();
+    let mut activator = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&activation_socket)
+        .arg(format!("--fdname={fdname}"))
+        .arg(format!("--setenv=AZIOT_KEYD_CONFIG={}", config.display()))
+        .arg(format!(
+            "--setenv=AZIOT_KEYD_CONFIG_DIR={}",
+            dir.path().join("none").display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_keyd"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (from the systemd package) is needed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !activation_socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "systemd-socket-activate did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(async {
+        let client = key_api::Client::new(http_common::UdsClient::new(&activation_socket));
+        client.create_key_if_not_exists("activated", "sign").await
+    });
+    let _ = activator.kill();
+    let _ = activator.wait();
+    result.expect("keyd answers on the socket systemd passed");
+    assert!(
+        !configured_socket.exists(),
+        "keyd bound the configured path instead of using the passed fd"
+    );
+}
+
+#[test]
+fn serves_on_a_socket_passed_by_systemd_by_name() {
+    socket_activated(|_| "fd://keyd.socket".to_owned(), "keyd.socket");
+}
+
+#[test]
+fn serves_on_the_single_passed_socket_for_a_unix_endpoint() {
+    socket_activated(|path| format!("unix://{}", path.display()), "anything");
+}
