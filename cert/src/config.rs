@@ -266,7 +266,6 @@ impl Config {
     pub fn from_loaded(loaded: &Loaded) -> Result<Config, ConfigError> {
         let raw: RawConfig = loaded.deserialize()?;
 
-        let mut flat_homedir = None;
         let mut preloaded: BTreeMap<String, (String, Preloaded)> = BTreeMap::new();
         for (name, value) in &raw.rest {
             let Some(id) = name.strip_prefix(PRELOADED_PREFIX) else {
@@ -289,9 +288,6 @@ impl Config {
             let path = preloaded_path(value)
                 .map_err(|reason| ConfigError::invalid(loaded, name.clone(), reason))?;
             preloaded.insert(id.to_owned(), (name.clone(), Preloaded::File(path)));
-        }
-        if let Some(homedir) = raw.homedir_path {
-            flat_homedir = Some(homedir);
         }
         for (id, value) in raw.preloaded_certs {
             let key = format!("preloaded_certs.{id}");
@@ -401,7 +397,7 @@ impl Config {
             }
         }
 
-        let Some(homedir) = flat_homedir else {
+        let Some(homedir) = raw.homedir_path else {
             return Err(ConfigError::invalid(loaded, "homedir_path", "is required"));
         };
         if !homedir.starts_with('/') {
