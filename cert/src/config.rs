@@ -567,40 +567,7 @@ fn parse_options(
     })
 }
 
-/// Whether `text` matches `pattern` (`*` any run including none, `?` exactly one character,
-/// everything else literal; the whole text must match; `/` is not special).
-///
-/// A copy of keyd's matcher (certd may not depend on the keyd crate); to be moved to a shared
-/// crate.
-pub fn glob_matches(pattern: &str, text: &str) -> bool {
-    let pattern: Vec<char> = pattern.chars().collect();
-    let text: Vec<char> = text.chars().collect();
-    let (mut pattern_index, mut text_index) = (0, 0);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while text_index < text.len() {
-        match pattern.get(pattern_index) {
-            Some('*') => {
-                backtrack = Some((pattern_index, text_index));
-                pattern_index += 1;
-            }
-            Some(&character) if character == '?' || character == text[text_index] => {
-                pattern_index += 1;
-                text_index += 1;
-            }
-            _ => match backtrack {
-                Some((star, matched)) => {
-                    pattern_index = star + 1;
-                    text_index = matched + 1;
-                    backtrack = Some((star, matched + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[pattern_index..]
-        .iter()
-        .all(|&character| character == '*')
-}
+pub use config_common::glob_matches;
 
 #[cfg(test)]
 mod tests {
@@ -782,28 +749,6 @@ mod tests {
         // The same preloaded cert given identically both ways is fine.
         parse("homedir_path = \"/h\"\n\"preloaded_cert:x\" = \"/a\"\n[preloaded_certs]\nx = \"file:///a\"")
             .unwrap();
-    }
-
-    #[test]
-    fn globs() {
-        let cases = [
-            ("device-id", "device-id", true),
-            ("device-id", "device-id-temp", false),
-            (
-                "aziot-edged/module/*",
-                "aziot-edged/module/m:1:server",
-                true,
-            ),
-            ("*", "", true),
-            ("?", "", false),
-            ("a?c", "abc", true),
-            ("a*b*c", "axxbyyc", true),
-            ("a*b*c", "axxbyy", false),
-            ("Cert", "cert", false),
-        ];
-        for (pattern, text, expected) in cases {
-            assert_eq!(glob_matches(pattern, text), expected, "{pattern} vs {text}");
-        }
     }
 
     #[test]

@@ -432,80 +432,39 @@ async fn certs_survive_a_restart_in_the_reference_layout() {
     );
 }
 
-const HELPER_SOCKET: &str = "CERTD_TEST_HELPER_SOCKET";
-
-/// Not a test of its own: the body of a child process that the unauthorized-writer test starts
-/// as uid 65534 (with the test binary itself), so certd sees a real unprivileged peer. Without
-/// the environment variable it does nothing.
-#[test]
-fn unprivileged_client_helper() {
-    let Ok(socket) = std::env::var(HELPER_SOCKET) else {
-        return;
-    };
-    let method: Method = std::env::var("CERTD_TEST_HELPER_METHOD")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let path = std::env::var("CERTD_TEST_HELPER_PATH").unwrap();
-    let body = std::env::var("CERTD_TEST_HELPER_BODY").unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (status, value, _) = runtime.block_on(common::request(
-        std::path::Path::new(&socket),
-        method,
-        &path,
-        &[("content-type", "application/json")],
-        &body,
-    ));
-    // SAFETY: getuid(2) has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    println!("HELPER-RESULT {uid} {} {value}", status.as_u16());
-}
-
 /// Runs one request against certd as uid 65534 (gid 0, so the 0750 test folder and the 0660
-/// socket are reachable) in a child process; returns (status, body).
+/// socket are reachable) with the repository's stand-alone client `tools/uds-request.py`;
+/// returns (status, body).
 fn request_as_nobody(
     socket: &std::path::Path,
     method: &str,
     path: &str,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "unprivileged_client_helper",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_SOCKET, socket)
-        .env("CERTD_TEST_HELPER_METHOD", method)
-        .env("CERTD_TEST_HELPER_PATH", path)
-        .env("CERTD_TEST_HELPER_BODY", body)
+    let output = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tools/uds-request.py"
+        ))
+        .arg(socket)
+        .args([method, path, body])
         .uid(65534)
         .gid(0)
         .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|line| line.split_once("HELPER-RESULT ").map(|(_, rest)| rest))
-        .unwrap_or_else(|| {
-            panic!(
-                "helper failed: {stdout}{}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
-    let mut parts = line.splitn(3, ' ');
-    assert_eq!(
-        parts.next(),
-        Some("65534"),
-        "the helper must run unprivileged"
+        .expect("python3 is needed to act as another uid");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
-    let status = parts.next().unwrap().parse().unwrap();
-    let value = serde_json::from_str(parts.next().unwrap()).unwrap();
-    (status, value)
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (status, body) = text.split_once('\n').unwrap();
+    let value = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap()
+    };
+    (status.parse().unwrap(), value)
 }
 
 /// A real unprivileged caller (uid 65534) may write only the IDs its `[[principal]]` globs name

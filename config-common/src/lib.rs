@@ -7,8 +7,14 @@
 //! empty table and a missing drop-in folder is fine.
 //!
 //! The merged table is then deserialized strictly into the daemon's own config type. Every error
-//! names the file and, where there is one, the key path. This crate knows nothing about any
-//! daemon's keys; it must not grow daemon-specific logic.
+//! names the file and, where there is one, the key path. [`files`] holds the one way state
+//! files are written (atomic, private, reference file names) and [`glob_matches`] the principal
+//! glob language. This crate knows nothing about any daemon's keys, certificates or modules.
+
+pub mod files;
+mod glob;
+
+pub use glob::glob_matches;
 
 use std::ffi::OsStr;
 use std::path::PathBuf;

@@ -532,30 +532,14 @@ async fn principals_decide_who_may_name_keys() {
 
     let as_nobody = |method: &str, path: &str, body: &str| -> (u16, String) {
         use std::os::unix::process::CommandExt;
-        let script = r#"
-import socket, sys
-path, method, route, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
-s = socket.socket(socket.AF_UNIX); s.connect(path)
-s.sendall(method.encode() + b" " + route.encode() + b" HTTP/1.1\r\nHost: keyd\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-data = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk: break
-    data += chunk
-head, _, rest = data.partition(b"\r\n\r\n")
-print(head.split(b" ")[1].decode()); print(rest.decode())
-"#;
         let output = std::process::Command::new("python3")
             .uid(65534)
             .gid(65534)
-            .args([
-                "-c",
-                script,
-                keyd.socket.to_str().unwrap(),
-                method,
-                path,
-                body,
-            ])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tools/uds-request.py"
+            ))
+            .args([keyd.socket.to_str().unwrap(), method, path, body])
             .output()
             .expect("python3 is needed to act as another uid");
         assert!(

@@ -6,9 +6,9 @@
 //! name. Content: the PEM exactly as stored. Writes are atomic (temp file in the same folder,
 //! fsync, rename, fsync of the folder); files are 0600 in a 0700 folder.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use config_common::files;
 
 use super::{CertStore, StoreError};
 
@@ -29,17 +29,7 @@ impl FileStore {
     /// Opens (creating it 0700 if missing) `<homedir>/certs`.
     pub fn open(homedir: &Path) -> Result<Self, StoreError> {
         let directory = homedir.join("certs");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&directory)
-            .map_err(io_error(&directory))?;
-        // An existing folder keeps its owner but gets the mode the spec requires.
-        let metadata = std::fs::metadata(&directory).map_err(io_error(&directory))?;
-        if metadata.permissions().mode() & 0o777 != 0o700 {
-            std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_error(&directory))?;
-        }
+        files::create_private_dir(&directory).map_err(io_error(&directory))?;
         Ok(FileStore { directory })
     }
 
@@ -49,26 +39,9 @@ impl FileStore {
     }
 }
 
-fn sync_directory(directory: &Path) -> std::io::Result<()> {
-    std::fs::File::open(directory)?.sync_all()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
-}
-
 /// The reference file name of cert `id`.
 pub fn file_name(id: &str) -> String {
-    let readable: String = id.chars().filter(char::is_ascii_alphanumeric).collect();
-    format!(
-        "{readable}-{}.cer",
-        hex(&openssl::sha::sha256(id.as_bytes()))
-    )
+    files::reference_file_name(id, ".cer")
 }
 
 impl CertStore for FileStore {
@@ -84,45 +57,25 @@ impl CertStore for FileStore {
     }
 
     fn store(&self, id: &str, pem: &str) -> Result<(), StoreError> {
-        let target = self.path_for(id);
-        let mut random = [0_u8; 8];
-        openssl::rand::rand_bytes(&mut random).map_err(|error| StoreError::Io {
-            path: target.display().to_string(),
-            source: std::io::Error::other(error),
-        })?;
-        let temporary = self
-            .directory
-            .join(format!(".{}.tmp-{}", file_name(id), hex(&random)));
-        let result = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temporary)?;
-            file.write_all(pem.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &target)?;
-            sync_directory(&self.directory)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&temporary);
-        }
-        result.map_err(io_error(&target))
+        files::write_atomic(&self.directory, &file_name(id), pem.as_bytes())
+            .map_err(io_error(&self.path_for(id)))
     }
 
     fn delete(&self, id: &str) -> Result<(), StoreError> {
-        let path = self.path_for(id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => sync_directory(&self.directory).map_err(io_error(&path)),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(io_error(&path)(source)),
-        }
+        files::remove_durable(&self.directory, &file_name(id))
+            .map(drop)
+            .map_err(io_error(&self.path_for(id)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
 
     #[test]
     fn reference_file_names() {

@@ -6,9 +6,9 @@
 //! else is the raw bytes of a symmetric key. Writes are atomic (temp file, fsync, rename, fsync of
 //! the folder); files are 0600 in a 0700 folder.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use config_common::files;
 use std::sync::Arc;
 
 use openssl::pkey::PKey;
@@ -33,11 +33,7 @@ impl FileStore {
     /// Opens (creating it 0700 if missing) `<homedir>/keys`.
     pub fn open(homedir: &Path) -> Result<Self, StoreError> {
         let directory = homedir.join("keys");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&directory)
-            .map_err(io_error(&directory))?;
+        files::create_private_dir(&directory).map_err(io_error(&directory))?;
         Ok(FileStore { directory })
     }
 
@@ -48,32 +44,8 @@ impl FileStore {
 
     /// Writes `contents` to the file of `id` atomically with mode 0600.
     fn write(&self, id: &str, contents: &[u8]) -> Result<(), StoreError> {
-        let target = self.path_for(id);
-        let mut random = [0_u8; 8];
-        openssl::rand::rand_bytes(&mut random)?;
-        let temporary = self.directory.join(format!(
-            ".{}.tmp-{}",
-            file_name(id),
-            random
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect::<String>()
-        ));
-        let result = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temporary)?;
-            file.write_all(contents)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &target)?;
-            sync_directory(&self.directory)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&temporary);
-        }
-        result.map_err(io_error(&target))
+        files::write_atomic(&self.directory, &file_name(id), contents)
+            .map_err(io_error(&self.path_for(id)))
     }
 
     /// Moves an unparsable file aside (`<name>.corrupt-<unix seconds>`) before a create replaces it.
@@ -96,16 +68,9 @@ impl FileStore {
     }
 }
 
-fn sync_directory(directory: &Path) -> std::io::Result<()> {
-    std::fs::File::open(directory)?.sync_all()
-}
-
 /// The reference file name of key `id`.
 pub fn file_name(id: &str) -> String {
-    let readable: String = id.chars().filter(char::is_ascii_alphanumeric).collect();
-    let digest = openssl::sha::sha256(id.as_bytes());
-    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("{readable}-{hex}.key")
+    files::reference_file_name(id, ".key")
 }
 
 /// Reads a key file: a PEM private key is a key pair, other non-empty content a symmetric key.
@@ -173,18 +138,15 @@ impl KeyStore for FileStore {
     }
 
     fn delete(&self, id: &str, _kind: KeyKind) -> Result<(), StoreError> {
-        let path = self.path_for(id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => sync_directory(&self.directory).map_err(io_error(&path)),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(io_error(&path)(source)),
-        }
+        files::remove_durable(&self.directory, &file_name(id))
+            .map(drop)
+            .map_err(io_error(&self.path_for(id)))
     }
 
     fn move_key_pair(&self, from: &str, to: &str) -> Result<(), StoreError> {
         let source = self.path_for(from);
         std::fs::rename(&source, self.path_for(to)).map_err(io_error(&source))?;
-        sync_directory(&self.directory).map_err(io_error(&source))
+        files::sync_dir(&self.directory).map_err(io_error(&source))
     }
 }
 
