@@ -1,0 +1,164 @@
+//! Small helpers shared by the modules: hashing, host names, atomic file writes.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    match openssl::hash::hash(openssl::hash::MessageDigest::sha256(), bytes) {
+        Ok(digest) => hex(&digest),
+        Err(_) => String::new(),
+    }
+}
+
+/// Splits `host` or `host:port` (IPv6 as `[::1]:port`) into host and port (default 443).
+/// `None` when it is not a plausible authority.
+pub fn split_authority(authority: &str) -> Option<(String, u16)> {
+    if authority.is_empty()
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '@'))
+    {
+        return None;
+    }
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None if after.is_empty() => 443,
+            None => return None,
+        };
+        return Some((host.to_owned(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            Some((host.to_owned(), port.parse().ok()?))
+        }
+        Some(_) => None,
+        None => Some((authority.to_owned(), 443)),
+    }
+}
+
+/// Whether a renewal policy string is `N%` (1–99), `Nmin` or `Nday` with N > 0.
+pub fn valid_renewal_policy(value: &str) -> bool {
+    let number = |text: &str| text.parse::<u64>().ok().filter(|n| *n > 0);
+    if let Some(percent) = value.strip_suffix('%') {
+        number(percent).is_some_and(|n| n < 100)
+    } else if let Some(minutes) = value.strip_suffix("min") {
+        number(minutes).is_some()
+    } else if let Some(days) = value.strip_suffix("day") {
+        number(days).is_some()
+    } else {
+        false
+    }
+}
+
+/// Writes `contents` to `path` atomically (temp file in the same folder, fsync, rename, fsync
+/// of the folder), mode 0600.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let directory = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("path has no parent folder"))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(file_name);
+    temporary_name.push(format!(".tmp{}", std::process::id()));
+    let temporary = directory.join(temporary_name);
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&temporary, path)?;
+        std::fs::File::open(directory)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result
+}
+
+/// Creates `path` (and parents) as a 0700 folder.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |duration| duration.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        let cases = [
+            ("hub.net", Some(("hub.net", 443))),
+            ("localhost:8443", Some(("localhost", 8443))),
+            ("[::1]:9", Some(("::1", 9))),
+            ("127.0.0.1:1", Some(("127.0.0.1", 1))),
+            ("h:x", None),
+            ("", None),
+            ("a/b", None),
+            ("::1", None),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                split_authority(input),
+                expected.map(|(h, p)| (h.to_owned(), p)),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn renewal_policies() {
+        for (value, ok) in [
+            ("80%", true),
+            ("0%", false),
+            ("100%", false),
+            ("10min", true),
+            ("2day", true),
+            ("0day", false),
+            ("x", false),
+        ] {
+            assert_eq!(valid_renewal_policy(value), ok, "{value}");
+        }
+    }
+
+    #[test]
+    fn atomic_writes_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
