@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::error::{error_response, HttpError};
 use crate::request::{Caller, Request};
@@ -36,8 +36,6 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Deadline for receiving the body after the headers (408 beyond it).
     pub body_timeout: Duration,
-    /// Deadline for receiving request headers; also closes idle keep-alive connections.
-    pub header_timeout: Duration,
     /// Concurrent open connections allowed per uid (503 beyond it).
     pub max_connections_per_uid: usize,
     /// How long in-flight requests may run after shutdown is requested.
@@ -49,7 +47,6 @@ impl Default for ServerOptions {
         ServerOptions {
             max_body_bytes: 1024 * 1024,
             body_timeout: Duration::from_secs(5),
-            header_timeout: Duration::from_secs(30),
             max_connections_per_uid: 10,
             drain_timeout: Duration::from_secs(10),
         }
@@ -115,10 +112,7 @@ pub async fn serve<H: Handler>(
     let budget = Arc::new(ConnectionBudget::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_timeout)
-        .keep_alive(true);
+    builder.keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {

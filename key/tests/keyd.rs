@@ -1230,3 +1230,43 @@ fn serves_on_a_socket_passed_by_systemd_by_name() {
 fn serves_on_the_single_passed_socket_for_a_unix_endpoint() {
     socket_activated(|path| format!("unix://{}", path.display()), "anything");
 }
+
+#[test]
+fn a_body_that_arrives_late_is_read_and_one_that_never_arrives_is_408() {
+    use std::io::{Read, Write};
+    let keyd = Keyd::start(FILE_CONFIG);
+    let body = br#"{"keyId":"slow","usage":"sign"}"#;
+    let head = format!(
+        "POST /key?api-version=2020-09-01 HTTP/1.1\r\nHost: keyd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let read_all = |stream: &mut std::os::unix::net::UnixStream| {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+
+    // Half the body with the headers, the rest a moment later: the server must wait for it.
+    let mut stream = std::os::unix::net::UnixStream::connect(&keyd.socket).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..10]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stream.write_all(&body[10..]).unwrap();
+    let answer = read_all(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("keyHandle"), "{answer}");
+
+    // A body that never completes gets 408 with a JSON message (after the 5 s deadline).
+    let mut stream = std::os::unix::net::UnixStream::connect(&keyd.socket).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..10]).unwrap();
+    let answer = read_all(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#"{"message":"request body not received in time"}"#),
+        "{answer}"
+    );
+}
