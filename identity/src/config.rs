@@ -944,19 +944,20 @@ fn principals_from_raw(
             Some(names) => {
                 let mut types = Vec::new();
                 for name in names {
-                    let id_type =
-                        match name.as_str() {
-                            "device" => IdType::Device,
-                            "module" => IdType::Module,
-                            "local" => IdType::Local,
-                            other => return Err(ConfigError::invalid(
+                    let id_type = match name.as_str() {
+                        "device" => IdType::Device,
+                        "module" => IdType::Module,
+                        "local" => IdType::Local,
+                        other => {
+                            return Err(ConfigError::invalid(
                                 loaded,
                                 key("idtype"),
                                 format!(
                                     "unknown idtype {other:?} (expected device, module or local)"
                                 ),
-                            )),
-                        };
+                            ))
+                        }
+                    };
                     if !types.contains(&id_type) {
                         types.push(id_type);
                     }

@@ -1,0 +1,401 @@
+//! Test harness: runs the real `keyd`, `certd` and `identityd` binaries on temporary sockets
+//! with temporary configs (killed on drop), next to the cloud emulator running in-process.
+//! identityd trusts the emulator's CA through `SSL_CERT_FILE`.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use openssl::pkey::{PKey, Private};
+
+/// A sibling binary of identityd (built by `cargo build -p keyd -p certd`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_identityd")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "the {name} binary is missing at {}: run `cargo build -p keyd -p certd` first",
+        path.display()
+    );
+    path
+}
+
+/// One daemon process with its own folder (config, config.d, home, socket, log).
+pub struct Daemon {
+    name: &'static str,
+    binary: PathBuf,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    env_file: &'static str,
+    env_dir: &'static str,
+    pub env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(
+        name: &'static str,
+        binary: PathBuf,
+        root: &Path,
+        env_file: &'static str,
+        env_dir: &'static str,
+    ) -> Daemon {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("config.d")).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Daemon {
+            name,
+            binary,
+            socket: dir.join(format!("{name}.sock")),
+            dir,
+            env_file,
+            env_dir,
+            env: Vec::new(),
+            child: None,
+        }
+    }
+
+    /// The base config file.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    /// The drop-in folder.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config.d")
+    }
+
+    /// The state folder.
+    pub fn home(&self) -> PathBuf {
+        self.dir.join("home")
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .env(self.env_file, self.config_file())
+            .env(self.env_dir, self.config_dir())
+            .env("AZIOT_LOG", "debug")
+            .stdin(Stdio::null());
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    /// Starts the daemon (no waiting).
+    pub fn launch(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap();
+        let child = self
+            .command()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Starts (or restarts) the daemon and waits for its socket.
+    pub fn spawn(&mut self) {
+        self.launch();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} exited early with {status}:\n{}", self.name, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Stops the daemon (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of a child we own; no memory is involved.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// Runs the binary once with the current config and returns its exit code and output.
+    pub fn run_to_exit(&self) -> (Option<i32>, String) {
+        let output = self.command().output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), text)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// keyd, certd and identityd configured for each other in one temporary folder.
+pub struct Stack {
+    pub root: tempfile::TempDir,
+    pub keyd: Daemon,
+    pub certd: Daemon,
+    pub identityd: Daemon,
+    preloaded_keys: Vec<(String, PathBuf)>,
+    keyd_extra: String,
+}
+
+impl Stack {
+    /// Prepares the folders; nothing runs yet.
+    pub fn new() -> Stack {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let keyd = Daemon::new(
+            "keyd",
+            sibling_binary("keyd"),
+            root.path(),
+            "AZIOT_KEYD_CONFIG",
+            "AZIOT_KEYD_CONFIG_DIR",
+        );
+        let certd = Daemon::new(
+            "certd",
+            sibling_binary("certd"),
+            root.path(),
+            "AZIOT_CERTD_CONFIG",
+            "AZIOT_CERTD_CONFIG_DIR",
+        );
+        let identityd = Daemon::new(
+            "identityd",
+            PathBuf::from(env!("CARGO_BIN_EXE_identityd")),
+            root.path(),
+            "AZIOT_IDENTITYD_CONFIG",
+            "AZIOT_IDENTITYD_CONFIG_DIR",
+        );
+        Stack {
+            root,
+            keyd,
+            certd,
+            identityd,
+            preloaded_keys: Vec::new(),
+            keyd_extra: String::new(),
+        }
+    }
+
+    /// A path inside the temporary folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// Makes `key` available in keyd as key pair `id` (a preloaded key file).
+    pub fn add_key_pair(&mut self, id: &str, key: &PKey<Private>) {
+        let path = self.path(&format!("key-{id}.pem"));
+        std::fs::write(&path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        self.preloaded_keys.push((
+            id.to_owned(),
+            PathBuf::from(format!("file://{}", path.display())),
+        ));
+    }
+
+    /// Adds a raw keyd preloaded entry (e.g. a `pkcs11:` URI) and extra keyd config.
+    pub fn add_keyd_config(&mut self, id: &str, uri: &str, extra: &str) {
+        self.preloaded_keys
+            .push((id.to_owned(), PathBuf::from(uri)));
+        self.keyd_extra.push_str(extra);
+    }
+
+    /// Writes the keyd and certd configs and starts both.
+    pub fn start_keyd_certd(&mut self) {
+        let mut keyd_config = format!(
+            "{}\n[aziot_keys]\nhomedir_path = \"{}\"\n",
+            self.keyd_extra,
+            self.keyd.home().display()
+        );
+        keyd_config.push_str("[preloaded_keys]\n");
+        for (id, uri) in &self.preloaded_keys {
+            keyd_config.push_str(&format!("\"{id}\" = \"{}\"\n", uri.display()));
+        }
+        keyd_config.push_str(&format!(
+            "[endpoints]\naziot_keyd = \"unix://{}\"\n",
+            self.keyd.socket.display()
+        ));
+        std::fs::write(self.keyd.config_file(), keyd_config).unwrap();
+        let certd_config = format!(
+            "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+            self.certd.home().display(),
+            self.certd.socket.display(),
+            self.keyd.socket.display()
+        );
+        std::fs::write(self.certd.config_file(), certd_config).unwrap();
+        self.keyd.spawn();
+        self.certd.spawn();
+    }
+
+    /// Writes identityd's base config (0600): `body` plus hostname, homedir and endpoints.
+    pub fn write_identityd_config(&self, body: &str) {
+        let text = format!(
+            "hostname = \"testhost\"\nhomedir = \"{}\"\n{body}\n[endpoints]\naziot_identityd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\naziot_certd = \"unix://{}\"\n",
+            self.identityd.home().display(),
+            self.identityd.socket.display(),
+            self.keyd.socket.display(),
+            self.certd.socket.display()
+        );
+        let path = self.identityd.config_file();
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Starts identityd trusting the emulator's CA and waits for its socket.
+    pub fn start_identityd(&mut self, ca_cert: &Path) {
+        self.identityd.env = vec![("SSL_CERT_FILE".to_owned(), ca_cert.display().to_string())];
+        self.identityd.spawn();
+    }
+
+    /// keyd's typed client (the tests run as root, whom keyd always authorizes).
+    pub fn keyd_client(&self) -> key_api::Client {
+        key_api::Client::new(http_common::UdsClient::new(&self.keyd.socket))
+    }
+
+    /// certd's typed client.
+    pub fn certd_client(&self) -> cert_api::Client {
+        cert_api::Client::new(http_common::UdsClient::new(&self.certd.socket))
+    }
+
+    /// identityd's typed client.
+    pub fn client(&self) -> identity_api::Client {
+        identity_api::Client::new(http_common::UdsClient::new(&self.identityd.socket))
+    }
+
+    /// Sends a raw request to identityd: status, JSON body (Null when empty), headers.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value, http::HeaderMap) {
+        let headers: &[(&str, &str)] = if body.is_empty() {
+            &[]
+        } else {
+            &[("content-type", "application/json")]
+        };
+        let response = http_common::UdsClient::new(&self.identityd.socket)
+            .with_timeout(Duration::from_secs(120))
+            .send(method, path, headers, body.to_owned().into())
+            .await
+            .unwrap();
+        let value = if response.body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&response.body).unwrap_or_else(|_| {
+                panic!(
+                    "response body is not JSON: {:?}",
+                    String::from_utf8_lossy(&response.body)
+                )
+            })
+        };
+        (response.status, value, response.headers)
+    }
+
+    /// Polls `GET /identities/identity`-like requests until `done` holds or `timeout` passes.
+    pub async fn wait_for_device(&self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body, _) = self
+                .request(
+                    Method::POST,
+                    "/identities/device?api-version=2020-09-01",
+                    "{\"type\":\"aziot\"}",
+                )
+                .await;
+            if status == StatusCode::OK {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "device identity not available: {status} {body}\n{}",
+                self.identityd.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A random base64 key of 32 bytes.
+pub fn random_key_b64() -> String {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    openssl::rand::rand_bytes(&mut bytes).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Decodes base64.
+pub fn unb64(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
+}
+
+/// Starts the emulator with a config built by `configure`.
+pub async fn emulator(
+    configure: impl FnOnce(&mut cloud_emulator::Config),
+) -> cloud_emulator::RunningEmulator {
+    let mut config = cloud_emulator::Config {
+        assigning_polls: 1,
+        retry_after_secs: 1,
+        ..cloud_emulator::Config::default()
+    };
+    configure(&mut config);
+    cloud_emulator::start(config).await.unwrap()
+}
+
+/// Polls until `check` returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
