@@ -167,7 +167,7 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 fn is_not_found(error: &ClientError) -> bool {
-    error.status() == Some(http::StatusCode::NOT_FOUND)
+    error.is_not_found()
 }
 
 impl IdentityService {

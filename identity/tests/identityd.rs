@@ -192,3 +192,341 @@ async fn manual_connection_string_provisions_and_manages_modules() {
     assert_eq!(draft.auth.auth_type, "sas");
     assert!(draft.auth.keystorehandle.is_some());
 }
+
+fn individual_sas(registration_id: &str, key: &str) -> cloud_emulator::IndividualEnrollment {
+    cloud_emulator::IndividualEnrollment {
+        registration_id: registration_id.into(),
+        device_id: None,
+        assigned_hub: None,
+        payload: None,
+        iot_edge: false,
+        attestation: cloud_emulator::Attestation::SymmetricKey {
+            primary_key: key.into(),
+            secondary_key: None,
+        },
+    }
+}
+
+fn dps_symmetric_config(emu: &cloud_emulator::RunningEmulator, registration_id: &str) -> String {
+    format!(
+        "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nid_scope = \"{}\"\n\
+         [provisioning.attestation]\nmethod = \"symmetric_key\"\nregistration_id = \"{registration_id}\"\n\
+         symmetric_key = \"key://device-id\"\n{MODULE_PRINCIPAL}",
+        emu.dps_endpoint(),
+        emu.id_scope()
+    )
+}
+
+fn dps_x509_config(emu: &cloud_emulator::RunningEmulator, registration_id: Option<&str>) -> String {
+    let registration_id = registration_id
+        .map(|id| format!("registration_id = \"{id}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nscope_id = \"{}\"\n\
+         [provisioning.attestation]\nmethod = \"x509\"\n{registration_id}\
+         identity_cert = \"cert://device-id\"\nidentity_pk = \"key://device-id\"\n{MODULE_PRINCIPAL}",
+        emu.dps_endpoint(),
+        emu.id_scope()
+    )
+}
+
+/// Waits until reconciliation created `hostmodule1` in `hub` for `device_id`, then checks the
+/// module identity's token against the hub's keys.
+async fn assert_module_principal_works(
+    stack: &Stack,
+    emu: &cloud_emulator::RunningEmulator,
+    hub: &str,
+    device_id: &str,
+) {
+    eventually("reconciliation", Duration::from_secs(30), || {
+        emu.control()
+            .modules(Some(hub), device_id)
+            .filter(|modules| modules.iter().any(|m| m["moduleId"] == "hostmodule1"))
+    })
+    .await;
+    let module = stack
+        .client()
+        .get_module("hostmodule1", "aziot")
+        .await
+        .unwrap();
+    assert_eq!(aziot(&module).hub_name, hub);
+    let Some(AuthInfo::Sas { key_handle }) = &aziot(&module).auth else {
+        panic!("expected SAS auth");
+    };
+    assert_module_token_accepted(stack, emu, hub, device_id, "hostmodule1", key_handle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_symmetric_key_individual_enrollment() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        let mut enrollment = individual_sas("sas-device", &key);
+        enrollment.device_id = Some("assigned-device".into());
+        enrollment.payload = Some(serde_json::json!({"answer": 42}));
+        config.individual_enrollments.push(enrollment);
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    let payload_path = stack.path("payload.json");
+    std::fs::write(&payload_path, r#"{"modelId":"dtmi:test;1"}"#).unwrap();
+    let config = dps_symmetric_config(&emu, "sas-device").replace(
+        "[provisioning.attestation]",
+        &format!(
+            "payload = {{ uri = \"file://{}\" }}\n[provisioning.attestation]",
+            payload_path.display()
+        ),
+    );
+    stack.write_identityd_config(&config);
+    stack.start_identityd(emu.ca_cert_path());
+
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "assigned-device");
+    assert_eq!(aziot(&device).hub_name, emu.hub_hostname());
+    let info = stack.client().get_provisioning_info().await.unwrap();
+    assert_eq!(info.source, "dps");
+    assert_eq!(info.auth.as_deref(), Some("symmetric_key"));
+    assert_eq!(info.registration_id.as_deref(), Some("sas-device"));
+    assert_eq!(info.scope_id.as_deref(), Some(emu.id_scope()));
+    assert_eq!(
+        info.payload,
+        Some(serde_json::json!({"modelId": "dtmi:test;1"}))
+    );
+    // DPS saw the payload and a valid SAS token.
+    let registrations = emu.control().registrations();
+    assert_eq!(registrations.len(), 1, "{registrations:?}");
+    assert_eq!(
+        registrations[0]["last_request_payload"],
+        serde_json::json!({"modelId": "dtmi:test;1"})
+    );
+    assert!(emu
+        .control()
+        .requests()
+        .iter()
+        .any(|entry| entry.service == "dps" && entry.auth == "sas" && entry.auth_ok == Some(true)));
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "assigned-device").await;
+    // The backup files exist.
+    let home = stack.identityd.home();
+    let device_info = std::fs::read_to_string(home.join("device_info")).unwrap();
+    assert!(device_info.contains("assigned-device"), "{device_info}");
+    assert!(home.join("provisioning_digest").exists());
+    eventually("prev_state", Duration::from_secs(10), || {
+        std::fs::read_to_string(home.join("prev_state"))
+            .ok()
+            .filter(|text| text.contains("hostmodule1"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_symmetric_key_group_enrollment_uses_the_derived_key() {
+    let group_key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .group_enrollments
+            .push(cloud_emulator::GroupEnrollment {
+                group_id: "sas-group".into(),
+                assigned_hub: None,
+                payload: None,
+                iot_edge: false,
+                attestation: cloud_emulator::GroupAttestation::SymmetricKey {
+                    primary_key: group_key.clone(),
+                    secondary_key: None,
+                },
+            });
+    })
+    .await;
+    let device_key = cloud_emulator::sas::derive_device_key(&group_key, "group-member-7").unwrap();
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&device_key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "group-member-7"));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "group-member-7");
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "group-member-7").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_x509_group_enrollment_with_the_key_in_keyd() {
+    let ca = cloud_emulator::pki::TestCa::new("Test Group CA").unwrap();
+    let leaf = ca.issue_client("x509-member").unwrap();
+    let emu = emulator(|config| {
+        config
+            .group_enrollments
+            .push(cloud_emulator::GroupEnrollment {
+                group_id: "x509-group".into(),
+                assigned_hub: None,
+                payload: None,
+                iot_edge: false,
+                attestation: cloud_emulator::GroupAttestation::X509 {
+                    ca_pem: Some(ca.cert_pem()),
+                    ca_file: None,
+                },
+            });
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.add_key_pair("device-id", &leaf.key);
+    stack.start_keyd_certd();
+    stack
+        .certd_client()
+        .import_cert(
+            "device-id",
+            &format!("{}{}", leaf.cert_pem(), ca.cert_pem()),
+        )
+        .await
+        .unwrap();
+    // No registration_id: the certificate's CN is used.
+    stack.write_identityd_config(&dps_x509_config(&emu, None));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "x509-member");
+    let Some(AuthInfo::X509 { cert_id, .. }) = &aziot(&device).auth else {
+        panic!("expected X.509 auth: {device:?}");
+    };
+    assert_eq!(cert_id, "device-id");
+    let info = stack.client().get_provisioning_info().await.unwrap();
+    assert_eq!(info.auth.as_deref(), Some("x509"));
+    assert_eq!(info.registration_id.as_deref(), Some("x509-member"));
+    assert!(emu
+        .control()
+        .requests()
+        .iter()
+        .any(|entry| entry.service == "dps"
+            && entry.auth == "x509"
+            && entry.auth_ok == Some(true)));
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "x509-member").await;
+    assert!(hub_requests_ok(&emu, "x509") > 0);
+}
+
+/// A self-signed RSA-2048 client certificate made with OpenSSL.
+fn rsa_self_signed(common_name: &str) -> (openssl::pkey::PKey<openssl::pkey::Private>, String) {
+    let key = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", common_name).unwrap();
+    let name = name.build();
+    let mut builder = openssl::x509::X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder
+        .set_serial_number(
+            &openssl::bn::BigNum::from_u32(9)
+                .unwrap()
+                .to_asn1_integer()
+                .unwrap(),
+        )
+        .unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(&name).unwrap();
+    builder.set_pubkey(&key).unwrap();
+    builder
+        .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
+        .unwrap();
+    builder
+        .append_extension(
+            openssl::x509::extension::ExtendedKeyUsage::new()
+                .client_auth()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    builder
+        .sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    let pem = String::from_utf8(builder.build().to_pem().unwrap()).unwrap();
+    (key, pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_x509_individual_enrollment_with_an_rsa_key_in_keyd() {
+    let (key, pem) = rsa_self_signed("rsa-device");
+    let enrolled = pem.clone();
+    let emu = emulator(move |config| {
+        config
+            .individual_enrollments
+            .push(cloud_emulator::IndividualEnrollment {
+                registration_id: "rsa-device".into(),
+                device_id: None,
+                assigned_hub: None,
+                payload: None,
+                iot_edge: false,
+                attestation: cloud_emulator::Attestation::X509 {
+                    cert_pem: Some(enrolled),
+                    cert_file: None,
+                    thumbprints: Vec::new(),
+                },
+            });
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.add_key_pair("device-id", &key);
+    stack.start_keyd_certd();
+    stack
+        .certd_client()
+        .import_cert("device-id", &pem)
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_x509_config(&emu, Some("rsa-device")));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "rsa-device");
+    // The hub device is selfSigned with the leaf's thumbprint: module calls authenticate by
+    // TLS with the RSA key in keyd.
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "rsa-device").await;
+    assert!(hub_requests_ok(&emu, "x509") > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_x509_with_the_key_in_keyd() {
+    let device_cert = cloud_emulator::pki::self_signed_client("manual-x509").unwrap();
+    let device_pem = device_cert.cert_pem();
+    let emu = emulator(|config| {
+        config.devices.push(cloud_emulator::DeviceSpec {
+            device_id: "manual-x509".into(),
+            hub: None,
+            iot_edge: false,
+            authentication: cloud_emulator::DeviceAuthSpec::SelfSigned {
+                primary_thumbprint: None,
+                secondary_thumbprint: None,
+                cert_pem: Some(device_pem.clone()),
+            },
+        });
+    })
+    .await;
+    let hub = emu.hub_hostname().to_owned();
+    let mut stack = Stack::new();
+    stack.add_key_pair("device-id", &device_cert.key);
+    stack.start_keyd_certd();
+    stack
+        .certd_client()
+        .import_cert("device-id", &device_pem)
+        .await
+        .unwrap();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"manual\"\niothub_hostname = \"{hub}\"\ndevice_id = \"manual-x509\"\n\
+         [provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"device-id\"\nidentity_pk = \"device-id\"\n"
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "manual-x509");
+    let info = stack.client().get_provisioning_info().await.unwrap();
+    assert_eq!(info.auth.as_deref(), Some("x509"));
+    let created = stack.client().create_module("m1").await.unwrap();
+    assert_eq!(aziot(&created).module_id.as_deref(), Some("m1"));
+    assert!(hub_requests_ok(&emu, "x509") > 0);
+    let draft = stack.client().draft_device_identity().await.unwrap();
+    assert_eq!(draft.auth.auth_type, "x509");
+    assert_eq!(draft.auth.certstorehandle.as_deref(), Some("device-id"));
+}
