@@ -61,6 +61,11 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the peer answered 404 (the named resource does not exist).
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(StatusCode::NOT_FOUND)
+    }
 }
 
 /// A raw answer: status, headers and body.

@@ -161,3 +161,24 @@ impl http_common::Handler for Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route in the table is documented in docs/keyd.md.
+    #[test]
+    fn every_route_is_documented() {
+        let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/keyd.md"))
+            .expect("docs/keyd.md");
+        for (methods, path) in super::ROUTES {
+            for method in methods.split(", ") {
+                let documented = docs.lines().any(|line| {
+                    line.contains(path)
+                        && (line.contains(&format!("`{method} "))
+                            || line.contains(&format!("{method}`"))
+                            || line.contains(&format!("{method},")))
+                });
+                assert!(documented, "{method} {path} is not in docs/keyd.md");
+            }
+        }
+    }
+}

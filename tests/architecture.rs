@@ -1,0 +1,139 @@
+//! Checks the dependency and layering invariants stated in ARCHITECTURE.md.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+const DAEMONS: &[&str] = &["keyd", "certd", "identityd", "edged"];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Package name → names of its direct dependencies (all kinds), for workspace members.
+fn dependency_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = std::process::Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|package| {
+            let dependencies = package["dependencies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|dependency| dependency["name"].as_str().unwrap().to_owned())
+                .collect();
+            (package["name"].as_str().unwrap().to_owned(), dependencies)
+        })
+        .collect()
+}
+
+#[test]
+fn no_daemon_depends_on_another_daemon() {
+    let graph = dependency_graph();
+    assert!(
+        graph.contains_key("keyd") && graph.contains_key("certd"),
+        "{graph:?}"
+    );
+    for (package, dependencies) in &graph {
+        for daemon in DAEMONS {
+            assert!(
+                !(dependencies.contains(*daemon) && package != daemon),
+                "{package} depends on the daemon crate {daemon}; use its -api crate"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_keyd_reaches_pkcs11() {
+    for (package, dependencies) in dependency_graph() {
+        for pkcs11 in ["pkcs11-sys", "cryptoki", "cryptoki-sys"] {
+            if dependencies.contains(pkcs11) {
+                assert!(
+                    package == "keyd" || package == "pkcs11-sys",
+                    "{package} depends on {pkcs11}; only keyd may touch PKCS#11"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn shared_crates_know_nothing_of_the_services() {
+    let graph = dependency_graph();
+    for shared in ["http-common", "config-common", "pkcs11-sys"] {
+        let forbidden: Vec<&String> = graph[shared]
+            .iter()
+            .filter(|name| {
+                name.ends_with("-api")
+                    || DAEMONS.contains(&name.as_str())
+                    || name.as_str() == "cloud-emulator"
+            })
+            .collect();
+        assert!(forbidden.is_empty(), "{shared} depends on {forbidden:?}");
+    }
+    for (package, dependencies) in &graph {
+        if package.ends_with("-api") {
+            for daemon in DAEMONS {
+                assert!(
+                    !dependencies.contains(*daemon),
+                    "{package} depends on {daemon}"
+                );
+            }
+        }
+    }
+}
+
+/// Service and store modules hold no HTTP types (files named service.rs or under store/).
+#[test]
+fn service_and_store_layers_have_no_http_types() {
+    let mut checked = 0;
+    for daemon_dir in ["key", "cert", "identity", "edged"] {
+        let source = workspace_root().join(daemon_dir).join("src");
+        let mut files = Vec::new();
+        if source.join("service.rs").exists() {
+            files.push(source.join("service.rs"));
+        }
+        if let Ok(entries) = std::fs::read_dir(source.join("store")) {
+            files.extend(entries.map(|entry| entry.unwrap().path()));
+        }
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            // Peer clients' errors (`http_common::ClientError`) may be inspected; HTTP types may not.
+            for forbidden in ["hyper::", "use hyper", "http::"] {
+                let offending = text
+                    .lines()
+                    .any(|line| !line.trim_start().starts_with("//") && line.contains(forbidden));
+                assert!(!offending, "{} uses {forbidden}", file.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 4,
+        "expected to check keyd's and certd's service and store files"
+    );
+}
