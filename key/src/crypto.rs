@@ -12,6 +12,22 @@ use openssl::symm::Cipher;
 
 use crate::store::{KeyAlgorithm, KeyPair, RsaPadding, StoreError, SymmetricKey};
 
+/// Fills `bytes` from the operating system's CSPRNG (`getrandom(2)`). Used instead of OpenSSL's
+/// generator so that a keyd that only serves file symmetric keys never initializes OpenSSL, which
+/// costs about 2 MB of resident memory.
+pub fn random_bytes(bytes: &mut [u8]) -> Result<(), StoreError> {
+    getrandom::fill(bytes).map_err(|error| StoreError::Io {
+        path: "getrandom".to_owned(),
+        source: std::io::Error::other(error.to_string()),
+    })
+}
+
+/// Compares two byte strings in time independent of where they differ.
+pub fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    left.len() == right.len() && bool::from(left.ct_eq(right))
+}
+
 /// A symmetric key whose bytes are in memory (file, preloaded file, or derived).
 pub struct MemoryKey {
     bytes: Vec<u8>,

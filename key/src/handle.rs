@@ -64,7 +64,7 @@ impl HandleSealer {
     /// Issues a handle for `target`, with 256 bits of fresh randomness.
     pub fn seal(&self, target: HandleTarget) -> Result<String, HandleError> {
         let mut nonce = [0_u8; 32];
-        openssl::rand::rand_bytes(&mut nonce).map_err(StoreError::from)?;
+        crate::crypto::random_bytes(&mut nonce)?;
         let payload = Payload {
             key_id: target,
             nonce: STANDARD.encode(nonce),
@@ -96,7 +96,7 @@ impl HandleSealer {
             .decode(signature)
             .map_err(|_| HandleError::Invalid)?;
         let expected = self.key.hmac_sha256(&payload)?;
-        if expected.len() != signature.len() || !openssl::memcmp::eq(&expected, &signature) {
+        if !crate::crypto::constant_time_eq(&expected, &signature) {
             return Err(HandleError::Invalid);
         }
         let payload: Payload =

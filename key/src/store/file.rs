@@ -112,7 +112,7 @@ impl KeyStore for FileStore {
 
     fn generate_key(&self, id: &str, _usage: Usage) -> Result<StoredKey, StoreError> {
         let mut bytes = vec![0_u8; 32];
-        openssl::rand::rand_bytes(&mut bytes)?;
+        crate::crypto::random_bytes(&mut bytes)?;
         self.set_aside_corrupt(id)?;
         self.write(id, &bytes)?;
         Ok(StoredKey::Symmetric(Arc::new(MemoryKey::new(bytes)?)))
