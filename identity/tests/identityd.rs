@@ -1,6 +1,8 @@
 //! Black-box tests: the real keyd, certd and identityd binaries with the cloud emulator
 //! in-process. Every cloud check reads the emulator's own state and request log.
 
+#![allow(clippy::unwrap_used)] // Test helpers outside #[test] functions unwrap too.
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -529,4 +531,378 @@ async fn manual_x509_with_the_key_in_keyd() {
     let draft = stack.client().draft_device_identity().await.unwrap();
     assert_eq!(draft.auth.auth_type, "x509");
     assert_eq!(draft.auth.certstorehandle.as_deref(), Some("device-id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_dps_key_is_reported_as_a_cloud_error_without_hanging() {
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("wrong-key-device", &random_key_b64()));
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&random_key_b64()))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "wrong-key-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    let started = Instant::now();
+    let (status, body, _) = stack
+        .request(
+            Method::POST,
+            "/identities/device?api-version=2020-09-01",
+            r#"{"type":"aziot"}"#,
+        )
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("cloud error: 401"), "{message}");
+    assert!(message.contains("DPS"), "{message}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    assert!(emu
+        .control()
+        .requests()
+        .iter()
+        .any(|entry| entry.service == "dps" && entry.auth_ok == Some(false)));
+    // Still serving, and retrying in the background rather than exiting.
+    assert!(stack.identityd.is_running());
+    let (status, _, _) = stack
+        .request(
+            Method::GET,
+            "/identities/provisioning?api-version=2021-12-01",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_manual_key_is_reported_when_hub_refuses() {
+    let emu = emulator(|config| {
+        config.devices.push(cloud_emulator::DeviceSpec {
+            device_id: "manual-wrong".into(),
+            hub: None,
+            iot_edge: false,
+            authentication: cloud_emulator::DeviceAuthSpec::Sas {
+                primary_key: Some(random_key_b64()),
+                secondary_key: None,
+            },
+        });
+    })
+    .await;
+    let hub = emu.hub_hostname().to_owned();
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName={hub};DeviceId=manual-wrong;SharedAccessKey={}\"\n",
+        random_key_b64()
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    let (status, body, _) = stack
+        .request(
+            Method::POST,
+            "/identities/modules?api-version=2020-09-01",
+            r#"{"type":"aziot","moduleId":"m1"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("cloud error: 401"), "{message}");
+    assert!(
+        message.contains("IotHubUnauthorizedAccess") || message.contains("Unauthorized"),
+        "{message}"
+    );
+}
+
+/// Polls the device identity route from the moment identityd is launched and returns the
+/// delay until the first 200.
+async fn first_device_answer(stack: &mut Stack, ca_cert: &std::path::Path) -> Duration {
+    stack.identityd.env = vec![("SSL_CERT_FILE".to_owned(), ca_cert.display().to_string())];
+    let launched = Instant::now();
+    stack.identityd.launch();
+    let socket = stack.identityd.socket.clone();
+    loop {
+        if launched.elapsed() > Duration::from_secs(30) {
+            panic!("no answer within 30 s:\n{}", stack.identityd.log());
+        }
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            let response = http_common::UdsClient::new(&socket)
+                .send(
+                    Method::POST,
+                    "/identities/device?api-version=2020-09-01",
+                    &[("content-type", "application/json")],
+                    r#"{"type":"aziot"}"#.into(),
+                )
+                .await;
+            if let Ok(response) = response {
+                if response.status == StatusCode::OK {
+                    return launched.elapsed();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_the_cloud_down_serves_the_backup_quickly() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("offline-device", &key));
+    })
+    .await;
+    let hub = emu.hub_hostname().to_owned();
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_cert = ca_dir.path().join("ca.pem");
+    std::fs::copy(emu.ca_cert_path(), &ca_cert).unwrap();
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "offline-device"));
+    stack.start_identityd(&ca_cert);
+    stack.wait_for_device(Duration::from_secs(30)).await;
+    assert_module_principal_works(&stack, &emu, &hub, "offline-device").await;
+    let online_module = stack
+        .client()
+        .get_module("hostmodule1", "aziot")
+        .await
+        .unwrap();
+    eventually("prev_state", Duration::from_secs(10), || {
+        std::fs::read_to_string(stack.identityd.home().join("prev_state"))
+            .ok()
+            .filter(|text| text.contains("hostmodule1"))
+    })
+    .await;
+    stack.identityd.stop();
+    emu.shutdown().await;
+
+    let elapsed = first_device_answer(&mut stack, &ca_cert).await;
+    println!("offline restart: first successful device identity answer after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "first answer after {elapsed:?}"
+    );
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "offline-device");
+    assert_eq!(aziot(&device).hub_name, hub);
+    // Module identities come from the cache while the hub is unreachable (after the retry).
+    let module = stack
+        .client()
+        .get_module("hostmodule1", "aziot")
+        .await
+        .unwrap();
+    assert_eq!(aziot(&module).gen_id, aziot(&online_module).gen_id);
+    assert!(matches!(aziot(&module).auth, Some(AuthInfo::Sas { .. })));
+    // A listing with Hub down falls back to the cache too.
+    let listed = stack.client().list_modules().await.unwrap();
+    assert!(listed
+        .iter()
+        .any(|identity| aziot(identity).module_id.as_deref() == Some("hostmodule1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_backup_the_cloud_being_down_is_a_503_not_a_crash() {
+    // An emulator started and stopped only to get a port nobody listens on.
+    let emu = emulator(|_| {}).await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_cert = ca_dir.path().join("ca.pem");
+    std::fs::copy(emu.ca_cert_path(), &ca_cert).unwrap();
+    let config = dps_symmetric_config(&emu, "never-seen");
+    emu.shutdown().await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&random_key_b64()))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&config);
+    stack.start_identityd(&ca_cert);
+    let started = Instant::now();
+    let (status, body, headers) = stack
+        .request(
+            Method::POST,
+            "/identities/device?api-version=2020-09-01",
+            r#"{"type":"aziot"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key(http::header::RETRY_AFTER));
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(26));
+    assert!(stack.identityd.is_running(), "identityd exited");
+    // Trust bundle and provisioning info do not need the device.
+    let info = stack.client().get_provisioning_info().await.unwrap();
+    assert_eq!(info.registration_id.as_deref(), Some("never-seen"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_moves_the_device_to_the_newly_assigned_hub() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("moving-device", &key));
+    })
+    .await;
+    let first_hub = emu.hub_hostname().to_owned();
+    let second_hub = format!("127.0.0.1:{}", emu.https_addr().port());
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "moving-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).hub_name, first_hub);
+    assert_module_principal_works(&stack, &emu, &first_hub, "moving-device").await;
+
+    emu.control()
+        .patch_settings(cloud_emulator::SettingsPatch {
+            assigned_hub: Some(second_hub.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    let registers = || {
+        emu.control()
+            .requests()
+            .iter()
+            .filter(|entry| entry.service == "dps" && entry.method == "PUT")
+            .count()
+    };
+    let before = registers();
+    // Three concurrent requests join one reprovisioning.
+    let client = stack.client();
+    let (a, b, c) = tokio::join!(
+        client.reprovision(),
+        client.reprovision(),
+        client.reprovision()
+    );
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    assert_eq!(
+        registers(),
+        before + 1,
+        "concurrent reprovisions did not join"
+    );
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).hub_name, second_hub);
+    assert_module_principal_works(&stack, &emu, &second_hub, "moving-device").await;
+    let device_info = std::fs::read_to_string(stack.identityd.home().join("device_info")).unwrap();
+    assert!(device_info.contains(&second_hub), "{device_info}");
+
+    // The draft route reprovisions too (200 {}).
+    let (status, body, _) = stack
+        .request(Method::GET, "/identities/aziot/device/reprovision", "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, serde_json::json!({}));
+    assert_eq!(registers(), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_throttling_honours_retry_after() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("throttled-device", &key));
+    })
+    .await;
+    for (status, retry_after) in [(429, 2), (503, 1)] {
+        emu.control()
+            .add_fault(cloud_emulator::FaultSpec {
+                target: cloud_emulator::Target::Dps,
+                status,
+                count: 1,
+                retry_after_secs: Some(retry_after),
+            })
+            .unwrap();
+    }
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "throttled-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    stack.wait_for_device(Duration::from_secs(30)).await;
+    let dps: Vec<_> = emu
+        .control()
+        .requests()
+        .into_iter()
+        .filter(|entry| entry.service == "dps")
+        .collect();
+    assert!(dps.len() >= 4, "{dps:?}");
+    assert_eq!((dps[0].status, dps[0].retry_after), (429, Some(2)));
+    assert_eq!((dps[1].status, dps[1].retry_after), (503, Some(1)));
+    assert_eq!(dps[2].status, 202);
+    let first_wait = dps[1].time_ms - dps[0].time_ms;
+    let second_wait = dps[2].time_ms - dps[1].time_ms;
+    println!("waited {first_wait} ms after the 429 and {second_wait} ms after the 503");
+    assert!(
+        first_wait >= 1900,
+        "retried {first_wait} ms after a 429 with Retry-After: 2"
+    );
+    assert!(
+        second_wait >= 900,
+        "retried {second_wait} ms after a 503 with Retry-After: 1"
+    );
+    // The poll waited for the Retry-After of the 202 (1 s).
+    let poll_wait = dps[3].time_ms - dps[2].time_ms;
+    assert!(poll_wait >= 900, "polled after {poll_wait} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_rejecting_the_backup_device_triggers_one_new_registration() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("vanished-device", &key));
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "vanished-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "vanished-device").await;
+    stack.identityd.stop();
+    assert!(emu.control().remove_device(None, "vanished-device"));
+    let registers = || {
+        emu.control()
+            .requests()
+            .iter()
+            .filter(|entry| entry.service == "dps" && entry.method == "PUT")
+            .count()
+    };
+    assert_eq!(registers(), 1);
+    stack.start_identityd(emu.ca_cert_path());
+    // The backup is used, the hub says DeviceNotFound, identityd registers again and the
+    // module comes back in the re-created device.
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "vanished-device").await;
+    assert_eq!(registers(), 2);
 }
