@@ -906,3 +906,370 @@ async fn hub_rejecting_the_backup_device_triggers_one_new_registration() {
     assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "vanished-device").await;
     assert_eq!(registers(), 2);
 }
+
+/// Sends one request to the socket as `uid` (python3 drops privileges) and returns the status
+/// and JSON body.
+fn request_as(
+    uid: u32,
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::os::unix::process::CommandExt;
+    let script = r#"
+import socket, sys
+path, method, route, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
+s = socket.socket(socket.AF_UNIX); s.connect(path)
+s.sendall(method.encode() + b" " + route.encode() + b" HTTP/1.1\r\nHost: identityd.sock\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk: break
+    data += chunk
+head, _, rest = data.partition(b"\r\n\r\n")
+print(head.split(b" ")[1].decode()); print(rest.decode())
+"#;
+    let output = std::process::Command::new("python3")
+        .uid(uid)
+        .gid(uid)
+        .args(["-c", script, socket.to_str().unwrap(), method, path, body])
+        .output()
+        .expect("python3 is needed to act as another uid");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (status, body) = text.split_once('\n').unwrap();
+    let body = body.trim();
+    let value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+    };
+    (status.parse().unwrap(), value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_decide_what_each_uid_gets() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config.devices.push(cloud_emulator::DeviceSpec {
+            device_id: "authz-device".into(),
+            hub: None,
+            iot_edge: false,
+            authentication: cloud_emulator::DeviceAuthSpec::Sas {
+                primary_key: Some(key.clone()),
+                secondary_key: None,
+            },
+        });
+    })
+    .await;
+    let hub = emu.hub_hostname().to_owned();
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName={hub};DeviceId=authz-device;SharedAccessKey={key}\"\n\
+         [[principal]]\nuid = 65534\nname = \"hostmodule1\"\nidtype = [\"module\"]\n\
+         [[principal]]\nuid = 65532\nname = \"aziot-edge\"\n\
+         [[principal]]\nuid = 65531\nname = \"device-reader\"\nidtype = \"device\"\n"
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        &stack.identityd.socket,
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    stack.wait_for_device(Duration::from_secs(20)).await;
+    eventually("reconciliation", Duration::from_secs(20), || {
+        emu.control()
+            .modules(None, "authz-device")
+            .filter(|modules| modules.iter().any(|m| m["moduleId"] == "hostmodule1"))
+    })
+    .await;
+    let socket = stack.identityd.socket.clone();
+    let v = "api-version=2020-09-01";
+    let socket_ref = &socket;
+    let call = move |uid: u32, method: &str, path: &str, body: &str| {
+        let socket = socket_ref.clone();
+        let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
+        async move {
+            tokio::task::spawn_blocking(move || request_as(uid, &socket, &method, &path, &body))
+                .await
+                .unwrap()
+        }
+    };
+
+    // The module principal gets its own module, nothing else.
+    let (status, body) = call(65534, "GET", &format!("/identities/identity?{v}"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["type"], "aziot");
+    assert_eq!(body["spec"]["moduleId"], "hostmodule1");
+    assert_eq!(body["spec"]["auth"]["type"], "sas");
+    let (status, _) = call(
+        65534,
+        "GET",
+        &format!("/identities/modules/hostmodule1?{v}&type=aziot"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = call(
+        65534,
+        "POST",
+        &format!("/identities/device?{v}"),
+        r#"{"type":"aziot"}"#,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["message"], "user 65534 is not authorized");
+    let (status, _) = call(
+        65534,
+        "GET",
+        &format!("/identities/modules/other?{v}&type=aziot"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = call(
+        65534,
+        "POST",
+        &format!("/identities/device/reprovision?{v}"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = call(65534, "GET", &format!("/trust-bundle?{v}"), "").await;
+    assert_eq!(status, 200);
+
+    // The daemon may list and manage modules.
+    let (status, body) = call(
+        65532,
+        "GET",
+        &format!("/identities/modules?{v}&type=aziot"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["spec"]["moduleId"] == "hostmodule1"));
+    let (status, body) = call(65532, "GET", &format!("/identities/identity?{v}"), "").await;
+    assert_eq!(status, 200);
+    assert!(body["spec"].get("moduleId").is_none(), "{body}");
+
+    // A device principal gets the device only.
+    let (status, body) = call(65531, "POST", &format!("/identities/device?{v}"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["spec"]["deviceId"], "authz-device");
+    let (status, _) = call(
+        65531,
+        "GET",
+        &format!("/identities/modules?{v}&type=aziot"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // Anyone else: trust bundle and provisioning info only.
+    let (status, _) = call(65533, "GET", &format!("/identities/identity?{v}"), "").await;
+    assert_eq!(status, 403);
+    let (status, _) = call(65533, "GET", "/identities/aziot/device", "").await;
+    assert_eq!(status, 403);
+    let (status, body) = call(
+        65533,
+        "GET",
+        "/identities/provisioning?api-version=2021-12-01",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, serde_json::json!({"source": "manual", "auth": "sas"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_conventions_and_source_none() {
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack.write_identityd_config("[provisioning]\nsource = \"none\"\n");
+    let ca = stack.path("no-ca.pem");
+    stack.start_identityd(&ca);
+    let cases: &[(Method, &str, &str, StatusCode, &str)] = &[
+        (
+            Method::POST,
+            "/identities/device?api-version=2020-09-01",
+            "",
+            StatusCode::NOT_FOUND,
+            "not provisioned",
+        ),
+        (
+            Method::GET,
+            "/identities/aziot/device",
+            "",
+            StatusCode::NOT_FOUND,
+            "not provisioned",
+        ),
+        (
+            Method::GET,
+            "/identities/provisioning?api-version=2020-09-01",
+            "",
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        (
+            Method::GET,
+            "/identities/identity",
+            "",
+            StatusCode::BAD_REQUEST,
+            "api-version not specified",
+        ),
+        (
+            Method::GET,
+            "/identities/identity?api-version=2020-09-01-preview",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid api-version",
+        ),
+        (
+            Method::GET,
+            "/identities/aziot/device?api-version=bogus",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid api-version",
+        ),
+        (
+            Method::GET,
+            "/identities/device?api-version=2020-09-01",
+            "",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+        ),
+        (Method::GET, "/nope", "", StatusCode::NOT_FOUND, "not found"),
+        (
+            Method::GET,
+            "/identities/modules/a/b?api-version=2020-09-01&type=aziot",
+            "",
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        (
+            Method::GET,
+            "/identities/modules?api-version=2020-09-01",
+            "",
+            StatusCode::BAD_REQUEST,
+            "missing parameter \"type\"",
+        ),
+        (
+            Method::GET,
+            "/identities/modules/m?api-version=2020-09-01&type=bogus",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid type",
+        ),
+        (
+            Method::POST,
+            "/identities/modules?api-version=2020-09-01",
+            "{",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not valid",
+        ),
+        (
+            Method::POST,
+            "/identities/modules?api-version=2020-09-01",
+            "",
+            StatusCode::BAD_REQUEST,
+            "missing request body",
+        ),
+    ];
+    for (method, path, body, status, message) in cases {
+        let (actual, answer, headers) = stack.request(method.clone(), path, body).await;
+        assert_eq!(actual, *status, "{method} {path}: {answer}");
+        let text = answer["message"].as_str().unwrap_or_default();
+        assert!(text.contains(message), "{method} {path}: {text}");
+        if actual == StatusCode::METHOD_NOT_ALLOWED {
+            assert_eq!(headers[http::header::ALLOW], "POST");
+        }
+    }
+    let response = http_common::UdsClient::new(&stack.identityd.socket)
+        .send(
+            Method::POST,
+            "/identities/device?api-version=2020-09-01",
+            &[("content-type", "text/plain")],
+            "x".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let info = stack.client().get_provisioning_info().await.unwrap();
+    assert_eq!(info.source, "none");
+    assert_eq!(info.payload, None);
+
+    // Trust bundle: empty until certd holds the configured cert.
+    assert_eq!(stack.client().get_trust_bundle().await.unwrap(), "");
+    let ca = cloud_emulator::pki::TestCa::new("Bundle CA").unwrap();
+    stack
+        .certd_client()
+        .import_cert("aziot-trust-bundle", &ca.cert_pem())
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.client().get_trust_bundle().await.unwrap(),
+        ca.cert_pem()
+    );
+}
+
+#[test]
+fn invalid_configuration_exits_153_naming_file_and_key() {
+    let stack = Stack::new();
+    let cases = [
+        (
+            "cloud_timeout_sec = 5\n[provisioning]\nsource = \"none\"\n".to_owned(),
+            "cloud_timeout_sec",
+        ),
+        (
+            "[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\n".to_owned(),
+            "TPM attestation is not supported by this build",
+        ),
+        (
+            "[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = \"pkcs11:object=x\"\n".to_owned(),
+            "provisioning.authentication.device_id_pk",
+        ),
+    ];
+    for (config, expected) in cases {
+        stack.write_identityd_config(&config);
+        let (code, output) = stack.identityd.run_to_exit();
+        assert_eq!(code, Some(153), "{output}");
+        assert!(output.contains(expected), "{output}");
+        assert!(output.contains("config.toml"), "{output}");
+    }
+    // A bad drop-in is named.
+    stack.write_identityd_config("[provisioning]\nsource = \"none\"\n");
+    let dropin = stack.identityd.config_dir().join("50-agent.toml");
+    std::fs::write(&dropin, "[[principal]]\nuid = \"x\"\nname = \"a\"\n").unwrap();
+    let (code, output) = stack.identityd.run_to_exit();
+    assert_eq!(code, Some(153), "{output}");
+    assert!(
+        output.contains("50-agent.toml") && output.contains("principal[0].uid"),
+        "{output}"
+    );
+    // A connection string in a world-readable file is refused.
+    std::fs::remove_file(&dropin).unwrap();
+    stack.write_identityd_config(
+        "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=AAAA\"\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        stack.identityd.config_file(),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (code, output) = stack.identityd.run_to_exit();
+    assert_eq!(code, Some(153), "{output}");
+    assert!(output.contains("0600"), "{output}");
+    assert!(!output.contains("AAAA"), "{output}");
+}
