@@ -232,7 +232,7 @@ impl Stack {
         ));
     }
 
-    /// Adds a raw keyd preloaded entry (e.g. a `pkcs11:` URI) and extra keyd config.
+    /// Adds a raw keyd preloaded entry (e.g. a `pkcs11:` URI) and extra `[aziot_keys]` lines.
     pub fn add_keyd_config(&mut self, id: &str, uri: &str, extra: &str) {
         self.preloaded_keys
             .push((id.to_owned(), PathBuf::from(uri)));
@@ -242,9 +242,9 @@ impl Stack {
     /// Writes the keyd and certd configs and starts both.
     pub fn start_keyd_certd(&mut self) {
         let mut keyd_config = format!(
-            "{}\n[aziot_keys]\nhomedir_path = \"{}\"\n",
+            "[aziot_keys]\nhomedir_path = \"{}\"\n{}\n",
+            self.keyd.home().display(),
             self.keyd_extra,
-            self.keyd.home().display()
         );
         keyd_config.push_str("[preloaded_keys]\n");
         for (id, uri) in &self.preloaded_keys {

@@ -1,0 +1,223 @@
+//! DPS X.509 provisioning with the device key in a SoftHSM2 token, used through keyd's
+//! PKCS#11 support: the TLS handshake signatures are made by the token.
+//!
+//! SoftHSM2 and OpenSC (`pkcs11-tool`) are required (`tools/test.sh` installs them); a missing
+//! one fails the test.
+
+#![allow(clippy::unwrap_used)] // Test helpers outside #[test] functions unwrap too.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{emulator, eventually, Stack};
+use identity_api::{AuthInfo, Identity};
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const PIN: &str = "1234";
+
+fn tool(conf: &Path, label: &str, args: &[&str]) -> String {
+    let output = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", conf)
+        .args([
+            "--module",
+            MODULE,
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            PIN,
+        ])
+        .args(args)
+        .output()
+        .expect("pkcs11-tool must be installed (apt-get install opensc)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "pkcs11-tool {args:?} failed: {text}"
+    );
+    text
+}
+
+/// A CA-signed client certificate for `public_key` with subject CN `common_name`.
+fn issue_for(
+    ca: &cloud_emulator::pki::TestCa,
+    public_key: &openssl::pkey::PKeyRef<openssl::pkey::Public>,
+    common_name: &str,
+) -> String {
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", common_name).unwrap();
+    let name = name.build();
+    let mut builder = openssl::x509::X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder
+        .set_serial_number(
+            &openssl::bn::BigNum::from_u32(77)
+                .unwrap()
+                .to_asn1_integer()
+                .unwrap(),
+        )
+        .unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(ca.ca.cert.subject_name()).unwrap();
+    builder.set_pubkey(public_key).unwrap();
+    builder
+        .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
+        .unwrap();
+    builder
+        .append_extension(
+            openssl::x509::extension::ExtendedKeyUsage::new()
+                .client_auth()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    builder
+        .sign(&ca.ca.key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    String::from_utf8(builder.build().to_pem().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_x509_with_the_key_in_a_softhsm_token() {
+    assert!(
+        Path::new(MODULE).is_file(),
+        "SoftHSM2 is not installed ({MODULE} is missing): apt-get install softhsm2 opensc"
+    );
+    let hsm_dir = tempfile::tempdir().unwrap();
+    let tokens = hsm_dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = hsm_dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let label = "identity";
+    let output = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--so-pin",
+            "5678",
+            "--pin",
+            PIN,
+        ])
+        .output()
+        .expect("softhsm2-util must be installed (apt-get install softhsm2)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    tool(
+        &conf,
+        label,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "hsm-device",
+            "--id",
+            "01",
+        ],
+    );
+    let public_path = hsm_dir.path().join("public.der");
+    tool(
+        &conf,
+        label,
+        &[
+            "--read-object",
+            "--type",
+            "pubkey",
+            "--label",
+            "hsm-device",
+            "-o",
+            public_path.to_str().unwrap(),
+        ],
+    );
+    let public_key =
+        openssl::pkey::PKey::public_key_from_der(&std::fs::read(&public_path).unwrap()).unwrap();
+
+    let ca = cloud_emulator::pki::TestCa::new("HSM Group CA").unwrap();
+    let leaf_pem = issue_for(&ca, &public_key, "hsm-device");
+    let emu = emulator(|config| {
+        config
+            .group_enrollments
+            .push(cloud_emulator::GroupEnrollment {
+                group_id: "hsm-group".into(),
+                assigned_hub: None,
+                payload: None,
+                iot_edge: false,
+                attestation: cloud_emulator::GroupAttestation::X509 {
+                    ca_pem: Some(ca.cert_pem()),
+                    ca_file: None,
+                },
+            });
+    })
+    .await;
+
+    let mut stack = Stack::new();
+    stack.keyd.env = vec![("SOFTHSM2_CONF".to_owned(), conf.display().to_string())];
+    stack.add_keyd_config(
+        "device-id",
+        &format!("pkcs11:token={label};object=hsm-device?pin-value={PIN}"),
+        &format!("pkcs11_lib_path = \"{MODULE}\"\n"),
+    );
+    stack.start_keyd_certd();
+    stack
+        .certd_client()
+        .import_cert("device-id", &format!("{leaf_pem}{}", ca.cert_pem()))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nscope_id = \"{}\"\n\
+         [provisioning.attestation]\nmethod = \"x509\"\nregistration_id = \"hsm-device\"\n\
+         identity_cert = \"device-id\"\nidentity_pk = \"device-id\"\n\
+         [[principal]]\nuid = 4321\nname = \"hostmodule1\"\nidtype = [\"module\"]\n",
+        emu.dps_endpoint(),
+        emu.id_scope()
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+
+    let device = stack.client().get_device_identity().await.unwrap();
+    let Identity::Aziot(spec) = &device else {
+        panic!("not aziot: {device:?}");
+    };
+    assert_eq!(spec.device_id, "hsm-device");
+    assert!(matches!(spec.auth, Some(AuthInfo::X509 { .. })));
+    assert!(emu
+        .control()
+        .requests()
+        .iter()
+        .any(|entry| entry.service == "dps"
+            && entry.auth == "x509"
+            && entry.auth_ok == Some(true)));
+    // Hub calls (module reconciliation) authenticate with the token key too.
+    eventually("reconciliation", Duration::from_secs(30), || {
+        emu.control()
+            .modules(None, "hsm-device")
+            .filter(|modules| modules.iter().any(|m| m["moduleId"] == "hostmodule1"))
+    })
+    .await;
+    assert!(emu
+        .control()
+        .requests()
+        .iter()
+        .any(|entry| entry.service == "hub"
+            && entry.auth == "x509"
+            && entry.auth_ok == Some(true)));
+}
