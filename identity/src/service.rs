@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine as _;
-use http_common::ClientError;
 use identity_api::{
     AuthInfo, AziotSpec, DraftAuth, DraftDeviceIdentity, Identity, KeyHandle, LocalSpec,
     ProvisioningInfo,
@@ -164,10 +163,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn is_not_found(error: &ClientError) -> bool {
-    error.is_not_found()
 }
 
 impl IdentityService {
@@ -1208,7 +1203,7 @@ impl IdentityService {
     pub async fn trust_bundle(&self) -> Result<String, IdentityError> {
         match self.certd.get_cert(&self.fixed.trust_bundle_cert).await {
             Ok(pem) => Ok(pem),
-            Err(error) if is_not_found(&error) => Ok(String::new()),
+            Err(error) if error.is_not_found() => Ok(String::new()),
             Err(error) => Err(IdentityError::certd("loading the trust bundle")(error)),
         }
     }
