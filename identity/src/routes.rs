@@ -22,7 +22,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/identities/device/reprovision"),
     ("GET", "/identities/provisioning"),
     ("GET, POST", "/identities/modules"),
-    ("GET, PUT, DELETE", "/identities/modules/{moduleId}"),
+    ("GET, PUT, DELETE", "/identities/modules/{m}"),
     ("GET", "/trust-bundle"),
 ];
 
@@ -128,6 +128,25 @@ impl http_common::Handler for Router {
         match self.dispatch(&request).await {
             Ok(response) => response,
             Err(error) => error_response(&error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every route in the table is documented in docs/identityd.md.
+    #[test]
+    fn every_route_is_documented() {
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/identityd.md"))
+                .expect("docs/identityd.md");
+        for (methods, path) in super::ROUTES {
+            for method in methods.split(", ") {
+                let documented = docs
+                    .lines()
+                    .any(|line| line.contains(&format!("`{method} {path}")));
+                assert!(documented, "{method} {path} is not in docs/identityd.md");
+            }
         }
     }
 }

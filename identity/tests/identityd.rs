@@ -1273,3 +1273,76 @@ fn invalid_configuration_exits_153_naming_file_and_key() {
     assert!(output.contains("0600"), "{output}");
     assert!(!output.contains("AAAA"), "{output}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principal_added_by_a_dropin_is_reconciled() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config.devices.push(cloud_emulator::DeviceSpec {
+            device_id: "reload-device".into(),
+            hub: None,
+            iot_edge: false,
+            authentication: cloud_emulator::DeviceAuthSpec::Sas {
+                primary_key: Some(key.clone()),
+                secondary_key: None,
+            },
+        });
+    })
+    .await;
+    let hub = emu.hub_hostname().to_owned();
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName={hub};DeviceId=reload-device;SharedAccessKey={key}\"\n"
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    stack.wait_for_device(Duration::from_secs(20)).await;
+    // Let the startup reconciliation finish (it records the empty principal list).
+    eventually("prev_state", Duration::from_secs(10), || {
+        stack
+            .identityd
+            .home()
+            .join("prev_state")
+            .exists()
+            .then_some(())
+    })
+    .await;
+    let has_module = |present: bool| {
+        emu.control()
+            .modules(None, "reload-device")
+            .filter(|modules| modules.iter().any(|m| m["moduleId"] == "hostmodule1") == present)
+    };
+    assert!(has_module(false).is_some());
+    let dropin = stack.identityd.config_dir().join("50-hostmodule1.toml");
+    std::fs::write(&dropin, MODULE_PRINCIPAL).unwrap();
+    eventually(
+        "module created after the reload",
+        Duration::from_secs(30),
+        || has_module(true),
+    )
+    .await;
+    let module = stack
+        .client()
+        .get_module("hostmodule1", "aziot")
+        .await
+        .unwrap();
+    let Some(AuthInfo::Sas { key_handle }) = &aziot(&module).auth else {
+        panic!("no auth");
+    };
+    assert_module_token_accepted(
+        &stack,
+        &emu,
+        &hub,
+        "reload-device",
+        "hostmodule1",
+        key_handle,
+    )
+    .await;
+    std::fs::remove_file(&dropin).unwrap();
+    eventually(
+        "module deleted after the reload",
+        Duration::from_secs(30),
+        || has_module(false),
+    )
+    .await;
+}
