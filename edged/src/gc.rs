@@ -1,0 +1,178 @@
+//! Image garbage collection: the ledger of images edged pulled or used
+//! (`<homedir>/gc/image_use`, lines `<image id> <unix seconds>`, rewritten atomically), and the
+//! periodic sweep that removes old, unused ledger images. Images edged never recorded are never
+//! touched.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::EdgedError;
+
+/// The image-use ledger.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    entries: Mutex<BTreeMap<String, i64>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Parses ledger text; malformed lines are skipped.
+pub fn parse_ledger(text: &str) -> BTreeMap<String, i64> {
+    text.lines()
+        .filter_map(|line| {
+            let (id, seconds) = line.trim().split_once(' ')?;
+            Some((id.to_owned(), seconds.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the folder.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let folder = path.parent().unwrap_or_else(|| Path::new("."));
+    let temporary = folder.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, path)?;
+    std::fs::File::open(folder)?.sync_all()
+}
+
+impl Ledger {
+    /// Opens (or starts) the ledger at `<homedir>/gc/image_use`.
+    pub fn open(homedir: &Path) -> Self {
+        let path = homedir.join("gc").join("image_use");
+        let entries = std::fs::read_to_string(&path)
+            .map(|text| parse_ledger(&text))
+            .unwrap_or_default();
+        Ledger {
+            path,
+            entries: Mutex::new(entries),
+        }
+    }
+
+    /// Records that `image_id` was used now.
+    pub fn record(&self, image_id: &str) {
+        if image_id.is_empty() {
+            return;
+        }
+        let text = {
+            let mut entries = lock(&self.entries);
+            entries.insert(image_id.to_owned(), crate::time::now_unix());
+            render(&entries)
+        };
+        if let Err(error) = write_atomically(&self.path, text.as_bytes()) {
+            log::warn!("could not write the image ledger: {error}");
+        }
+    }
+
+    /// Forgets `image_id`.
+    pub fn forget(&self, image_id: &str) {
+        let text = {
+            let mut entries = lock(&self.entries);
+            entries.remove(image_id);
+            render(&entries)
+        };
+        if let Err(error) = write_atomically(&self.path, text.as_bytes()) {
+            log::warn!("could not write the image ledger: {error}");
+        }
+    }
+
+    /// Images last used before `cutoff` (Unix seconds).
+    pub fn older_than(&self, cutoff: i64) -> Vec<String> {
+        lock(&self.entries)
+            .iter()
+            .filter(|(_, seconds)| **seconds < cutoff)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+fn render(entries: &BTreeMap<String, i64>) -> String {
+    entries
+        .iter()
+        .map(|(id, seconds)| format!("{id} {seconds}\n"))
+        .collect()
+}
+
+/// Seconds from now until the next local `minutes`-after-midnight.
+pub fn seconds_until_local(minutes: u32) -> u64 {
+    let now = crate::time::now_unix();
+    let offset = local_utc_offset(now);
+    let local_seconds_today = (now + offset).rem_euclid(86_400);
+    let target = i64::from(minutes) * 60;
+    let wait = (target - local_seconds_today).rem_euclid(86_400);
+    u64::try_from(wait).unwrap_or(0)
+}
+
+fn local_utc_offset(now: i64) -> i64 {
+    let time: libc::time_t = now;
+    // SAFETY: `tm` is plain data that localtime_r fully initializes on success; both pointers are
+    // valid for the duration of the call.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; localtime_r is the thread-safe variant.
+    let result = unsafe { libc::localtime_r(&time, &mut tm) };
+    if result.is_null() {
+        0
+    } else {
+        tm.tm_gmtoff
+    }
+}
+
+/// Ledger images to delete now: older than `threshold_secs`, not in `in_use`, not `keep`.
+pub fn sweep_candidates(
+    ledger: &Ledger,
+    threshold_secs: u64,
+    in_use: &[String],
+    keep: Option<&str>,
+) -> Vec<String> {
+    let cutoff = crate::time::now_unix() - i64::try_from(threshold_secs).unwrap_or(i64::MAX);
+    ledger
+        .older_than(cutoff)
+        .into_iter()
+        .filter(|id| !in_use.contains(id) && Some(id.as_str()) != keep)
+        .collect()
+}
+
+/// Makes sure the ledger folder exists.
+pub fn prepare(homedir: &Path) -> Result<(), EdgedError> {
+    std::fs::create_dir_all(homedir.join("gc"))
+        .map_err(|source| EdgedError::io("could not create the gc folder", source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_records_and_selects() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path());
+        ledger.record("sha256:a");
+        ledger.record("sha256:b");
+        let reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.older_than(i64::MAX).len(), 2);
+        assert!(sweep_candidates(&reopened, 3600, &[], None).is_empty());
+        // Entries recorded "now" are not older than a cutoff of now.
+        assert!(sweep_candidates(&reopened, 0, &[], None).is_empty());
+        reopened.forget("sha256:a");
+        assert_eq!(
+            Ledger::open(dir.path()).older_than(i64::MAX),
+            vec!["sha256:b".to_owned()]
+        );
+        assert_eq!(parse_ledger("x 1\nbad\ny two\nz 3\n").len(), 2);
+        assert!(seconds_until_local(0) <= 86_400);
+    }
+}
