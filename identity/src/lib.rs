@@ -14,6 +14,7 @@ pub mod cloud;
 pub mod config;
 pub mod error;
 mod handlers;
+pub mod local;
 pub mod routes;
 pub mod service;
 pub mod state;

@@ -1208,15 +1208,38 @@ impl IdentityService {
         }
     }
 
-    /// A fresh local identity (spec 4): not available in this build.
+    /// A fresh local identity (spec 4): a new RSA-2048 key and a certificate for
+    /// `CN=<module>.<hostname>.<domain>` issued by certd under the module's name.
     async fn local_identity(
         &self,
         module_id: &str,
-        _attributes: &str,
+        attributes: &str,
     ) -> Result<Identity, IdentityError> {
-        let _ = (&self.fixed.hostname, &self.fixed.localid_domain);
-        Err(IdentityError::Local(format!(
-            "local identities (requested for {module_id:?}) are not implemented by this build"
-        )))
+        let domain = self.fixed.localid_domain.as_deref().ok_or_else(|| {
+            IdentityError::BadRequest("local identities need [localid] domain".to_owned())
+        })?;
+        let common_name = format!("{module_id}.{}.{domain}", self.fixed.hostname);
+        let server = attributes == "server";
+        let request =
+            tokio::task::spawn_blocking(move || crate::local::request(&common_name, server))
+                .await
+                .map_err(|error| IdentityError::Local(error.to_string()))?
+                .map_err(IdentityError::Local)?;
+        let certificate = self
+            .certd
+            .create_cert(module_id, &request.csr_pem, None)
+            .await
+            .map_err(IdentityError::certd(format!(
+                "issuing the local identity certificate {module_id:?}"
+            )))?;
+        let expiration = crate::local::expiration(&certificate).map_err(IdentityError::Local)?;
+        Ok(Identity::Local(LocalSpec {
+            module_id: module_id.to_owned(),
+            auth: Some(identity_api::LocalAuth {
+                private_key: request.private_key_pem,
+                certificate,
+                expiration,
+            }),
+        }))
     }
 }

@@ -1346,3 +1346,123 @@ async fn principal_added_by_a_dropin_is_reconciled() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_identities_are_issued_by_certd() {
+    let ca = cloud_emulator::pki::TestCa::new("Local CA").unwrap();
+    let mut stack = Stack::new();
+    stack.add_key_pair("local-ca", &ca.ca.key);
+    stack.add_certd_config(
+        "[cert_issuance.local_ca]\ncert = \"local-ca\"\npk = \"local-ca\"\n\
+         [cert_issuance.localmod]\nmethod = \"local_ca\"\n\
+         [cert_issuance.adhoc]\nmethod = \"local_ca\"\n",
+    );
+    stack.start_keyd_certd();
+    stack
+        .certd_client()
+        .import_cert("local-ca", &ca.cert_pem())
+        .await
+        .unwrap();
+    stack.write_identityd_config(
+        "[provisioning]\nsource = \"none\"\n[localid]\ndomain = \"example.local\"\n\
+         [[principal]]\nuid = 65530\nname = \"localmod\"\nidtype = [\"local\"]\n\
+         localid = { type = \"x509\", attributes = \"server\" }\n",
+    );
+    let no_ca = stack.path("no-ca.pem");
+    stack.start_identityd(&no_ca);
+
+    let identity = stack
+        .client()
+        .get_module("localmod", "local")
+        .await
+        .unwrap();
+    let Identity::Local(spec) = &identity else {
+        panic!("not local: {identity:?}");
+    };
+    assert_eq!(spec.module_id, "localmod");
+    let auth = spec.auth.as_ref().unwrap();
+    let chain = openssl::x509::X509::stack_from_pem(auth.certificate.as_bytes()).unwrap();
+    let leaf = &chain[0];
+    let cn = leaf
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .unwrap()
+        .data()
+        .to_string()
+        .unwrap();
+    assert_eq!(cn, "localmod.testhost.example.local");
+    let key = openssl::pkey::PKey::private_key_from_pem(auth.private_key.as_bytes()).unwrap();
+    assert!(leaf.public_key().unwrap().public_eq(&key));
+    assert!(leaf.verify(&ca.ca.key).unwrap());
+    let text = String::from_utf8(leaf.to_text().unwrap()).unwrap();
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(
+        auth.expiration.ends_with('Z') && auth.expiration.len() == 20,
+        "{}",
+        auth.expiration
+    );
+    // Each call makes a fresh key.
+    let again = stack
+        .client()
+        .get_module("localmod", "local")
+        .await
+        .unwrap();
+    let Identity::Local(again) = again else {
+        panic!()
+    };
+    assert_ne!(again.auth.unwrap().private_key, auth.private_key);
+
+    // Ad-hoc local identities for names that are not local principals.
+    let (status, body, _) = stack
+        .request(
+            Method::POST,
+            "/identities/modules?api-version=2020-09-01",
+            r#"{"type":"local","moduleId":"adhoc","localIdOpts":{"type":"x509","attributes":"client"}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["type"], "local");
+    assert!(body["spec"]["auth"]["certificate"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    let (status, _, _) = stack
+        .request(
+            Method::POST,
+            "/identities/modules?api-version=2020-09-01",
+            r#"{"type":"local","moduleId":"localmod"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = stack
+        .request(
+            Method::GET,
+            "/identities/modules/adhoc?api-version=2020-09-01&type=local",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The principal itself gets its local identity from GET /identities/identity.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        &stack.identityd.socket,
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let socket = stack.identityd.socket.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        request_as(
+            65530,
+            &socket,
+            "GET",
+            "/identities/identity?api-version=2020-09-01",
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["type"], "local");
+    assert_eq!(body["spec"]["moduleId"], "localmod");
+}

@@ -179,6 +179,7 @@ pub struct Stack {
     pub identityd: Daemon,
     preloaded_keys: Vec<(String, PathBuf)>,
     keyd_extra: String,
+    certd_extra: String,
 }
 
 impl Stack {
@@ -214,6 +215,7 @@ impl Stack {
             identityd,
             preloaded_keys: Vec::new(),
             keyd_extra: String::new(),
+            certd_extra: String::new(),
         }
     }
 
@@ -239,6 +241,11 @@ impl Stack {
         self.keyd_extra.push_str(extra);
     }
 
+    /// Adds lines to certd's config (e.g. `[cert_issuance.*]` tables).
+    pub fn add_certd_config(&mut self, extra: &str) {
+        self.certd_extra.push_str(extra);
+    }
+
     /// Writes the keyd and certd configs and starts both.
     pub fn start_keyd_certd(&mut self) {
         let mut keyd_config = format!(
@@ -256,8 +263,9 @@ impl Stack {
         ));
         std::fs::write(self.keyd.config_file(), keyd_config).unwrap();
         let certd_config = format!(
-            "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+            "homedir_path = \"{}\"\n{}\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
             self.certd.home().display(),
+            self.certd_extra,
             self.certd.socket.display(),
             self.keyd.socket.display()
         );
