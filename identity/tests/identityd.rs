@@ -518,9 +518,17 @@ async fn manual_x509_with_the_key_in_keyd() {
         .unwrap();
     stack.write_identityd_config(&format!(
         "[provisioning]\nsource = \"manual\"\niothub_hostname = \"{hub}\"\ndevice_id = \"manual-x509\"\n\
-         [provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"device-id\"\nidentity_pk = \"device-id\"\n"
+         [provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"device-id\"\nidentity_pk = \"device-id\"\n",
+    ).replace(
+        "[provisioning]",
+        &format!(
+            "cloud_trusted_certs = [\"file://{}\"]\n[provisioning]",
+            emu.ca_cert_path().display()
+        ),
     ));
-    stack.start_identityd(emu.ca_cert_path());
+    // The emulator's CA comes from cloud_trusted_certs here, not SSL_CERT_FILE.
+    stack.identityd.env.clear();
+    stack.identityd.spawn();
     let device = stack.client().get_device_identity().await.unwrap();
     assert_eq!(aziot(&device).device_id, "manual-x509");
     let info = stack.client().get_provisioning_info().await.unwrap();
