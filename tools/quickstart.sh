@@ -1,26 +1,79 @@
 #!/usr/bin/env bash
-# Runs the whole stack on a default configuration in ./.run (no root, no systemd):
-# keyd with file-backed keys and certd issuing through keyd, each on its own Unix socket.
+# Runs the whole stack on a default configuration in ./.run, without root and without systemd:
+#   - the cloud emulator (DPS + IoT Hub on loopback HTTPS) with an enrollment for this device,
+#   - keyd with file-backed keys (the enrollment key preloaded as `device-id`),
+#   - certd issuing through keyd,
+#   - identityd, which provisions the device through the emulator's DPS.
 # Prints where the sockets are and commands to try, then serves until Ctrl-C.
 #
-# Usage: tools/quickstart.sh [--detach]   (--detach: start in the background and return)
+# Usage: tools/quickstart.sh [--detach] [--no-build]
+#   --detach     start everything in the background and return (stop: kill $(cat .run/*.pid))
+#   --no-build   use already-built binaries (QUICKSTART_BIN_DIR, default target/debug)
+# Env:   QUICKSTART_DIR (default ./.run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root="$PWD/.run"
-detach=0; [ "${1:-}" = "--detach" ] && detach=1
+root="${QUICKSTART_DIR:-$PWD/.run}"
+bin="${QUICKSTART_BIN_DIR:-$PWD/target/debug}"
+detach=0; build=1
+for argument in "$@"; do
+  case "$argument" in
+    --detach) detach=1 ;;
+    --no-build) build=0 ;;
+    *) echo "unknown argument $argument" >&2; exit 2 ;;
+  esac
+done
 
-cargo build -q -p keyd -p certd
-mkdir -p "$root"/{keyd/config.d,certd/config.d,state/keyd,state/certd,sockets,logs}
-chmod 0700 "$root/state/keyd" "$root/state/certd"
+[ "$build" = 1 ] && cargo build -q -p keyd -p certd -p identityd -p cloud-emulator
 
+# Stop what a previous run left behind, then start from a clean state.
+for pidfile in "$root"/*.pid; do
+  [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+done
+rm -rf "$root"/{keyd,certd,identityd,state,sockets,logs,emulator,secrets}
+mkdir -p "$root"/{keyd/config.d,certd/config.d,identityd/config.d,state,sockets,logs,emulator,secrets}
+chmod 0700 "$root/state" "$root/secrets"
+uid="$(id -u)"
+
+pids=()
+stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -f "$root"/*.pid; }
+fail() { echo "$1" >&2; [ -n "${2:-}" ] && cat "$2" >&2; stop; exit 1; }
+
+# 1. The cloud emulator, with an individual symmetric-key enrollment for this device.
+registration_id="quickstart-device"
+enrollment_key="$(head -c 32 /dev/urandom | base64)"
+cat > "$root/emulator/config.toml" <<TOML
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+ca_cert_path = "$root/emulator/ca.pem"
+id_scope = "0ne0000QS01"
+assigning_polls = 0
+
+[[individual_enrollment]]
+registration_id = "$registration_id"
+attestation = { type = "symmetric_key", primary_key = "$enrollment_key" }
+TOML
+"$bin/cloud-emulator" --config "$root/emulator/config.toml" >"$root/emulator/ready.json" 2>"$root/logs/emulator.log" &
+pids+=($!); echo "$!" > "$root/emulator.pid"
+for _ in $(seq 200); do [ -s "$root/emulator/ready.json" ] && break; sleep 0.05; done
+[ -s "$root/emulator/ready.json" ] || fail "the cloud emulator did not start:" "$root/logs/emulator.log"
+field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" "$root/emulator/ready.json"; }
+dps_endpoint="$(field dps_endpoint)"; id_scope="$(field id_scope)"; hub="$(field hub_hostname)"
+
+# 2. keyd: file keys; the enrollment key is preloaded as device-id (raw bytes, 0600).
+echo "$enrollment_key" | base64 -d > "$root/secrets/device-id"
+chmod 0600 "$root/secrets/device-id"
 cat > "$root/keyd/config.toml" <<TOML
 [aziot_keys]
 homedir_path = "$root/state/keyd"
+
+[preloaded_keys]
+device-id = "file://$root/secrets/device-id"
 
 [endpoints]
 aziot_keyd = "unix://$root/sockets/keyd.sock"
 TOML
 
+# 3. certd: issues through keyd; one self-signed example cert.
 cat > "$root/certd/config.toml" <<TOML
 homedir_path = "$root/state/certd"
 
@@ -33,36 +86,76 @@ aziot_certd = "unix://$root/sockets/certd.sock"
 aziot_keyd = "unix://$root/sockets/keyd.sock"
 TOML
 
-pids=()
-stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-start() { # name binary
-  AZIOT_LOG="${AZIOT_LOG:-info}" "target/debug/$2" --config "$root/$1/config.toml" --config-dir "$root/$1/config.d" \
-    >"$root/logs/$1.log" 2>&1 &
-  pids+=($!); echo "$!" > "$root/$1.pid"
+# 4. identityd: DPS with the symmetric key held in keyd.
+cat > "$root/identityd/config.toml" <<TOML
+hostname = "quickstart"
+homedir = "$root/state/identityd"
+
+[provisioning]
+source = "dps"
+global_endpoint = "$dps_endpoint"
+scope_id = "$id_scope"
+
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "$registration_id"
+symmetric_key = "device-id"
+
+[endpoints]
+aziot_identityd = "unix://$root/sockets/identityd.sock"
+aziot_keyd = "unix://$root/sockets/keyd.sock"
+aziot_certd = "unix://$root/sockets/certd.sock"
+TOML
+if [ "$uid" != 0 ]; then
+  # Not root: the daemons run as this user, so grant it what the packages would grant the
+  # service users, and make it a host process with device and module rights.
+  printf '[[principal]]\nuid = %s\nkeys = ["*"]\n' "$uid" > "$root/keyd/config.d/50-quickstart.toml"
+  printf '[[principal]]\nuid = %s\ncerts = ["*"]\n' "$uid" > "$root/certd/config.d/50-quickstart.toml"
+  printf '[[principal]]\nuid = %s\nname = "quickstart"\nidtype = ["device", "module"]\n' "$uid" \
+    > "$root/identityd/config.d/50-quickstart.toml"
+fi
+chmod 0600 "$root"/*/config.toml "$root"/*/config.d/*.toml 2>/dev/null || true
+
+start() { # name [env...]
+  local name="$1"; shift
+  env "$@" AZIOT_LOG="${AZIOT_LOG:-info}" "$bin/$name" --config "$root/$name/config.toml" \
+    --config-dir "$root/$name/config.d" >"$root/logs/$name.log" 2>&1 &
+  pids+=($!); echo "$!" > "$root/$name.pid"
   for _ in $(seq 300); do
-    [ -S "$root/sockets/$1.sock" ] && return 0
-    kill -0 "${pids[-1]}" 2>/dev/null || { echo "$1 failed to start:" >&2; cat "$root/logs/$1.log" >&2; stop; exit 1; }
+    [ -S "$root/sockets/$name.sock" ] && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || fail "$name failed to start:" "$root/logs/$name.log"
     sleep 0.05
   done
-  echo "$1 did not open its socket" >&2; stop; exit 1
+  fail "$name did not open its socket" "$root/logs/$name.log"
 }
+start keyd
+start certd
+start identityd SSL_CERT_FILE="$root/emulator/ca.pem"
 
-for name in keyd certd; do
-  [ -f "$root/$name.pid" ] && kill "$(cat "$root/$name.pid")" 2>/dev/null || true
+# Wait for provisioning (identityd answers 503 until DPS has assigned the device).
+provisioned=""
+for _ in $(seq 200); do
+  provisioned="$(curl -sf --unix-socket "$root/sockets/identityd.sock" \
+    'http://identityd/identities/provisioning?api-version=2021-12-01' >/dev/null &&
+    curl -sf --unix-socket "$root/sockets/identityd.sock" -H 'content-type: application/json' \
+    -X POST 'http://identityd/identities/device?api-version=2020-09-01' -d '{"type":"aziot"}' || true)"
+  [ -n "$provisioned" ] && break
+  sleep 0.1
 done
-start keyd keyd
-start certd certd
+[ -n "$provisioned" ] || fail "identityd did not provision through the emulator:" "$root/logs/identityd.log"
 
 cat <<TEXT
-The stack is running (logs in $root/logs):
-  keyd   unix://$root/sockets/keyd.sock
-  certd  unix://$root/sockets/certd.sock
+The stack is running (configs and logs in $root):
+  cloud emulator  DPS $dps_endpoint  hub $hub (CA: $root/emulator/ca.pem)
+  keyd            unix://$root/sockets/keyd.sock
+  certd           unix://$root/sockets/certd.sock
+  identityd       unix://$root/sockets/identityd.sock  (device provisioned through DPS)
 
 Try:
+  curl -s --unix-socket $root/sockets/identityd.sock -H 'content-type: application/json' \\
+    -X POST 'http://identityd/identities/device?api-version=2020-09-01' -d '{"type":"aziot"}'
   curl -s --unix-socket $root/sockets/keyd.sock -H 'content-type: application/json' \\
     -X POST 'http://keyd/keypair?api-version=2020-09-01' -d '{"keyId":"demo","preferredAlgorithms":"ec-p256"}'
-  curl -s --unix-socket $root/sockets/keyd.sock -H 'content-type: application/json' \\
-    -X POST 'http://keyd/keystore/key' -d '{"keyid":"demo-hmac"}'
   curl -s --unix-socket $root/sockets/certd.sock -H 'content-type: application/json' \\
     -X POST 'http://certd/certstore/cert' -d '{"certid":"device-ca"}'
 TEXT
@@ -71,6 +164,6 @@ if [ "$detach" = 1 ]; then
   echo "Detached. Stop with: kill \$(cat $root/*.pid)"
   exit 0
 fi
-trap 'echo; echo stopping; stop; rm -f "$root"/*.pid' INT TERM
+trap 'echo; echo stopping; stop' INT TERM
 echo "Press Ctrl-C to stop."
 wait
