@@ -62,11 +62,7 @@ fn write_error(path: &Path, source: std::io::Error) -> IdentityError {
 
 /// The cache file name of a module: alphanumerics of the ID, `-`, hex SHA-256 of the ID.
 fn module_file_name(module_id: &str) -> String {
-    let readable: String = module_id
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .collect();
-    format!("{readable}-{}", sha256_hex(module_id.as_bytes()))
+    config_common::files::reference_file_name(module_id, "")
 }
 
 impl StateStore {

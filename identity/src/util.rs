@@ -1,7 +1,5 @@
 //! Small helpers shared by the modules: hashing, host names, atomic file writes.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
 /// Lowercase hex.
@@ -65,42 +63,21 @@ pub fn valid_renewal_policy(value: &str) -> bool {
 }
 
 /// Writes `contents` to `path` atomically (temp file in the same folder, fsync, rename, fsync
-/// of the folder), mode 0600.
+/// of the folder), mode 0600 — config-common's one implementation.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let directory = path
         .parent()
         .ok_or_else(|| std::io::Error::other("path has no parent folder"))?;
     let file_name = path
         .file_name()
-        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let mut temporary_name = std::ffi::OsString::from(".");
-    temporary_name.push(file_name);
-    temporary_name.push(format!(".tmp{}", std::process::id()));
-    let temporary = directory.join(temporary_name);
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&temporary, path)?;
-        std::fs::File::open(directory)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    result
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| std::io::Error::other("path has no UTF-8 file name"))?;
+    config_common::files::write_atomic(directory, file_name, contents)
 }
 
 /// Creates `path` (and parents) as a 0700 folder.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+    config_common::files::create_private_dir(path)
 }
 
 /// Seconds since the Unix epoch.
@@ -152,6 +129,7 @@ mod tests {
 
     #[test]
     fn atomic_writes_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         write_atomic(&path, b"one").unwrap();
