@@ -3,7 +3,8 @@
 # binaries on temporary sockets), SoftHSM2-backed PKCS#11 tests and the cloud emulator tests.
 #
 # Installs the system packages the tests need when they are missing and we are root (softhsm2,
-# opensc for pkcs11-tool, python3 for the other-uid client in keyd's tests, curl).
+# opensc for pkcs11-tool, python3 for the other-uid client in keyd's tests, curl,
+# busybox-static for edged's test image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,8 @@ command -v python3 >/dev/null || needed+=(python3)
 command -v curl >/dev/null || needed+=(curl)
 command -v pkg-config >/dev/null || needed+=(pkg-config)
 [ -e /usr/include/openssl/ssl.h ] || needed+=(libssl-dev)
+# edged's Docker tests build a FROM-scratch image around Debian's static busybox.
+[ -x /bin/busybox ] || needed+=(busybox-static)
 if [ ${#needed[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${needed[*]}" >&2

@@ -318,6 +318,15 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         lock(&self.listeners).clear();
     }
 
+    /// Makes sure module `name` has a workload socket listener. A live one is kept: a running
+    /// container's bind mount pins the socket's inode, so re-creating it would cut the module off.
+    pub fn ensure_listener(self: &Arc<Self>, name: &str) -> Result<(), EdgedError> {
+        if self.has_listener(name) && self.module_socket(name).exists() {
+            return Ok(());
+        }
+        self.start_listener(name)
+    }
+
     /// (Re)creates module `name`'s workload socket listener.
     pub fn start_listener(self: &Arc<Self>, name: &str) -> Result<(), EdgedError> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -494,7 +503,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         let id = self.runtime.create(spec).await?;
         self.record_image(&spec.config.settings.image).await;
         if start {
-            if let Err(error) = self.start_listener(&spec.name) {
+            if let Err(error) = self.ensure_listener(&spec.name) {
                 log::error!(
                     "module {}: {}",
                     spec.name,
@@ -559,7 +568,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         let _ordered = module_lock.lock().await;
         // Make sure the module exists before binding a socket for it.
         self.runtime.get(name).await?;
-        self.start_listener(name)?;
+        self.ensure_listener(name)?;
         self.runtime.start(name).await
     }
 
@@ -577,9 +586,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         let module_lock = self.module_lock(name);
         let _ordered = module_lock.lock().await;
         self.runtime.get(name).await?;
-        if !self.has_listener(name) {
-            self.start_listener(name)?;
-        }
+        self.ensure_listener(name)?;
         self.runtime.restart(name).await
     }
 

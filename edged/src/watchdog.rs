@@ -183,7 +183,7 @@ async fn create_agent<R: ModuleRuntime, I: IdentityClient>(
             },
         }
     }
-    edged.start_listener(&spec.name)?;
+    edged.ensure_listener(&spec.name)?;
     edged.runtime.create(&spec).await?;
     if let Ok(Some(id)) = edged.runtime.image_id(&spec.config.settings.image).await {
         edged.ledger.record(&id);
@@ -223,7 +223,7 @@ pub async fn check_agent<R: ModuleRuntime, I: IdentityClient>(
             create_agent(edged).await?;
         }
     }
-    edged.start_listener(&name)?;
+    edged.ensure_listener(&name)?;
     edged.runtime.start(&name).await?;
     log::info!("started the agent {name}");
     Ok(())

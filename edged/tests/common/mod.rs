@@ -1,0 +1,738 @@
+//! Test harness: the real keyd and certd binaries, an in-process fake identityd (module keys are
+//! real keyd derived keys, so signatures can be checked by exporting them), the real edged
+//! binary, and the real Docker engine with a locally built `FROM scratch` image holding Debian's
+//! static busybox and a static Unix-socket HTTP client (`tests/support/uds_client.rs`).
+//!
+//! Everything a test creates in Docker (image, containers, network) is named with a unique
+//! suffix and removed on drop. Docker scenarios take [`docker_lock`]: edged treats every
+//! container with the owner label as its module, so two edged instances must not run at once.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::{Method, StatusCode};
+use http_common::{json_response, Request, Response};
+use key_api::KeyHandle;
+
+/// The hub and device the fake identityd reports.
+pub const HUB: &str = "edged-test-hub.example.net";
+/// The device ID the fake identityd reports.
+pub const DEVICE: &str = "edged-test-device";
+/// The api-version the tests send.
+pub const V: &str = "api-version=2022-08-03";
+
+/// Serializes Docker scenarios within this test binary.
+pub fn docker_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn sibling_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_edged")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "the {name} binary is missing at {}: run `cargo build -p keyd -p certd` first \
+         (`cargo test --workspace` builds it)",
+        path.display()
+    );
+    path
+}
+
+/// One daemon process with its log file.
+pub struct Daemon {
+    name: &'static str,
+    binary: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub config_dir: PathBuf,
+    pub log: PathBuf,
+    env_file: &'static str,
+    env_dir: &'static str,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(
+        name: &'static str,
+        binary: PathBuf,
+        root: &Path,
+        socket: PathBuf,
+        env: (&'static str, &'static str),
+    ) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("config.d")).unwrap();
+        Daemon {
+            name,
+            binary,
+            socket,
+            config: dir.join("config.toml"),
+            config_dir: dir.join("config.d"),
+            log: dir.join("log"),
+            env_file: env.0,
+            env_dir: env.1,
+            child: None,
+        }
+    }
+
+    /// Starts the daemon and waits until its socket accepts connections.
+    pub fn spawn(&mut self, timeout: Duration) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new(&self.binary)
+            .env(self.env_file, &self.config)
+            .env(self.env_dir, &self.config_dir)
+            .env("AZIOT_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{} exited early with {status}:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// Sends SIGTERM and waits; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on the pid of a child we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the docker CLI; returns (success, stdout, stderr).
+pub fn docker(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the docker CLI must be installed");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Builds (once per call) the static Unix-socket client with rustc.
+fn build_uds_client(out: &Path) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/uds_client.rs");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let output = Command::new(rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "-o",
+        ])
+        .arg(out)
+        .arg(&source)
+        .output()
+        .expect("rustc must be available to build the static test client");
+    assert!(
+        output.status.success(),
+        "building the static test client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A test image: `FROM scratch`, busybox, the static client. Removed on drop.
+pub struct TestImage {
+    pub tag: String,
+}
+
+impl TestImage {
+    pub fn build(suffix: &str, dir: &Path) -> Self {
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "/bin/busybox is missing: apt-get install busybox-static (tools/test.sh does this)"
+        );
+        let context = dir.join("image");
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::copy(busybox, context.join("busybox")).unwrap();
+        build_uds_client(&context.join("uds-client"));
+        std::fs::write(
+            context.join("Dockerfile"),
+            "FROM scratch\nCOPY busybox /bin/busybox\nCOPY uds-client /bin/uds-client\n\
+             RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+        )
+        .unwrap();
+        let tag = format!("edged-test-image:{suffix}");
+        let (ok, _, stderr) = docker(&["build", "-q", "-t", &tag, context.to_str().unwrap()]);
+        assert!(ok, "docker build failed: {stderr}");
+        TestImage { tag }
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "-f", &self.tag]);
+    }
+}
+
+/// The fake identityd: device and module identities in memory, module keys derived in keyd.
+pub struct FakeIdentityd {
+    keyd: key_api::Client,
+    master: KeyHandle,
+    modules: Mutex<BTreeMap<String, String>>,
+    counter: std::sync::atomic::AtomicU64,
+    pub calls: Mutex<Vec<String>>,
+}
+
+impl FakeIdentityd {
+    fn new_gen_id(&self) -> String {
+        let count = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("gen-{count}-{}", std::process::id())
+    }
+
+    /// The generation ID of a module, if it exists.
+    pub fn gen_id(&self, module: &str) -> Option<String> {
+        self.modules.lock().unwrap().get(module).cloned()
+    }
+
+    async fn derived(&self, module: &str, gen_id: &str) -> KeyHandle {
+        self.keyd
+            .create_derived_key(&self.master, format!("{module}:{gen_id}").as_bytes())
+            .await
+            .unwrap()
+    }
+
+    /// The module's SAS key bytes (exported from keyd).
+    pub async fn module_key(&self, module: &str) -> Vec<u8> {
+        let gen_id = self.gen_id(module).expect("module identity exists");
+        let handle = self.derived(module, &gen_id).await;
+        self.keyd.export_derived_key(&handle).await.unwrap()
+    }
+
+    async fn identity(&self, module: &str, gen_id: &str) -> serde_json::Value {
+        let handle = self.derived(module, gen_id).await;
+        serde_json::json!({"type": "aziot", "spec": {"hubName": HUB, "gatewayHost": HUB,
+            "deviceId": DEVICE, "moduleId": module, "genId": gen_id,
+            "auth": {"type": "sas", "keyHandle": handle.0}}})
+    }
+
+    async fn answer(&self, request: &Request) -> Response {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", request.method, request.path));
+        let not_found = || {
+            json_response(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"message": "not found"}),
+            )
+        };
+        match (&request.method, request.path.as_str()) {
+            (&Method::POST, "/identities/device") => json_response(
+                StatusCode::OK,
+                &serde_json::json!({"type": "aziot", "spec": {"hubName": HUB, "gatewayHost": HUB,
+                    "deviceId": DEVICE, "auth": {"type": "sas", "keyHandle": self.master.0}}}),
+            ),
+            (&Method::POST, "/identities/device/reprovision") => {
+                http_common::empty_response(StatusCode::NO_CONTENT)
+            }
+            (&Method::GET, "/identities/modules") => {
+                let modules = self.modules.lock().unwrap().clone();
+                let identities: Vec<serde_json::Value> = modules
+                    .iter()
+                    .map(|(module, gen_id)| {
+                        serde_json::json!({"type": "aziot", "spec": {"hubName": HUB,
+                            "gatewayHost": HUB, "deviceId": DEVICE, "moduleId": module,
+                            "genId": gen_id}})
+                    })
+                    .collect();
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({ "identities": identities }),
+                )
+            }
+            (&Method::POST, "/identities/modules") => {
+                let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+                let module = body["moduleId"].as_str().unwrap().to_owned();
+                let gen_id = self.new_gen_id();
+                self.modules
+                    .lock()
+                    .unwrap()
+                    .insert(module.clone(), gen_id.clone());
+                json_response(StatusCode::OK, &self.identity(&module, &gen_id).await)
+            }
+            (method, path) if path.starts_with("/identities/modules/") => {
+                let module =
+                    percent_encoding::percent_decode_str(&path["/identities/modules/".len()..])
+                        .decode_utf8()
+                        .unwrap()
+                        .into_owned();
+                let existing = self.gen_id(&module);
+                match *method {
+                    Method::GET => match existing {
+                        Some(gen_id) => {
+                            json_response(StatusCode::OK, &self.identity(&module, &gen_id).await)
+                        }
+                        None => not_found(),
+                    },
+                    Method::PUT => {
+                        let gen_id = existing.unwrap_or_else(|| {
+                            let gen_id = self.new_gen_id();
+                            self.modules
+                                .lock()
+                                .unwrap()
+                                .insert(module.clone(), gen_id.clone());
+                            gen_id
+                        });
+                        json_response(StatusCode::OK, &self.identity(&module, &gen_id).await)
+                    }
+                    Method::DELETE => {
+                        self.modules.lock().unwrap().remove(&module);
+                        http_common::empty_response(StatusCode::NO_CONTENT)
+                    }
+                    _ => not_found(),
+                }
+            }
+            _ => not_found(),
+        }
+    }
+}
+
+struct FakeRouter(Arc<FakeIdentityd>);
+
+impl http_common::Handler for FakeRouter {
+    async fn handle(&self, request: Request) -> Response {
+        self.0.answer(&request).await
+    }
+}
+
+/// keyd + certd + fake identityd + edged, with a test image and unique names.
+pub struct Harness {
+    pub root: tempfile::TempDir,
+    pub suffix: String,
+    pub runtime: tokio::runtime::Runtime,
+    pub keyd: Daemon,
+    pub certd: Daemon,
+    pub edged: Daemon,
+    pub identity: Arc<FakeIdentityd>,
+    pub image: TestImage,
+    pub agent: String,
+    pub network: String,
+    pub homedir: PathBuf,
+    pub mgmt: PathBuf,
+    pub workload: PathBuf,
+    identity_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The agent's command: exits promptly on SIGTERM.
+pub const LOOP_COMMAND: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
+
+impl Harness {
+    /// Starts keyd, certd and the fake identityd, builds the image and writes edged's config;
+    /// edged itself is started with [`Harness::start_edged`].
+    pub fn new() -> Self {
+        let suffix = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let root = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(root.path()).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let image = TestImage::build(&suffix, &base);
+
+        let mut keyd = Daemon::new(
+            "keyd",
+            sibling_binary("keyd"),
+            &base,
+            base.join("keyd.sock"),
+            ("AZIOT_KEYD_CONFIG", "AZIOT_KEYD_CONFIG_DIR"),
+        );
+        std::fs::write(
+            &keyd.config,
+            format!(
+                "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
+                base.join("keyd-home").display(),
+                keyd.socket.display()
+            ),
+        )
+        .unwrap();
+        keyd.spawn(Duration::from_secs(30));
+        let mut certd = Daemon::new(
+            "certd",
+            sibling_binary("certd"),
+            &base,
+            base.join("certd.sock"),
+            ("AZIOT_CERTD_CONFIG", "AZIOT_CERTD_CONFIG_DIR"),
+        );
+        std::fs::write(
+            &certd.config,
+            format!(
+                "homedir_path = \"{}\"\n\
+                 [cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
+                 [preloaded_certs]\naziot-edged-trust-bundle = [\"aziot-edged-ca\"]\n\
+                 [endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+                base.join("certd-home").display(),
+                certd.socket.display(),
+                keyd.socket.display()
+            ),
+        )
+        .unwrap();
+        certd.spawn(Duration::from_secs(30));
+
+        let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
+        let master = runtime
+            .block_on(
+                keyd_client.create_key_if_not_exists("edged-test-identity-master", "derive,sign"),
+            )
+            .unwrap();
+        let identity = Arc::new(FakeIdentityd {
+            keyd: keyd_client,
+            master,
+            modules: Mutex::new(BTreeMap::new()),
+            counter: std::sync::atomic::AtomicU64::new(1),
+            calls: Mutex::new(Vec::new()),
+        });
+        let identity_socket = base.join("identityd.sock");
+        let listener = {
+            let _guard = runtime.enter();
+            http_common::listener::listen(
+                &http_common::listener::ListenerUri::Unix(identity_socket.clone()),
+                &http_common::listener::SystemdFds::default(),
+                None,
+                0o660,
+            )
+            .unwrap()
+        };
+        let (identity_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        runtime.spawn(http_common::serve(
+            listener,
+            Arc::new(FakeRouter(Arc::clone(&identity))),
+            http_common::ServerOptions::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        let agent = format!("edged-test-agent-{suffix}");
+        let network = format!("edged-test-net-{suffix}");
+        let homedir = base.join("edged-home");
+        let mgmt = base.join("mgmt.sock");
+        let workload = base.join("workload.sock");
+        let edged = Daemon::new(
+            "edged",
+            PathBuf::from(env!("CARGO_BIN_EXE_edged")),
+            &base,
+            mgmt.clone(),
+            ("AZIOT_EDGED_CONFIG", "AZIOT_EDGED_CONFIG_DIR"),
+        );
+        let config = format!(
+            r#"hostname = "edged-test-host"
+homedir = "{homedir}"
+[agent]
+name = "{agent}"
+type = "docker"
+imagePullPolicy = "never"
+[agent.config]
+image = "{image}"
+createOptions = {{ Cmd = ["/bin/sh", "-c", "{command}"] }}
+[agent.env]
+RuntimeLogLevel = "debug"
+[connect]
+workload_uri = "unix://{workload}"
+management_uri = "unix://{mgmt}"
+[listen]
+workload_uri = "unix://{workload}"
+management_uri = "unix://{mgmt}"
+[moby_runtime]
+uri = "unix:///var/run/docker.sock"
+network = "{network}"
+[image_garbage_collection]
+enabled = false
+[endpoints]
+aziot_keyd_url = "unix://{keyd}"
+aziot_certd_url = "unix://{certd}"
+aziot_identityd_url = "unix://{identityd}"
+"#,
+            homedir = homedir.display(),
+            image = image.tag,
+            command = LOOP_COMMAND,
+            workload = workload.display(),
+            mgmt = mgmt.display(),
+            keyd = keyd.socket.display(),
+            certd = certd.socket.display(),
+            identityd = identity_socket.display(),
+        );
+        std::fs::write(&edged.config, config).unwrap();
+        Harness {
+            root,
+            suffix,
+            runtime,
+            keyd,
+            certd,
+            edged,
+            identity,
+            image,
+            agent,
+            network,
+            homedir,
+            mgmt,
+            workload,
+            identity_stop: Some(identity_stop),
+        }
+    }
+
+    /// Starts edged and waits for its management socket.
+    pub fn start_edged(&mut self) {
+        let _ = std::fs::remove_file(&self.mgmt);
+        self.edged.spawn(Duration::from_secs(60));
+    }
+
+    /// A unique module name.
+    pub fn module_name(&self, base: &str) -> String {
+        format!("edged-test-{base}-{}", self.suffix)
+    }
+
+    /// A raw request from the test process (a host pid) to a socket: status and body bytes.
+    pub fn call_raw(
+        &self,
+        socket: &Path,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, Vec<u8>) {
+        let client = http_common::UdsClient::new(socket);
+        let headers: &[(&str, &str)] = if body.is_empty() {
+            &[]
+        } else {
+            &[("content-type", "application/json")]
+        };
+        let response = self
+            .runtime
+            .block_on(client.send(method, path, headers, body.to_owned().into()))
+            .unwrap();
+        (response.status, response.body.to_vec())
+    }
+
+    /// A JSON request from the test process to the management socket.
+    pub fn mgmt(&self, method: Method, path: &str, body: &str) -> (StatusCode, serde_json::Value) {
+        let (status, bytes) = self.call_raw(&self.mgmt, method, path, body);
+        (status, parse_json(&bytes))
+    }
+
+    /// A request made by a process inside `container` (docker exec of the static client).
+    pub fn exec_call(
+        &self,
+        container: &str,
+        socket: &str,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let (ok, stdout, stderr) = docker(&[
+            "exec",
+            container,
+            "/bin/uds-client",
+            socket,
+            method,
+            path,
+            body,
+        ]);
+        assert!(ok, "docker exec in {container} failed: {stderr}");
+        let (status, bytes) = parse_http(stdout.as_bytes());
+        (status, parse_json(&bytes))
+    }
+
+    /// Docker's state of a container (`running`, `exited`, ...), `None` when absent.
+    pub fn container_state(&self, name: &str) -> Option<String> {
+        let (ok, stdout, _) = docker(&["inspect", "-f", "{{.State.Status}}", name]);
+        ok.then(|| stdout.trim().to_owned())
+    }
+
+    /// The container ID.
+    pub fn container_id(&self, name: &str) -> Option<String> {
+        let (ok, stdout, _) = docker(&["inspect", "-f", "{{.Id}}", name]);
+        ok.then(|| stdout.trim().to_owned())
+    }
+
+    /// Waits until `predicate` holds or panics with the edged log.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut predicate: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !predicate() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nedged log:\n{}",
+                self.edged.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// keyd's client.
+    pub fn keyd_client(&self) -> key_api::Client {
+        key_api::Client::new(http_common::UdsClient::new(&self.keyd.socket))
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.edged.stop();
+        if let Some(stop) = self.identity_stop.take() {
+            let _ = stop.send(());
+        }
+        // Every container made from the test image (agent and modules), then the network.
+        let (_, ids, _) = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("ancestor={}", self.image.tag),
+        ]);
+        for id in ids.split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        let _ = docker(&["rm", "-f", &self.agent]);
+        let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+/// Splits a raw HTTP/1.1 response into status and (de-chunked) body.
+pub fn parse_http(raw: &[u8]) -> (u16, Vec<u8>) {
+    let split = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = body.as_slice();
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..line_end]).trim(), 16)
+                .unwrap();
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
+/// Parses a JSON body (Null when empty).
+pub fn parse_json(bytes: &[u8]) -> serde_json::Value {
+    if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(bytes)
+            .unwrap_or_else(|_| panic!("body is not JSON: {:?}", String::from_utf8_lossy(bytes)))
+    }
+}
+
+/// Demultiplexes Docker's framed log stream: (stream type, payload) pairs.
+pub fn log_frames(mut bytes: &[u8]) -> Vec<(u8, String)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 8 {
+        let kind = bytes[0];
+        assert_eq!(&bytes[1..4], &[0, 0, 0], "bad frame header");
+        let length = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        frames.push((
+            kind,
+            String::from_utf8_lossy(&bytes[8..8 + length]).into_owned(),
+        ));
+        bytes = &bytes[8 + length..];
+    }
+    assert!(bytes.is_empty(), "trailing bytes after the last frame");
+    frames
+}
+
+/// Standard base64.
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Standard base64 decoding.
+pub fn unb64(text: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
+}
+
+/// HMAC-SHA256 with OpenSSL (independent of keyd and edged).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let key = openssl::pkey::PKey::hmac(key).unwrap();
+    let mut signer =
+        openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &key).unwrap();
+    signer.update(data).unwrap();
+    signer.sign_to_vec().unwrap()
+}

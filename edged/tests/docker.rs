@@ -1,0 +1,546 @@
+//! Black-box tests against the real Docker engine: the real edged binary with the real keyd and
+//! certd binaries and an in-process fake identityd (module keys derived in keyd). Module
+//! processes call their per-module workload socket through `docker exec` of a static client, so
+//! edged sees caller pids inside the containers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{b64, docker, hmac_sha256, log_frames, parse_json, unb64, Harness, LOOP_COMMAND, V};
+use http::{Method, StatusCode};
+use openssl::x509::X509;
+
+/// A module spec for the test image: prints a greeting, then loops until SIGTERM.
+fn module_spec(harness: &Harness, name: &str, greeting: &str) -> String {
+    serde_json::json!({
+        "name": name,
+        "type": "docker",
+        "imagePullPolicy": "never",
+        "config": {
+            "settings": {
+                "image": harness.image.tag,
+                "createOptions": {
+                    "Cmd": ["/bin/sh", "-c", format!("echo hello from $GREETING; echo oops >&2; {LOOP_COMMAND}")],
+                    "Env": ["FROM_OPTIONS=1"],
+                    "Labels": {"test.label": "x"},
+                    "HostConfig": {"Binds": [format!("{}/mnt/{name}.sock:/var/run/iotedge/workload.sock", harness.homedir.display())]}
+                }
+            },
+            "env": [{"key": "GREETING", "value": greeting}]
+        }
+    })
+    .to_string()
+}
+
+fn verify_chain(chain_pem: &str, bundle_pem: &str) -> Result<(), String> {
+    let chain = X509::stack_from_pem(chain_pem.as_bytes()).unwrap();
+    let mut store = openssl::x509::store::X509StoreBuilder::new().unwrap();
+    for anchor in X509::stack_from_pem(bundle_pem.as_bytes()).unwrap() {
+        store.add_cert(anchor).unwrap();
+    }
+    let store = store.build();
+    let mut untrusted = openssl::stack::Stack::new().unwrap();
+    for certificate in &chain[1..] {
+        untrusted.push(certificate.clone()).unwrap();
+    }
+    let mut context = openssl::x509::X509StoreContext::new().unwrap();
+    context
+        .init(&store, &chain[0], &untrusted, |context| {
+            Ok(if context.verify_cert()? {
+                Ok(())
+            } else {
+                Err(context.error().to_string())
+            })
+        })
+        .unwrap()
+}
+
+/// edged bootstraps the agent; the agent (a process in the agent container) creates a module
+/// through the management API; the module's own process signs (HMAC verified with the key
+/// exported from keyd), gets a server certificate that verifies against the trust bundle, and
+/// round-trips encrypt/decrypt over its per-module socket; other callers are refused; the
+/// module is started, stopped, restarted, updated, listed, logged and removed.
+#[test]
+fn agent_bootstrap_module_lifecycle_and_workload() {
+    let _docker = common::docker_lock();
+    let mut harness = Harness::new();
+    let started = Instant::now();
+    harness.start_edged();
+    let agent = harness.agent.clone();
+    harness.wait_for("the agent to run", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+    });
+    let bootstrap = started.elapsed();
+
+    // The agent container follows the contract.
+    let (ok, inspect, _) = docker(&["inspect", &agent]);
+    assert!(ok);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let env: Vec<String> = serde_json::from_value(inspect[0]["Config"]["Env"].clone()).unwrap();
+    for expected in [
+        "IOTEDGE_MODULEID=$edgeAgent".to_owned(),
+        format!("IOTEDGE_DEVICEID={}", common::DEVICE),
+        format!("IOTEDGE_IOTHUBHOSTNAME={}", common::HUB),
+        "IOTEDGE_APIVERSION=2022-08-03".to_owned(),
+        "EdgeDeviceHostName=edged-test-host".to_owned(),
+        format!("NetworkId={}", harness.network),
+        "RuntimeLogLevel=debug".to_owned(),
+        "Mode=iotedged".to_owned(),
+    ] {
+        assert!(env.contains(&expected), "{expected} not in {env:?}");
+    }
+    let agent_gen_id = harness.identity.gen_id("$edgeAgent").unwrap();
+    assert!(env.contains(&format!("IOTEDGE_MODULEGENERATIONID={agent_gen_id}")));
+    let labels = &inspect[0]["Config"]["Labels"];
+    assert_eq!(
+        labels["net.azure-devices.edge.owner"],
+        "Microsoft.Azure.Devices.Edge.Agent"
+    );
+    assert_eq!(labels["net.azure-devices.edge.create-options"], "{}");
+    assert!(inspect[0]["NetworkSettings"]["Networks"][&harness.network].is_object());
+
+    let mgmt = harness.mgmt.display().to_string();
+    let module = harness.module_name("mod");
+
+    // A host process may read but not mutate.
+    let (status, body) = harness.mgmt(
+        Method::POST,
+        &format!("/modules?{V}"),
+        &module_spec(&harness, &module, "x"),
+    );
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["message"], "forbidden");
+    let (status, _) = harness.mgmt(Method::GET, "/modules", "");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = harness.mgmt(Method::GET, "/modules?api-version=2018-06-28", "");
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = harness.mgmt(
+        Method::GET,
+        "/systeminfo/resources?api-version=2019-10-22",
+        "",
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The agent creates an identity and the module.
+    let (status, identity) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/identities?{V}"),
+        &serde_json::json!({"moduleId": module, "managedBy": "me"}).to_string(),
+    );
+    assert_eq!(status, 200, "{identity}");
+    assert_eq!(identity["managedBy"], "me");
+    assert_eq!(identity["authType"], "sas");
+    let gen_id = identity["generationId"].as_str().unwrap().to_owned();
+    let (status, identities) = harness.mgmt(Method::GET, &format!("/identities/?{V}"), "");
+    assert_eq!(status, StatusCode::OK);
+    assert!(identities["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|identity| identity["moduleId"] == module.as_str()
+            && identity["managedBy"] == "iotedge"));
+
+    let create_started = Instant::now();
+    let (status, created) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/modules?{V}"),
+        &module_spec(&harness, &module, "first"),
+    );
+    let create_time = create_started.elapsed();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["status"]["runtimeStatus"]["status"], "stopped");
+    assert_eq!(created["name"], module.as_str());
+    let (status, duplicate) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/modules?{V}"),
+        &module_spec(&harness, &module, "first"),
+    );
+    assert_eq!(status, 409, "{duplicate}");
+
+    // The container follows the contract: env merged and sorted, labels overwritten.
+    let (_, inspect, _) = docker(&["inspect", &module]);
+    let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let env: Vec<String> = serde_json::from_value(inspect[0]["Config"]["Env"].clone()).unwrap();
+    assert!(
+        env.starts_with(&["FROM_OPTIONS=1".to_owned(), "GREETING=first".to_owned()]),
+        "{env:?}"
+    );
+    assert_eq!(
+        inspect[0]["Config"]["Labels"]["net.azure-devices.edge.original-image"],
+        harness.image.tag.as_str()
+    );
+    assert_eq!(inspect[0]["Config"]["Labels"]["test.label"], "x");
+
+    // GET and list rebuild the details from Docker.
+    let (status, details) = harness.mgmt(Method::GET, &format!("/modules/{module}?{V}"), "");
+    assert_eq!(status, StatusCode::OK, "{details}");
+    assert_eq!(details["status"]["runtimeStatus"]["status"], "stopped");
+    assert_eq!(
+        details["config"]["settings"]["image"],
+        harness.image.tag.as_str()
+    );
+    assert_eq!(
+        details["config"]["settings"]["createOptions"]["Labels"]["test.label"],
+        "x"
+    );
+    assert_eq!(details["config"]["env"], serde_json::json!([]));
+    assert_eq!(
+        details["id"],
+        harness.container_id(&module).unwrap().as_str()
+    );
+
+    // Start (open to any caller); starting twice is fine.
+    for _ in 0..2 {
+        let (status, body) =
+            harness.mgmt(Method::POST, &format!("/modules/{module}/start?{V}"), "");
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    let (_, details) = harness.mgmt(Method::GET, &format!("/modules/{module}?{V}"), "");
+    assert_eq!(details["status"]["runtimeStatus"]["status"], "running");
+    assert!(details["status"]["startTime"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert!(details["status"]["runtimeStatus"]["description"]
+        .as_str()
+        .unwrap()
+        .starts_with("Up"));
+    let (_, list) = harness.mgmt(Method::GET, &format!("/modules?{V}"), "");
+    let names: Vec<&str> = list["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|module| module["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&module.as_str()) && names.contains(&agent.as_str()),
+        "{names:?}"
+    );
+
+    // The module's own process: sign through its per-module socket.
+    let socket = "/var/run/iotedge/workload.sock";
+    let data = b"edged-test-hub.example.net/devices/d/modules/m\n1700000000";
+    let sign_path = format!("/modules/{module}/genid/{gen_id}/sign?api-version=2020-07-07");
+    let sign_started = Instant::now();
+    let (status, signed) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &sign_path,
+        &serde_json::json!({"data": b64(data), "keyId": "primary", "algo": "HMACSHA256"})
+            .to_string(),
+    );
+    let sign_time = sign_started.elapsed();
+    assert_eq!(status, 200, "{signed}");
+    let key = harness
+        .runtime
+        .block_on(harness.identity.module_key(&module));
+    assert_eq!(
+        unb64(signed["digest"].as_str().unwrap()),
+        hmac_sha256(&key, data)
+    );
+    let (status, bad) =
+        harness.exec_call(&module, socket, "POST", &sign_path, r#"{"data": "***"}"#);
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(
+        bad["message"].as_str().unwrap().lines().next(),
+        Some("invalid parameter: data")
+    );
+
+    // A server certificate that verifies against the trust bundle.
+    let (status, certificate) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &format!("/modules/{module}/genid/{gen_id}/certificate/server?{V}"),
+        r#"{"commonName": "edge.local", "expiration": "2099-01-01T00:00:00Z"}"#,
+    );
+    assert_eq!(status, 201, "{certificate}");
+    assert_eq!(certificate["privateKey"]["type"], "key");
+    assert!(certificate["privateKey"]["bytes"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(certificate["expiration"]
+        .as_str()
+        .unwrap()
+        .ends_with("+00:00"));
+    let chain = certificate["certificate"].as_str().unwrap();
+    let (status, bundle) =
+        harness.exec_call(&module, socket, "GET", &format!("/trust-bundle?{V}"), "");
+    assert_eq!(status, 200);
+    verify_chain(chain, bundle["certificate"].as_str().unwrap()).unwrap();
+    let leaf = X509::from_pem(chain.as_bytes()).unwrap();
+    let leaf_text = String::from_utf8(leaf.to_text().unwrap()).unwrap();
+    assert!(leaf_text.contains("DNS:edge.local"), "{leaf_text}");
+    assert!(leaf_text.contains(&format!("DNS:{module}")), "{leaf_text}");
+    assert!(
+        leaf_text.contains("TLS Web Server Authentication"),
+        "{leaf_text}"
+    );
+    let private_key = openssl::pkey::PKey::private_key_from_pem(
+        certificate["privateKey"]["bytes"]
+            .as_str()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert!(leaf.public_key().unwrap().public_eq(&private_key));
+    let (status, identity_cert) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &format!("/modules/{module}/certificate/identity?{V}"),
+        "",
+    );
+    assert_eq!(status, 201, "{identity_cert}");
+    verify_chain(
+        identity_cert["certificate"].as_str().unwrap(),
+        bundle["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    let (status, manifest) = harness.exec_call(
+        &module,
+        socket,
+        "GET",
+        &format!("/manifest-trust-bundle?{V}"),
+        "",
+    );
+    assert_eq!((status, manifest["certificate"].as_str()), (200, Some("")));
+
+    // Encrypt / decrypt round trip; the AAD binds the module name and generation ID.
+    let iv = [7u8; 32];
+    let (status, encrypted) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &format!("/modules/{module}/genid/{gen_id}/encrypt?{V}"),
+        &serde_json::json!({"plaintext": b64(b"secret payload"), "initializationVector": b64(&iv)})
+            .to_string(),
+    );
+    assert_eq!(status, 200, "{encrypted}");
+    let ciphertext = encrypted["ciphertext"].as_str().unwrap().to_owned();
+    assert_eq!(unb64(&ciphertext)[0], 0x02);
+    let decrypt = |gen: &str| {
+        harness.exec_call(
+            &module,
+            socket,
+            "POST",
+            &format!("/modules/{module}/genid/{gen}/decrypt?{V}"),
+            &serde_json::json!({"ciphertext": ciphertext, "initializationVector": b64(&iv)})
+                .to_string(),
+        )
+    };
+    let (status, decrypted) = decrypt(&gen_id);
+    assert_eq!(status, 200, "{decrypted}");
+    assert_eq!(
+        unb64(decrypted["plaintext"].as_str().unwrap()),
+        b"secret payload"
+    );
+    let (status, _) = decrypt("another-generation");
+    assert!(
+        status == 400 || status == 500,
+        "old ciphertext must not open under a new genid: {status}"
+    );
+
+    // Processes of another container (the agent) and of the host are refused.
+    let agent_socket = harness.workload.display().to_string();
+    let (status, refused) = harness.exec_call(
+        &agent,
+        &agent_socket,
+        "POST",
+        &sign_path,
+        &serde_json::json!({"data": b64(data)}).to_string(),
+    );
+    assert_eq!(
+        (status, refused["message"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let (status, _) = harness.call_raw(
+        &harness.homedir.join("mnt").join(format!("{module}.sock")),
+        Method::POST,
+        &sign_path,
+        &serde_json::json!({"data": b64(data)}).to_string(),
+    );
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, listed) =
+        harness.call_raw(&harness.workload, Method::GET, &format!("/modules?{V}"), "");
+    assert_eq!(status, StatusCode::OK);
+    assert!(parse_json(&listed)["modules"].as_array().unwrap().len() >= 2);
+
+    // Logs: Docker's framed stream, stdout and stderr.
+    harness.wait_for("the module's output", Duration::from_secs(10), || {
+        let (_, bytes) = harness.call_raw(
+            &harness.mgmt,
+            Method::GET,
+            &format!("/modules/{module}/logs?{V}&tail=all"),
+            "",
+        );
+        log_frames(&bytes)
+            .iter()
+            .any(|(_, text)| text.contains("hello from first"))
+    });
+    let (status, bytes) = harness.call_raw(
+        &harness.mgmt,
+        Method::GET,
+        &format!("/modules/{module}/logs?{V}&tail=all&timestamps=true&since=1%20day&follow=false"),
+        "",
+    );
+    assert_eq!(status, StatusCode::OK);
+    let frames = log_frames(&bytes);
+    assert!(
+        frames
+            .iter()
+            .any(|(kind, text)| *kind == 1 && text.contains("Z hello from first")),
+        "{frames:?}"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|(kind, text)| *kind == 2 && text.contains("oops")),
+        "{frames:?}"
+    );
+    let (status, body) = harness.mgmt(
+        Method::GET,
+        &format!("/modules/{module}/logs?{V}&tail=ten"),
+        "",
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["message"],
+        "invalid parameter: tail\ncaused by: \"ten\" is not \"all\" or a number"
+    );
+
+    // Stop, restart.
+    let (status, _) = harness.mgmt(Method::POST, &format!("/modules/{module}/stop?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, details) = harness.mgmt(Method::GET, &format!("/modules/{module}?{V}"), "");
+    assert_eq!(details["status"]["runtimeStatus"]["status"], "stopped");
+    assert!(
+        details["status"]["exitStatus"]["statusCode"].is_string(),
+        "{details}"
+    );
+    let (status, _) = harness.mgmt(Method::POST, &format!("/modules/{module}/stop?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = harness.mgmt(Method::POST, &format!("/modules/{module}/restart?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, details) = harness.mgmt(Method::GET, &format!("/modules/{module}?{V}"), "");
+    assert_eq!(details["status"]["runtimeStatus"]["status"], "running");
+
+    // prepareupdate and update (stop → remove → create → start).
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/modules/other-name/prepareupdate?{V}"),
+        &module_spec(&harness, &module, "second"),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/modules/{module}/prepareupdate?{V}"),
+        &module_spec(&harness, &module, "second"),
+    );
+    assert_eq!(status, 204, "{body}");
+    let old_id = harness.container_id(&module).unwrap();
+    let (status, updated) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "PUT",
+        &format!("/modules/{module}?{V}&start=true"),
+        &module_spec(&harness, &module, "second"),
+    );
+    assert_eq!(status, 201, "{updated}");
+    assert_eq!(updated["status"]["runtimeStatus"]["status"], "running");
+    assert_ne!(harness.container_id(&module).unwrap(), old_id);
+    assert_eq!(harness.container_state(&module).as_deref(), Some("running"));
+    harness.wait_for(
+        "the updated module's output",
+        Duration::from_secs(10),
+        || {
+            let (_, bytes) = harness.call_raw(
+                &harness.mgmt,
+                Method::GET,
+                &format!("/modules/{module}/logs?{V}"),
+                "",
+            );
+            log_frames(&bytes)
+                .iter()
+                .any(|(_, text)| text.contains("hello from second"))
+        },
+    );
+    // The per-module socket survives the update: the new container can sign.
+    let (status, signed_again) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &sign_path,
+        &serde_json::json!({"data": b64(data)}).to_string(),
+    );
+    assert_eq!(status, 200, "{signed_again}");
+    assert_eq!(signed_again["digest"], signed["digest"]);
+
+    // System info.
+    let (status, info) = harness.mgmt(Method::GET, &format!("/systeminfo?{V}"), "");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(info["osType"], "Linux");
+    assert!(info["server_version"].is_string(), "{info}");
+    let (status, resources) = harness.mgmt(Method::GET, &format!("/systeminfo/resources?{V}"), "");
+    assert_eq!(status, StatusCode::OK);
+    let stats: serde_json::Value =
+        serde_json::from_str(resources["docker_stats"].as_str().unwrap()).unwrap();
+    assert!(stats.as_array().unwrap().len() >= 2, "{stats}");
+
+    // Delete: 204, then 404; the per-module socket is gone.
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "DELETE",
+        &format!("/modules/{module}?{V}"),
+        "",
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(harness.container_state(&module).is_none());
+    assert!(!harness
+        .homedir
+        .join("mnt")
+        .join(format!("{module}.sock"))
+        .exists());
+    let (status, _) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "DELETE",
+        &format!("/modules/{module}?{V}"),
+        "",
+    );
+    assert_eq!(status, 404);
+    let (status, _) = harness.mgmt(Method::GET, &format!("/modules/{module}?{V}"), "");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "DELETE",
+        &format!("/identities/{module}?{V}"),
+        "",
+    );
+    assert_eq!(status, 204);
+
+    println!(
+        "figures: agent bootstrap {} ms, module create {} ms, sign (docker exec included) {} ms",
+        bootstrap.as_millis(),
+        create_time.as_millis(),
+        sign_time.as_millis()
+    );
+    assert_eq!(harness.edged.stop(), Some(0));
+}
