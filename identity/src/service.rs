@@ -29,6 +29,8 @@ pub const MASTER_KEY_ID: &str = "aziot_identityd_master_id";
 /// First and longest pause between failed startup provisioning attempts.
 const BACKOFF_FIRST: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Shortest pause between reprovisionings caused by Hub rejecting the device at run time.
+const REJECTION_REPROVISION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The settings that can change at run time (config reload).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +157,7 @@ pub struct IdentityService {
     round_lock: tokio::sync::Mutex<()>,
     reprovision_in_flight: Mutex<Option<watch::Receiver<Option<RoundResult>>>>,
     master_key: tokio::sync::OnceCell<KeyHandle>,
+    hub_rejected_device: tokio::sync::Notify,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,6 +190,7 @@ impl IdentityService {
             round_lock: tokio::sync::Mutex::new(()),
             reprovision_in_flight: Mutex::new(None),
             master_key: tokio::sync::OnceCell::new(),
+            hub_rejected_device: tokio::sync::Notify::new(),
         }
     }
 
@@ -208,6 +212,8 @@ impl IdentityService {
     /// Starts background provisioning: retried with back-off (5 s doubling to 5 min) until a
     /// device is usable.
     pub fn start(self: &Arc<Self>) {
+        let watcher = Arc::clone(self);
+        tokio::spawn(async move { watcher.reprovision_on_hub_rejection().await });
         let service = Arc::clone(self);
         tokio::spawn(async move {
             let mut backoff = BACKOFF_FIRST;
@@ -232,6 +238,36 @@ impl IdentityService {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         });
+    }
+
+    /// Reprovisions (DPS only) when IoT Hub rejects the device at run time — it may have been
+    /// moved to another hub — at most once per [`REJECTION_REPROVISION_INTERVAL`].
+    async fn reprovision_on_hub_rejection(self: Arc<Self>) {
+        loop {
+            self.hub_rejected_device.notified().await;
+            if !matches!(self.settings().provisioning, Provisioning::Dps { .. }) {
+                continue;
+            }
+            log::warn!("IoT Hub rejected the device; registering with DPS again");
+            if let Err(error) = self.join_reprovision().await {
+                log::error!(
+                    "reprovisioning after the Hub rejection failed: {}",
+                    http_common::error::error_chain(&error)
+                );
+            }
+            tokio::time::sleep(REJECTION_REPROVISION_INTERVAL).await;
+        }
+    }
+
+    /// Notes a Hub answer for the device: a rejection of the device itself schedules a
+    /// reprovisioning (DPS).
+    fn observe_hub<T>(&self, result: Result<T, IdentityError>) -> Result<T, IdentityError> {
+        if let Err(error) = &result {
+            if error.cloud().is_some_and(CloudError::is_device_rejected) {
+                self.hub_rejected_device.notify_one();
+            }
+        }
+        result
     }
 
     /// Classifies a caller by uid.
@@ -592,6 +628,11 @@ impl IdentityService {
     /// Reprovisions (spec 6.2) and waits; concurrent calls join the round in flight.
     pub async fn reprovision(self: &Arc<Self>, uid: u32) -> Result<(), IdentityError> {
         self.require_admin(uid)?;
+        self.join_reprovision().await
+    }
+
+    /// Runs a reprovisioning round, or joins the one in flight, and waits for it.
+    async fn join_reprovision(self: &Arc<Self>) -> Result<(), IdentityError> {
         let mut receiver = {
             let mut slot = lock(&self.reprovision_in_flight);
             match slot.as_ref() {
@@ -1069,7 +1110,7 @@ impl IdentityService {
             Ok(target) => hub::list_modules(&self.cloud, &target).await,
             Err(error) => Err(error),
         };
-        let modules = match listed {
+        let modules = match self.observe_hub(listed) {
             Ok(modules) => modules
                 .iter()
                 .filter_map(|module| self.cache(&device, module).ok())
@@ -1097,7 +1138,7 @@ impl IdentityService {
         Self::check_module_id(module_id)?;
         let device = self.device().await?;
         let target = self.hub_target(&device).await?;
-        let module = self.create_hub_module(&device, &target, module_id).await?;
+        let module = self.observe_hub(self.create_hub_module(&device, &target, module_id).await)?;
         self.module_identity(&device, &module).await
     }
 
@@ -1162,7 +1203,7 @@ impl IdentityService {
             return self.local_identity(module_id, &attributes).await;
         }
         let device = self.device().await?;
-        let module = self.read_module(&device, module_id).await?;
+        let module = self.observe_hub(self.read_module(&device, module_id).await)?;
         self.module_identity(&device, &module).await
     }
 
@@ -1175,13 +1216,14 @@ impl IdentityService {
         self.require_admin(uid)?;
         let device = self.device().await?;
         let target = self.hub_target(&device).await?;
-        let module = hub::get_module(&self.cloud, &target, module_id)
-            .await?
+        let module = self
+            .observe_hub(hub::get_module(&self.cloud, &target, module_id).await)?
             .ok_or_else(|| IdentityError::ModuleNotFound(module_id.to_owned()))?;
         let cached = self.cache(&device, &module)?;
-        let updated = self
-            .set_module_keys(&target, module_id, &cached.generation_id)
-            .await?;
+        let updated = self.observe_hub(
+            self.set_module_keys(&target, module_id, &cached.generation_id)
+                .await,
+        )?;
         let cached = self.cache(&device, &updated)?;
         self.module_identity(&device, &cached).await
     }
@@ -1191,7 +1233,7 @@ impl IdentityService {
         self.require_admin(uid)?;
         let device = self.device().await?;
         let target = self.hub_target(&device).await?;
-        let result = hub::delete_module(&self.cloud, &target, module_id).await;
+        let result = self.observe_hub(hub::delete_module(&self.cloud, &target, module_id).await);
         if matches!(result, Ok(()) | Err(IdentityError::ModuleNotFound(_))) {
             self.store
                 .uncache_module(&device.hub_name, &device.device_id, module_id);

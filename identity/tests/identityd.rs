@@ -31,6 +31,19 @@ async fn assert_module_token_accepted(
     module_id: &str,
     handle: &key_api::KeyHandle,
 ) {
+    if let Err(error) = module_token_check(stack, emu, hub, device_id, module_id, handle).await {
+        panic!("{error}");
+    }
+}
+
+async fn module_token_check(
+    stack: &Stack,
+    emu: &cloud_emulator::RunningEmulator,
+    hub: &str,
+    device_id: &str,
+    module_id: &str,
+    handle: &key_api::KeyHandle,
+) -> Result<(), String> {
     let resource = format!("{hub}/devices/{device_id}/modules/{module_id}");
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -49,11 +62,14 @@ async fn assert_module_token_accepted(
         .await
         .unwrap();
     let token = identityd::cloud::sas::assemble(&encoded, &signature, expiry, None);
-    let modules = emu.control().modules(Some(hub), device_id).unwrap();
+    let modules = emu
+        .control()
+        .modules(Some(hub), device_id)
+        .ok_or_else(|| format!("device {device_id} not in hub {hub}"))?;
     let module = modules
         .iter()
         .find(|module| module["moduleId"] == module_id)
-        .unwrap_or_else(|| panic!("module {module_id} not in hub: {modules:?}"));
+        .ok_or_else(|| format!("module {module_id} not in hub: {modules:?}"))?;
     let keys = &module["authentication"]["symmetricKey"];
     let primary = keys["primaryKey"].as_str().unwrap();
     let secondary = keys["secondaryKey"].as_str().unwrap();
@@ -66,7 +82,7 @@ async fn assert_module_token_accepted(
             None,
             [primary, secondary],
         )
-        .expect("the emulator rejects the module token");
+        .map_err(|error| format!("the emulator rejects the module token: {error}"))
 }
 
 fn hub_requests_ok(emu: &cloud_emulator::RunningEmulator, auth: &str) -> usize {
@@ -246,16 +262,26 @@ async fn assert_module_principal_works(
             .filter(|modules| modules.iter().any(|m| m["moduleId"] == "hostmodule1"))
     })
     .await;
-    let module = stack
-        .client()
-        .get_module("hostmodule1", "aziot")
-        .await
-        .unwrap();
-    assert_eq!(aziot(&module).hub_name, hub);
-    let Some(AuthInfo::Sas { key_handle }) = &aziot(&module).auth else {
-        panic!("expected SAS auth");
-    };
-    assert_module_token_accepted(stack, emu, hub, device_id, "hostmodule1", key_handle).await;
+    // Reconciliation may still be between creating the module and setting its keys.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let module = stack.client().get_module("hostmodule1", "aziot").await;
+        let outcome = match &module {
+            Ok(module) => {
+                assert_eq!(aziot(module).hub_name, hub);
+                let Some(AuthInfo::Sas { key_handle }) = &aziot(module).auth else {
+                    panic!("expected SAS auth");
+                };
+                module_token_check(stack, emu, hub, device_id, "hostmodule1", key_handle).await
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        match outcome {
+            Ok(()) => break,
+            Err(error) if Instant::now() > deadline => panic!("{error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1473,4 +1499,54 @@ async fn local_identities_are_issued_by_certd() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["type"], "local");
     assert_eq!(body["spec"]["moduleId"], "localmod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_rejecting_the_device_at_run_time_triggers_a_reprovision() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("runtime-device", &key));
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "runtime-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "runtime-device").await;
+    assert!(emu.control().remove_device(None, "runtime-device"));
+    let (status, body, _) = stack
+        .request(
+            Method::GET,
+            "/identities/modules/hostmodule1?api-version=2020-09-01&type=aziot",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("cloud error: 401"),
+        "{body}"
+    );
+    // identityd registers again in the background and the module comes back.
+    let registers = || {
+        emu.control()
+            .requests()
+            .iter()
+            .filter(|entry| entry.service == "dps" && entry.method == "PUT")
+            .count()
+    };
+    eventually("a second registration", Duration::from_secs(30), || {
+        (registers() == 2).then_some(())
+    })
+    .await;
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "runtime-device").await;
 }
