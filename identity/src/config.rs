@@ -1012,6 +1012,12 @@ fn principals_from_raw(
                 "device and module identities need provisioning other than source = \"none\"",
             ));
         }
+        if id_type.is_none() && principals.iter().any(|other| other.id_type.is_none()) {
+            log::warn!(
+                "principal[{index}] ({:?}) has no idtype but an earlier principal is already the daemon; it is ignored",
+                raw.name
+            );
+        }
         principals.push(Principal {
             uid: raw.uid,
             name: raw.name,

@@ -1550,3 +1550,89 @@ async fn hub_rejecting_the_device_at_run_time_triggers_a_reprovision() {
     .await;
     assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "runtime-device").await;
 }
+
+/// A minimal HTTP CONNECT proxy on loopback: records each request head, then relays bytes.
+async fn connect_proxy() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = std::sync::Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let recorded = std::sync::Arc::clone(&recorded);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                recorded.lock().unwrap().push(head);
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target.as_str()).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (port, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_requests_go_through_https_proxy() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("proxied-device", &key));
+    })
+    .await;
+    let (proxy_port, heads) = connect_proxy().await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "proxied-device"));
+    stack.identityd.env = vec![
+        (
+            "SSL_CERT_FILE".to_owned(),
+            emu.ca_cert_path().display().to_string(),
+        ),
+        (
+            "HTTPS_PROXY".to_owned(),
+            format!("http://user:s3cret@127.0.0.1:{proxy_port}"),
+        ),
+        ("NO_PROXY".to_owned(), String::new()),
+        ("no_proxy".to_owned(), String::new()),
+    ];
+    stack.identityd.spawn();
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "proxied-device");
+    assert_module_principal_works(&stack, &emu, emu.hub_hostname(), "proxied-device").await;
+    let heads = heads.lock().unwrap().clone();
+    assert!(!heads.is_empty(), "nothing went through the proxy");
+    let port = emu.https_addr().port();
+    assert!(
+        heads.iter().all(
+            |head| head.starts_with(&format!("CONNECT localhost:{port} HTTP/1.1"))
+                && head.contains("Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=")
+        ),
+        "{heads:?}"
+    );
+    assert!(
+        !stack.identityd.log().contains("s3cret"),
+        "the proxy password was logged"
+    );
+}
