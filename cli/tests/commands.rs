@@ -65,6 +65,10 @@ impl http_common::Handler for Fake {
                 );
                 response
             }
+            ("GET", "/containers/json") => http_common::json_response(
+                http::StatusCode::OK,
+                &serde_json::json!([{ "Id": "c1", "Names": ["/edgeAgent"] }]),
+            ),
             ("POST", "/identities/device/reprovision") => {
                 http_common::empty_response(http::StatusCode::NO_CONTENT)
             }
@@ -388,4 +392,55 @@ fn check_warns_about_stale_configs_and_warnings_can_fail_the_run() {
     );
     let (output, _) = check(&fixture, dir.path(), &["--warnings-as-errors"]);
     assert!(!output.status.success());
+}
+
+#[test]
+fn apply_refuses_a_hostname_change_while_edge_modules_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let docker = FakeServer::start(&dir.path().join("docker.sock"));
+    let root = dir.path().join("root");
+    let config = dir.path().join("config.toml");
+    let text = |hostname: &str| {
+        format!(
+            "hostname = \"{hostname}\"\n[provisioning]\nsource = \"none\"\n[moby_runtime]\nuri = \"{}\"\n",
+            docker.uri
+        )
+    };
+    std::fs::write(&config, text("first")).unwrap();
+    let output = common::apply_fixture(&config, &root);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(
+        docker.requests().is_empty(),
+        "no hostname change, Docker is not asked"
+    );
+
+    std::fs::write(&config, text("second")).unwrap();
+    let output = common::apply_fixture(&config, &root);
+    assert!(!output.status.success(), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"first\" to \"second\"") && stderr.contains("edgeAgent"),
+        "{stderr}"
+    );
+    let identityd =
+        std::fs::read_to_string(root.join("etc/aziot/identityd/config.d/00-super.toml")).unwrap();
+    assert!(
+        identityd.contains("hostname = \"first\""),
+        "nothing was rewritten: {identityd}"
+    );
+    let requests = docker.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert!(
+        requests[0].starts_with("GET /containers/json?all=true&filters="),
+        "{requests:?}"
+    );
+    let decoded = percent_encoding::percent_decode_str(&requests[0])
+        .decode_utf8()
+        .unwrap();
+    assert!(
+        decoded.contains(
+            r#"{"label":["net.azure-devices.edge.owner=Microsoft.Azure.Devices.Edge.Agent"]}"#
+        ),
+        "{decoded}"
+    );
 }

@@ -300,6 +300,36 @@ fn sysusers_file_creates_the_service_users() {
             "iotedge not in {group_name}:\n{group}"
         );
     }
+
+    // The tmpfiles.d file creates the private folders for those users.
+    let output = Command::new("systemd-tmpfiles")
+        .arg("--create")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(units_dir().join("aziot-tmpfiles.conf"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    use std::os::unix::fs::MetadataExt as _;
+    let uid_of = |user: &str| -> u32 {
+        passwd
+            .lines()
+            .find(|line| line.starts_with(&format!("{user}:")))
+            .and_then(|line| line.split(':').nth(2))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for (folder, user) in [
+        ("etc/aziot/keyd/config.d", "aziotks"),
+        ("etc/aziot/certd/config.d", "aziotcs"),
+        ("etc/aziot/identityd/config.d", "aziotid"),
+        ("etc/aziot/edged/config.d", "iotedge"),
+        ("var/secrets/aziot/keyd", "aziotks"),
+    ] {
+        let metadata = std::fs::metadata(root.path().join(folder)).unwrap();
+        assert_eq!(metadata.mode() & 0o777, 0o700, "{folder}");
+        assert_eq!(metadata.uid(), uid_of(user), "{folder}");
+    }
 }
 
 /// A daemon run by `systemd-socket-activate` as its units describe it; killed on drop.
