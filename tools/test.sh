@@ -28,4 +28,4 @@ if [ ${#needed[@]} -gt 0 ]; then
   fi
 fi
 
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
