@@ -544,3 +544,129 @@ fn agent_bootstrap_module_lifecycle_and_workload() {
     );
     assert_eq!(harness.edged.stop(), Some(0));
 }
+
+/// The agent is re-created when it is removed behind edged's back (edged watches Docker's
+/// events, so this takes well under the 60 s watchdog period), and an edged restart keeps the
+/// module identities working: after the restart (which, as in the reference, stops modules
+/// because their socket inodes change) the started module signs with the same key and decrypts
+/// what it encrypted before.
+#[test]
+fn agent_recreated_and_identities_survive_restart() {
+    let _docker = common::docker_lock();
+    let mut harness = Harness::new();
+    harness.start_edged();
+    let agent = harness.agent.clone();
+    harness.wait_for("the agent to run", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+    });
+    let mgmt = harness.mgmt.display().to_string();
+    let module = harness.module_name("survivor");
+    let (status, identity) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/identities?{V}"),
+        &serde_json::json!({"moduleId": module}).to_string(),
+    );
+    assert_eq!(status, 200, "{identity}");
+    let gen_id = identity["generationId"].as_str().unwrap().to_owned();
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "PUT",
+        &format!("/modules/{module}?{V}&start=true"),
+        &module_spec(&harness, &module, "survivor"),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(harness.container_state(&module).as_deref(), Some("running"));
+
+    let socket = "/var/run/iotedge/workload.sock";
+    let data = b"sign me";
+    let sign = |harness: &Harness| {
+        harness.exec_call(
+            &module,
+            socket,
+            "POST",
+            &format!("/modules/{module}/genid/{gen_id}/sign?{V}"),
+            &serde_json::json!({"data": b64(data)}).to_string(),
+        )
+    };
+    let (status, before) = sign(&harness);
+    assert_eq!(status, 200, "{before}");
+    let iv = [9u8; 16];
+    let (status, encrypted) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &format!("/modules/{module}/genid/{gen_id}/encrypt?{V}"),
+        &serde_json::json!({"plaintext": b64(b"kept across restarts"), "initializationVector": b64(&iv)})
+            .to_string(),
+    );
+    assert_eq!(status, 200, "{encrypted}");
+
+    // Remove the agent behind edged's back: it comes back, with a fresh container.
+    let old_agent = harness.container_id(&agent).unwrap();
+    let removed = Instant::now();
+    let (ok, _, stderr) = docker(&["rm", "-f", &agent]);
+    assert!(ok, "{stderr}");
+    harness.wait_for(
+        "the agent to be re-created",
+        Duration::from_secs(20),
+        || {
+            harness.container_state(&agent).as_deref() == Some("running")
+                && harness.container_id(&agent).as_deref() != Some(old_agent.as_str())
+        },
+    );
+    let recreate_time = removed.elapsed();
+    // The re-created agent reaches the management API through its mounts.
+    let (status, _) = harness.exec_call(&agent, &mgmt, "GET", &format!("/modules?{V}"), "");
+    assert_eq!(status, 200);
+
+    // Restart edged.
+    assert_eq!(
+        harness.edged.stop(),
+        Some(0),
+        "{}",
+        harness.edged.log_text()
+    );
+    let restarted = Instant::now();
+    harness.start_edged();
+    harness.wait_for("the agent to run again", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+    });
+    let restart_time = restarted.elapsed();
+    // The module was stopped at startup (socket inodes change); the agent starts it again.
+    let (status, body) = harness.mgmt(Method::POST, &format!("/modules/{module}/start?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, after) = sign(&harness);
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(
+        after["digest"], before["digest"],
+        "the module's key must not change"
+    );
+    let key = harness
+        .runtime
+        .block_on(harness.identity.module_key(&module));
+    assert_eq!(
+        unb64(after["digest"].as_str().unwrap()),
+        hmac_sha256(&key, data)
+    );
+    let (status, decrypted) = harness.exec_call(
+        &module,
+        socket,
+        "POST",
+        &format!("/modules/{module}/genid/{gen_id}/decrypt?{V}"),
+        &serde_json::json!({"ciphertext": encrypted["ciphertext"], "initializationVector": b64(&iv)})
+            .to_string(),
+    );
+    assert_eq!(status, 200, "{decrypted}");
+    assert_eq!(
+        unb64(decrypted["plaintext"].as_str().unwrap()),
+        b"kept across restarts"
+    );
+    println!(
+        "figures: agent re-created {} ms after removal; edged restart to agent running {} ms",
+        recreate_time.as_millis(),
+        restart_time.as_millis()
+    );
+}

@@ -27,10 +27,31 @@ pub const DEVICE: &str = "edged-test-device";
 /// The api-version the tests send.
 pub const V: &str = "api-version=2022-08-03";
 
-/// Serializes Docker scenarios within this test binary.
-pub fn docker_lock() -> std::sync::MutexGuard<'static, ()> {
+/// Serializes Docker scenarios across threads and processes (two `cargo test` runs on one
+/// machine): edged stops and removes every container with the owner label at startup.
+pub struct DockerLock {
+    _thread: std::sync::MutexGuard<'static, ()>,
+    _file: std::fs::File,
+}
+
+/// Takes the Docker lock (an in-process mutex plus `flock` on a file in the temp folder).
+pub fn docker_lock() -> DockerLock {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poison| poison.into_inner())
+    let thread = LOCK.lock().unwrap_or_else(|poison| poison.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("edged-docker-tests.lock"))
+        .unwrap();
+    // SAFETY: flock(2) on an fd we own; it blocks until the lock is ours and is released when
+    // the file is closed.
+    let result = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(result, 0, "flock failed");
+    DockerLock {
+        _thread: thread,
+        _file: file,
+    }
 }
 
 fn sibling_binary(name: &str) -> PathBuf {
@@ -208,10 +229,13 @@ impl TestImage {
         let context = dir.join("image");
         std::fs::create_dir_all(&context).unwrap();
         std::fs::copy(busybox, context.join("busybox")).unwrap();
+        // A unique layer: images of concurrent test runs must not share an ID (Docker's
+        // `ancestor` filter, used for clean-up, matches by ID).
+        std::fs::write(context.join("test-run"), suffix).unwrap();
         build_uds_client(&context.join("uds-client"));
         std::fs::write(
             context.join("Dockerfile"),
-            "FROM scratch\nCOPY busybox /bin/busybox\nCOPY uds-client /bin/uds-client\n\
+            "FROM scratch\nCOPY busybox /bin/busybox\nCOPY uds-client /bin/uds-client\nCOPY test-run /etc/test-run\n\
              RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
         )
         .unwrap();
@@ -600,7 +624,11 @@ aziot_identityd_url = "unix://{identityd}"
             path,
             body,
         ]);
-        assert!(ok, "docker exec in {container} failed: {stderr}");
+        assert!(
+            ok,
+            "docker exec in {container} failed: {stderr}\nedged log:\n{}",
+            self.edged.log_text()
+        );
         let (status, bytes) = parse_http(stdout.as_bytes());
         (status, parse_json(&bytes))
     }
