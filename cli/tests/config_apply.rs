@@ -259,17 +259,21 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
                 "edged",
                 &format!(
                     "homedir = \"{}\"\n[listen]\nmanagement_uri = \"unix://{}\"\nworkload_uri = \"unix://{}\"\n\
+                     [moby_runtime]\nuri = \"unix://{}\"\n\
                      [endpoints]\naziot_keyd_url = \"unix://{}\"\naziot_certd_url = \"unix://{}\"\naziot_identityd_url = \"unix://{}\"\n",
                     work.join("edged-home").display(),
                     mgmt.display(),
                     work.join("workload.sock").display(),
+                    // No Docker: these tests only prove that edged accepts the configuration,
+                    // and must not touch the machine's containers.
+                    work.join("no-docker.sock").display(),
                     keyd_socket.display(),
                     certd_socket.display(),
                     identityd_socket.display()
                 ),
             );
-            // edged binds its sockets only once identityd hands out the device identity, which
-            // needs the cloud; a config it refuses makes it exit at once with 153.
+            // edged binds its sockets only once identityd hands out the device identity and
+            // Docker answers; a config it refuses makes it exit at once with 153.
             let daemon = Daemon::start_and_survive(
                 &edged,
                 &base,

@@ -720,7 +720,8 @@ fn config_apply_output_runs_the_stack_and_edged_takes_its_sockets_by_name() {
         edged.socket("aziot-edged.mgmt.socket").display()
     );
 
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // edged stops existing modules first (up to 30 s grace each).
+    let deadline = Instant::now() + Duration::from_secs(120);
     let listed = loop {
         let output = common::iotedge(&["-H", &mgmt_uri, "list"]);
         if output.status.success() || Instant::now() > deadline {

@@ -124,8 +124,9 @@ impl Daemon {
     }
 
     /// Starts a daemon that may wait for peers before it binds its socket (edged waits for
-    /// identityd's device identity): accepted when its socket appears or it is still running
-    /// after `grace` (configuration errors exit at once with 153).
+    /// identityd's device identity and Docker): its configuration counts as accepted when the
+    /// socket appears, it is still running after `grace`, or it exits with a code other than
+    /// 153 (configuration errors exit at once with 153).
     pub fn start_and_survive(
         binary: &Path,
         base: &Path,
@@ -153,7 +154,16 @@ impl Daemon {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && !socket.exists() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                return Err(format!("exited with {status}: {}", daemon.log()));
+                // 153 is the daemons' "configuration invalid"; any other early exit (a peer
+                // that is not there) happened after the configuration was accepted.
+                if status.code() == Some(153) {
+                    return Err(format!("exited with {status}: {}", daemon.log()));
+                }
+                eprintln!(
+                    "note: {} accepted its configuration, then exited with {status}",
+                    binary.display()
+                );
+                return Ok(daemon);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
