@@ -626,3 +626,9 @@ fn applying_twice_gives_the_same_files() {
         .collect();
     assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
 }
+
+#[test]
+fn certs_issued_on_the_device() {
+    let root = golden("issued-by-local-ca");
+    daemons_accept("issued-by-local-ca", root.path(), Expect::default());
+}
