@@ -166,7 +166,7 @@ pub enum DpsAttestation {
         cert_id: String,
         /// keyd key pair ID.
         key_id: String,
-        /// Renewal policy (accepted; renewal itself is not implemented yet).
+        /// Renewal policy of the identity certificate.
         auto_renew: Option<AutoRenew>,
     },
 }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 mod handlers;
 pub mod local;
+pub mod renewal;
 pub mod routes;
 pub mod service;
 pub mod state;

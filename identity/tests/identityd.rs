@@ -1636,3 +1636,147 @@ async fn cloud_requests_go_through_https_proxy() {
         "the proxy password was logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_certificate_is_renewed_with_a_rotated_key() {
+    let ca = cloud_emulator::pki::TestCa::new("Renewal CA").unwrap();
+    let ca_pem = ca.cert_pem();
+    let emu = emulator(|config| {
+        config
+            .group_enrollments
+            .push(cloud_emulator::GroupEnrollment {
+                group_id: "renewal-group".into(),
+                assigned_hub: None,
+                payload: None,
+                iot_edge: false,
+                attestation: cloud_emulator::GroupAttestation::X509 {
+                    ca_pem: Some(ca_pem.clone()),
+                    ca_file: None,
+                },
+            });
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.add_key_pair("local-ca", &ca.ca.key);
+    stack.add_certd_config(
+        "[cert_issuance.local_ca]\ncert = \"local-ca\"\npk = \"local-ca\"\n\
+         [cert_issuance.device-id-temp]\nmethod = \"local_ca\"\n",
+    );
+    stack.start_keyd_certd();
+    let certd = stack.certd_client();
+    certd.import_cert("local-ca", &ca_pem).await.unwrap();
+    // The device key is a dynamic keyd key (rotation moves a new key over it).
+    let keyd = stack.keyd_client();
+    let handle = keyd
+        .create_key_pair_if_not_exists("device-id", Some("ec-p256"))
+        .await
+        .unwrap();
+    let point = common::unb64(
+        &keyd
+            .get_key_pair_public_parameter(&handle, "ec-point")
+            .await
+            .unwrap(),
+    );
+    let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();
+    let mut context = openssl::bn::BigNumContext::new().unwrap();
+    let point = openssl::ec::EcPoint::from_bytes(&group, &point, &mut context).unwrap();
+    let public_key = openssl::pkey::PKey::from_ec_key(
+        openssl::ec::EcKey::from_public_key(&group, &point).unwrap(),
+    )
+    .unwrap();
+    // A one-minute certificate, so the 10% threshold comes after about 6 s.
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "renew-device").unwrap();
+    let name = name.build();
+    let mut builder = openssl::x509::X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder
+        .set_serial_number(
+            &openssl::bn::BigNum::from_u32(5)
+                .unwrap()
+                .to_asn1_integer()
+                .unwrap(),
+        )
+        .unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(ca.ca.cert.subject_name()).unwrap();
+    builder.set_pubkey(&public_key).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    builder
+        .set_not_before(&openssl::asn1::Asn1Time::from_unix(now - 1).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&openssl::asn1::Asn1Time::from_unix(now + 60).unwrap())
+        .unwrap();
+    builder
+        .sign(&ca.ca.key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    let initial = String::from_utf8(builder.build().to_pem().unwrap()).unwrap();
+    certd
+        .import_cert("device-id", &format!("{initial}{ca_pem}"))
+        .await
+        .unwrap();
+
+    stack.write_identityd_config(&dps_x509_config(&emu, None).replace(
+        "identity_cert = ",
+        "identity_auto_renew = { rotate_key = true, threshold = \"10%\", retry = \"10%\" }\nidentity_cert = ",
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.client().get_device_identity().await.unwrap();
+    assert_eq!(aziot(&device).device_id, "renew-device");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let renewed = loop {
+        let pem = certd.get_cert("device-id").await.unwrap();
+        if !pem.starts_with(&initial) {
+            break pem;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not renewed:\n{}",
+            stack.identityd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let leaf = openssl::x509::X509::from_pem(renewed.as_bytes()).unwrap();
+    assert!(leaf.verify(&ca.ca.key).unwrap());
+    // The key was rotated: keyd's device-id is the new (RSA) key, matching the new cert.
+    let rotated = keyd.load_key_pair("device-id").await.unwrap();
+    assert_eq!(
+        keyd.get_key_pair_public_parameter(&rotated, "algorithm")
+            .await
+            .unwrap(),
+        "RSA"
+    );
+    let modulus = common::unb64(
+        &keyd
+            .get_key_pair_public_parameter(&rotated, "rsa-modulus")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        leaf.public_key().unwrap().rsa().unwrap().n().to_vec(),
+        modulus
+    );
+    // The temp cert is gone and DPS saw a second registration with the new certificate.
+    let missing = certd.get_cert("device-id-temp").await.unwrap_err();
+    assert!(missing.is_not_found(), "{missing}");
+    let registrations = emu
+        .control()
+        .requests()
+        .iter()
+        .filter(|entry| {
+            entry.service == "dps"
+                && entry.method == "PUT"
+                && entry.auth == "x509"
+                && entry.auth_ok == Some(true)
+        })
+        .count();
+    assert_eq!(registrations, 2);
+    // The hub accepts the renewed certificate.
+    let created = stack.client().create_module("after-renewal").await.unwrap();
+    assert_eq!(aziot(&created).module_id.as_deref(), Some("after-renewal"));
+}
