@@ -158,6 +158,7 @@ pub struct IdentityService {
     reprovision_in_flight: Mutex<Option<watch::Receiver<Option<RoundResult>>>>,
     master_key: tokio::sync::OnceCell<KeyHandle>,
     hub_rejected_device: tokio::sync::Notify,
+    module_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -191,6 +192,7 @@ impl IdentityService {
             reprovision_in_flight: Mutex::new(None),
             master_key: tokio::sync::OnceCell::new(),
             hub_rejected_device: tokio::sync::Notify::new(),
+            module_locks: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -1070,6 +1072,17 @@ impl IdentityService {
         Ok(cached)
     }
 
+    /// Serializes writes to one module identity (create, key update, delete); other modules
+    /// proceed in parallel.
+    async fn lock_module(&self, module_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let module_lock = Arc::clone(
+            lock(&self.module_locks)
+                .entry(module_id.to_owned())
+                .or_default(),
+        );
+        module_lock.lock_owned().await
+    }
+
     /// Creates a module in Hub with derived keys (spec 6.3).
     async fn create_hub_module(
         &self,
@@ -1077,6 +1090,7 @@ impl IdentityService {
         target: &HubTarget,
         module_id: &str,
     ) -> Result<CachedModule, IdentityError> {
+        let _module = self.lock_module(module_id).await;
         let created = hub::create_module(&self.cloud, target, module_id).await?;
         let cached = self.cache(device, &created)?;
         let updated = self
@@ -1511,6 +1525,7 @@ impl IdentityService {
         self.require_admin(uid)?;
         let device = self.device().await?;
         let target = self.hub_target(&device).await?;
+        let _module = self.lock_module(module_id).await;
         let module = self
             .observe_hub(hub::get_module(&self.cloud, &target, module_id).await)?
             .ok_or_else(|| IdentityError::ModuleNotFound(module_id.to_owned()))?;
@@ -1528,6 +1543,7 @@ impl IdentityService {
         self.require_admin(uid)?;
         let device = self.device().await?;
         let target = self.hub_target(&device).await?;
+        let _module = self.lock_module(module_id).await;
         let result = self.observe_hub(hub::delete_module(&self.cloud, &target, module_id).await);
         if matches!(result, Ok(()) | Err(IdentityError::ModuleNotFound(_))) {
             self.store

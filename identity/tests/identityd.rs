@@ -85,6 +85,16 @@ async fn module_token_check(
         .map_err(|error| format!("the emulator rejects the module token: {error}"))
 }
 
+async fn futures_join4<T>(
+    a: impl std::future::Future<Output = T>,
+    b: impl std::future::Future<Output = T>,
+    c: impl std::future::Future<Output = T>,
+    d: impl std::future::Future<Output = T>,
+) -> Vec<T> {
+    let (a, b, c, d) = tokio::join!(a, b, c, d);
+    vec![a, b, c, d]
+}
+
 fn hub_requests_ok(emu: &cloud_emulator::RunningEmulator, auth: &str) -> usize {
     emu.control()
         .requests()
@@ -203,6 +213,24 @@ async fn manual_connection_string_provisions_and_manages_modules() {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // Concurrent creates of one module: exactly one wins, the others get 409.
+    let client = stack.client();
+    let results = futures_join4(
+        client.create_module("racer"),
+        client.create_module("racer"),
+        client.create_module("racer"),
+        client.create_module("racer"),
+    )
+    .await;
+    let created = results.iter().filter(|result| result.is_ok()).count();
+    let conflicts = results
+        .iter()
+        .filter(
+            |result| matches!(result, Err(error) if error.status() == Some(StatusCode::CONFLICT)),
+        )
+        .count();
+    assert_eq!((created, conflicts), (1, 3), "{results:?}");
 
     // Draft routes.
     let draft = stack.client().draft_device_identity().await.unwrap();
