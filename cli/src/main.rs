@@ -281,6 +281,18 @@ fn config_apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     for warning in &plan.warnings {
         eprintln!("warning: {warning}");
     }
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(metadata) = std::fs::metadata(&args.config_file) {
+            if metadata.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "warning: {} is readable by other users; it may hold keys and passwords \
+                     (chmod 0600 it)",
+                    args.config_file.display()
+                );
+            }
+        }
+    }
     if let Some(note) = apply::guard_hostname_change(&plan, &root)? {
         eprintln!("warning: {note}");
     }

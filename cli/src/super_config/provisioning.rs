@@ -1,0 +1,464 @@
+//! `[provisioning]` → identityd's `[provisioning]`, plus the `device-id` key and cert entries
+//! of keyd and certd and the principals identityd needs for them.
+
+use toml::{Table, Value};
+
+use super::*;
+
+/// Maps `[provisioning]` to identityd's table and the keyd/certd entries it needs.
+pub(super) fn map_provisioning(
+    mapper: &mut Mapper,
+    raw: RawProvisioning,
+    local_gateway_hostname: Option<&str>,
+) -> Result<Table, MapError> {
+    let mut table = Table::new();
+    let unexpected = |fields: &[(&str, bool)], source: &str| -> Result<(), Problem> {
+        match fields.iter().find(|(_, present)| *present) {
+            Some((field, _)) => Err(Problem::new(
+                format!("provisioning.{field}"),
+                format!("not used with source = {source:?}"),
+            )),
+            None => Ok(()),
+        }
+    };
+    match raw.source.as_str() {
+        "manual" => {
+            unexpected(
+                &[
+                    ("global_endpoint", raw.global_endpoint.is_some()),
+                    ("id_scope", raw.id_scope.is_some() || raw.scope_id.is_some()),
+                    ("payload", raw.payload.is_some()),
+                    ("attestation", raw.attestation.is_some()),
+                ],
+                "manual",
+            )?;
+            table.insert("source".into(), string("manual"));
+            let (hub, device_id) = if let Some(connection_string) = &raw.connection_string {
+                unexpected(
+                    &[
+                        ("iothub_hostname", raw.iothub_hostname.is_some()),
+                        ("device_id", raw.device_id.is_some()),
+                        ("authentication", raw.authentication.is_some()),
+                    ],
+                    "manual with connection_string",
+                )?;
+                let parsed =
+                    parse_connection_string(connection_string, "provisioning.connection_string")?;
+                add_inline_device_key(mapper, parsed.key);
+                let mut auth = Table::new();
+                auth.insert("method".into(), string("sas"));
+                auth.insert("device_id_pk".into(), string("device-id"));
+                table.insert("authentication".into(), Value::Table(auth));
+                (parsed.hostname, parsed.device_id)
+            } else {
+                let hub = raw.iothub_hostname.clone().ok_or_else(|| {
+                    Problem::new(
+                        "provisioning.iothub_hostname",
+                        "is required (or set connection_string)",
+                    )
+                })?;
+                let device_id = raw.device_id.clone().ok_or_else(|| {
+                    Problem::new(
+                        "provisioning.device_id",
+                        "is required (or set connection_string)",
+                    )
+                })?;
+                let auth_raw = raw.authentication.ok_or_else(|| {
+                    Problem::new(
+                        "provisioning.authentication",
+                        "is required (method = \"sas\" or \"x509\")",
+                    )
+                })?;
+                let mut auth = Table::new();
+                match auth_raw.method.as_str() {
+                    "sas" => {
+                        unexpected(
+                            &[
+                                (
+                                    "authentication.identity_cert",
+                                    auth_raw.identity_cert.is_some(),
+                                ),
+                                ("authentication.identity_pk", auth_raw.identity_pk.is_some()),
+                            ],
+                            "manual with method = \"sas\"",
+                        )?;
+                        let value = auth_raw.device_id_pk.ok_or_else(|| {
+                            Problem::new(
+                                "provisioning.authentication.device_id_pk",
+                                "is required with method = \"sas\"",
+                            )
+                        })?;
+                        device_symmetric_key(
+                            mapper,
+                            value,
+                            "provisioning.authentication.device_id_pk",
+                        )?;
+                        auth.insert("method".into(), string("sas"));
+                        auth.insert("device_id_pk".into(), string("device-id"));
+                    }
+                    "x509" => {
+                        unexpected(
+                            &[(
+                                "authentication.device_id_pk",
+                                auth_raw.device_id_pk.is_some(),
+                            )],
+                            "manual with method = \"x509\"",
+                        )?;
+                        auth.insert("method".into(), string("x509"));
+                        auth.insert("identity_cert".into(), string("device-id"));
+                        auth.insert("identity_pk".into(), string("device-id"));
+                        let issued = device_cert(
+                            mapper,
+                            auth_raw.identity_cert,
+                            auth_raw.identity_pk,
+                            "provisioning.authentication",
+                            &device_id,
+                            false,
+                        )?;
+                        if let Some(DeviceCertIssued { subject, .. }) = issued {
+                            // CN is always the device ID; the other DN fields go into the CSR.
+                            let others: Table = subject
+                                .into_iter()
+                                .filter(|(name, _)| name != "CN")
+                                .map(|(name, value)| (name.to_uppercase(), string(value)))
+                                .collect();
+                            if others.is_empty() {
+                                auth.insert("csr_subject".into(), string(&device_id));
+                            } else {
+                                auth.insert("csr_subject".into(), Value::Table(others));
+                            }
+                        }
+                    }
+                    other => {
+                        return Err(Problem::new(
+                            "provisioning.authentication.method",
+                            format!("unknown method {other:?} (expected sas or x509)"),
+                        )
+                        .into())
+                    }
+                }
+                table.insert("authentication".into(), Value::Table(auth));
+                (hub, device_id)
+            };
+            table.insert("iothub_hostname".into(), string(hub));
+            table.insert("device_id".into(), string(device_id));
+            if let Some(gateway) = local_gateway_hostname {
+                table.insert("local_gateway_hostname".into(), string(gateway));
+            }
+        }
+        "dps" => {
+            if local_gateway_hostname.is_some() {
+                return Err(Problem::new(
+                    "local_gateway_hostname",
+                    "DPS provisioning is not supported in nested mode",
+                )
+                .into());
+            }
+            unexpected(
+                &[
+                    ("iothub_hostname", raw.iothub_hostname.is_some()),
+                    ("device_id", raw.device_id.is_some()),
+                    ("connection_string", raw.connection_string.is_some()),
+                    ("authentication", raw.authentication.is_some()),
+                ],
+                "dps",
+            )?;
+            table.insert("source".into(), string("dps"));
+            table.insert(
+                "global_endpoint".into(),
+                string(
+                    raw.global_endpoint
+                        .unwrap_or_else(|| DEFAULT_DPS_ENDPOINT.to_owned()),
+                ),
+            );
+            let scope = raw.id_scope.or(raw.scope_id).ok_or_else(|| {
+                Problem::new("provisioning.id_scope", "is required with source = \"dps\"")
+            })?;
+            table.insert("scope_id".into(), string(scope));
+            if let Some(payload) = raw.payload {
+                check_file_uri(&payload.uri, "provisioning.payload.uri")?;
+                let mut payload_table = Table::new();
+                payload_table.insert("uri".into(), string(payload.uri));
+                table.insert("payload".into(), Value::Table(payload_table));
+            }
+            let attestation = raw.attestation.ok_or_else(|| {
+                Problem::new(
+                    "provisioning.attestation",
+                    "is required with source = \"dps\"",
+                )
+            })?;
+            let mut att = Table::new();
+            match attestation.method.as_str() {
+                "symmetric_key" => {
+                    unexpected(
+                        &[
+                            (
+                                "attestation.identity_cert",
+                                attestation.identity_cert.is_some(),
+                            ),
+                            ("attestation.identity_pk", attestation.identity_pk.is_some()),
+                        ],
+                        "dps with method = \"symmetric_key\"",
+                    )?;
+                    let registration_id = attestation.registration_id.ok_or_else(|| {
+                        Problem::new(
+                            "provisioning.attestation.registration_id",
+                            "is required with method = \"symmetric_key\"",
+                        )
+                    })?;
+                    let value = attestation.symmetric_key.ok_or_else(|| {
+                        Problem::new(
+                            "provisioning.attestation.symmetric_key",
+                            "is required with method = \"symmetric_key\"",
+                        )
+                    })?;
+                    device_symmetric_key(mapper, value, "provisioning.attestation.symmetric_key")?;
+                    att.insert("method".into(), string("symmetric_key"));
+                    att.insert("registration_id".into(), string(registration_id));
+                    att.insert("symmetric_key".into(), string("device-id"));
+                }
+                "x509" => {
+                    unexpected(
+                        &[(
+                            "attestation.symmetric_key",
+                            attestation.symmetric_key.is_some(),
+                        )],
+                        "dps with method = \"x509\"",
+                    )?;
+                    att.insert("method".into(), string("x509"));
+                    att.insert("identity_cert".into(), string("device-id"));
+                    att.insert("identity_pk".into(), string("device-id"));
+                    let default_cn = attestation.registration_id.clone();
+                    let issued = device_cert(
+                        mapper,
+                        attestation.identity_cert,
+                        attestation.identity_pk,
+                        "provisioning.attestation",
+                        default_cn.as_deref().unwrap_or(""),
+                        true,
+                    )?;
+                    match (&attestation.registration_id, &issued) {
+                        (Some(registration_id), _) => {
+                            att.insert("registration_id".into(), string(registration_id));
+                        }
+                        (
+                            None,
+                            Some(DeviceCertIssued {
+                                subject,
+                                subject_is_dn: true,
+                                ..
+                            }),
+                        ) => {
+                            let dn: Table = subject
+                                .iter()
+                                .map(|(name, value)| (name.clone(), string(value)))
+                                .collect();
+                            att.insert("registration_id".into(), Value::Table(dn));
+                        }
+                        (
+                            None,
+                            Some(DeviceCertIssued {
+                                subject,
+                                subject_is_dn: false,
+                                ..
+                            }),
+                        ) => {
+                            if let Some((_, common_name)) =
+                                subject.iter().find(|(name, _)| name == "CN")
+                            {
+                                att.insert("registration_id".into(), string(common_name));
+                            }
+                        }
+                        (None, None) => {}
+                    }
+                    if let Some(DeviceCertIssued {
+                        auto_renew: Some(renew),
+                        ..
+                    }) = &issued
+                    {
+                        att.insert("identity_auto_renew".into(), renew.table());
+                    }
+                }
+                "tpm" => {
+                    let registration_id = attestation.registration_id.ok_or_else(|| {
+                        Problem::new(
+                            "provisioning.attestation.registration_id",
+                            "is required with method = \"tpm\"",
+                        )
+                    })?;
+                    unexpected(
+                        &[
+                            (
+                                "attestation.symmetric_key",
+                                attestation.symmetric_key.is_some(),
+                            ),
+                            (
+                                "attestation.identity_cert",
+                                attestation.identity_cert.is_some(),
+                            ),
+                            ("attestation.identity_pk", attestation.identity_pk.is_some()),
+                        ],
+                        "dps with method = \"tpm\"",
+                    )?;
+                    // The device key lives in the TPM, not in keyd.
+                    mapper.keyd_identityd.retain(|id| id != "device-id");
+                    att.insert("method".into(), string("tpm"));
+                    att.insert("registration_id".into(), string(registration_id));
+                }
+                other => {
+                    return Err(Problem::new(
+                        "provisioning.attestation.method",
+                        format!("unknown method {other:?} (expected symmetric_key, x509 or tpm)"),
+                    )
+                    .into())
+                }
+            }
+            table.insert("attestation".into(), Value::Table(att));
+        }
+        "none" => {
+            unexpected(
+                &[
+                    ("iothub_hostname", raw.iothub_hostname.is_some()),
+                    ("device_id", raw.device_id.is_some()),
+                    ("connection_string", raw.connection_string.is_some()),
+                    ("authentication", raw.authentication.is_some()),
+                    ("global_endpoint", raw.global_endpoint.is_some()),
+                    ("id_scope", raw.id_scope.is_some() || raw.scope_id.is_some()),
+                    ("payload", raw.payload.is_some()),
+                    ("attestation", raw.attestation.is_some()),
+                ],
+                "none",
+            )?;
+            table.insert("source".into(), string("none"));
+        }
+        other => {
+            return Err(Problem::new(
+                "provisioning.source",
+                format!("unknown source {other:?} (expected manual, dps or none)"),
+            )
+            .into())
+        }
+    }
+    Ok(table)
+}
+
+pub(super) fn add_inline_device_key(mapper: &mut Mapper, bytes: Vec<u8>) {
+    mapper.secrets.push(SecretFile {
+        file_name: "device-id".into(),
+        contents: bytes,
+    });
+    mapper
+        .keyd_preloaded
+        .insert("device-id".into(), secret_uri("device-id"));
+    push_unique(&mut mapper.keyd_identityd, "device-id");
+}
+
+pub(super) fn device_symmetric_key(
+    mapper: &mut Mapper,
+    value: Value,
+    key: &str,
+) -> Result<(), Problem> {
+    match parse_symmetric_key(value, key)? {
+        SymmetricKey::Inline(bytes) => add_inline_device_key(mapper, bytes),
+        SymmetricKey::Uri(uri) => {
+            let normalized = keyd_uri(&uri, &format!("{key}.uri"))?;
+            mapper.keyd_preloaded.insert("device-id".into(), normalized);
+            push_unique(&mut mapper.keyd_identityd, "device-id");
+        }
+    }
+    Ok(())
+}
+
+/// What an issued device identity cert looks like, for identityd's settings.
+pub(super) struct DeviceCertIssued {
+    /// The subject as (attribute, value) pairs; `common_name` becomes `CN`.
+    subject: Vec<(String, String)>,
+    /// Whether the super-config gave a `subject` table (a DN) rather than a common name.
+    subject_is_dn: bool,
+    auto_renew: Option<AutoRenew>,
+}
+
+/// Maps `identity_cert` / `identity_pk` at `key` to the `device-id` cert and key.
+pub(super) fn device_cert(
+    mapper: &mut Mapper,
+    identity_cert: Option<Value>,
+    identity_pk: Option<String>,
+    key: &str,
+    default_common_name: &str,
+    renewal_supported: bool,
+) -> Result<Option<DeviceCertIssued>, Problem> {
+    let cert_key = format!("{key}.identity_cert");
+    let cert = identity_cert
+        .ok_or_else(|| Problem::new(&cert_key, "is required with method = \"x509\""))?;
+    push_unique(&mut mapper.keyd_identityd, "device-id");
+    match parse_cert(cert, &cert_key)? {
+        CertSpec::File(uri) => {
+            let pk = identity_pk.ok_or_else(|| {
+                Problem::new(
+                    format!("{key}.identity_pk"),
+                    "is required when identity_cert is a file",
+                )
+            })?;
+            mapper.preload_cert("device-id", &uri, &cert_key)?;
+            mapper.preload_key("device-id", &pk, &format!("{key}.identity_pk"))?;
+            Ok(None)
+        }
+        CertSpec::Issued(options) => {
+            if identity_pk.is_some() {
+                return Err(Problem::new(
+                    format!("{key}.identity_pk"),
+                    "must not be set when identity_cert is an issuance table (the key is generated)",
+                ));
+            }
+            let default_cn = (!default_common_name.is_empty()).then_some(default_common_name);
+            let table = mapper.issuance("device-id", &options, &cert_key, default_cn)?;
+            let auto_renew = match &options.auto_renew {
+                Some(renew) => Some(AutoRenew::parse(renew, &format!("{cert_key}.auto_renew"))?),
+                None => None,
+            };
+            let auto_renew = match auto_renew {
+                Some(renew) if renewal_supported => Some(renew),
+                Some(_) => {
+                    mapper.warn(
+                        &format!("{cert_key}.auto_renew"),
+                        "ignored: identityd renews device identity certs only with DPS",
+                    );
+                    None
+                }
+                None => None,
+            };
+            push_unique(&mut mapper.certd_identityd, "device-id");
+            if auto_renew.is_some() {
+                push_unique(&mut mapper.keyd_identityd, "device-id-temp");
+                push_unique(&mut mapper.certd_identityd, "device-id-temp");
+                mapper
+                    .certd_issuance
+                    .insert("device-id-temp".into(), Value::Table(table.clone()));
+            }
+            mapper
+                .certd_issuance
+                .insert("device-id".into(), Value::Table(table));
+            let (subject, subject_is_dn) = match (&options.common_name, &options.subject) {
+                (_, Some(subject)) => (
+                    subject
+                        .iter()
+                        .map(|(name, value)| (name.clone(), value.clone()))
+                        .collect(),
+                    true,
+                ),
+                (Some(common_name), None) => (vec![("CN".to_owned(), common_name.clone())], false),
+                (None, None) => (
+                    default_cn
+                        .map(|common_name| vec![("CN".to_owned(), common_name.to_owned())])
+                        .unwrap_or_default(),
+                    false,
+                ),
+            };
+            Ok(Some(DeviceCertIssued {
+                subject,
+                subject_is_dn,
+                auto_renew,
+            }))
+        }
+    }
+}
