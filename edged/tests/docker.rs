@@ -670,3 +670,59 @@ fn agent_recreated_and_identities_survive_restart() {
         restart_time.as_millis()
     );
 }
+
+/// Under systemd socket activation edged takes its two sockets by name
+/// (`aziot-edged.mgmt.socket`, `aziot-edged.workload.socket`) instead of binding paths, and the
+/// agent reaches the management API through the inherited socket.
+#[test]
+fn serves_on_the_two_named_sockets_systemd_passes() {
+    let _docker = common::docker_lock();
+    let mut harness = Harness::new();
+    harness.listen_on_systemd_fds();
+    let (mgmt, workload) = (harness.mgmt.clone(), harness.workload.clone());
+    harness.edged.spawn_activated(
+        &[
+            (mgmt.as_path(), "aziot-edged.mgmt.socket"),
+            (workload.as_path(), "aziot-edged.workload.socket"),
+        ],
+        Duration::from_secs(10),
+    );
+    // The first connection makes the activator start edged; answers come once it is ready.
+    harness.wait_for(
+        "edged to answer on the passed socket",
+        Duration::from_secs(30),
+        || {
+            let client = http_common::UdsClient::new(&mgmt);
+            harness
+                .runtime
+                .block_on(client.send(
+                    Method::GET,
+                    &format!("/modules?{V}"),
+                    &[],
+                    Vec::new().into(),
+                ))
+                .is_ok_and(|response| response.status == StatusCode::OK)
+        },
+    );
+    let agent = harness.agent.clone();
+    harness.wait_for("the agent to run", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+    });
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt.display().to_string(),
+        "POST",
+        &format!("/identities?{V}"),
+        r#"{"moduleId": "activated"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, bytes) =
+        harness.call_raw(&workload, Method::GET, &format!("/trust-bundle?{V}"), "");
+    assert_eq!(status, StatusCode::OK);
+    assert!(parse_json(&bytes)["certificate"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    assert!(harness.edged.log_text().contains("edged is serving"));
+    assert_eq!(harness.edged.stop(), Some(0));
+}

@@ -137,6 +137,52 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// Starts the daemon under `systemd-socket-activate`, which binds `sockets` (path, fd name)
+    /// and passes them as named fds; returns once the first socket accepts (the activator
+    /// launches the daemon on that first connection).
+    pub fn spawn_activated(&mut self, sockets: &[(&Path, &str)], timeout: Duration) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut command = Command::new("systemd-socket-activate");
+        for (path, _) in sockets {
+            let _ = std::fs::remove_file(path);
+            command.arg("-l").arg(path);
+        }
+        let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
+        command
+            .arg(format!("--fdname={}", names.join(":")))
+            .arg(format!(
+                "--setenv={}={}",
+                self.env_file,
+                self.config.display()
+            ))
+            .arg(format!(
+                "--setenv={}={}",
+                self.env_dir,
+                self.config_dir.display()
+            ))
+            .arg("--setenv=AZIOT_LOG=debug")
+            .arg(&self.binary)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = command
+            .spawn()
+            .expect("systemd-socket-activate (from the systemd package) is needed");
+        let deadline = Instant::now() + timeout;
+        while !sockets[0].0.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "systemd-socket-activate did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
     /// Sends SIGTERM and waits; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
@@ -566,6 +612,23 @@ aziot_identityd_url = "unix://{identityd}"
             workload,
             identity_stop: Some(identity_stop),
         }
+    }
+
+    /// Switches edged's `[listen]` URIs to the systemd fd names.
+    pub fn listen_on_systemd_fds(&self) {
+        let config = std::fs::read_to_string(&self.edged.config).unwrap();
+        let unix_listen = format!(
+            "[listen]\nworkload_uri = \"unix://{}\"\nmanagement_uri = \"unix://{}\"\n",
+            self.workload.display(),
+            self.mgmt.display()
+        );
+        assert!(config.contains(&unix_listen));
+        let config = config.replace(
+            &unix_listen,
+            "[listen]\nworkload_uri = \"fd://aziot-edged.workload.socket\"\n\
+             management_uri = \"fd://aziot-edged.mgmt.socket\"\n",
+        );
+        std::fs::write(&self.edged.config, config).unwrap();
     }
 
     /// Starts edged and waits for its management socket.

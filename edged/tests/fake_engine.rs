@@ -1,0 +1,315 @@
+//! edged's service over a fake Docker engine served in-process on a temporary Unix socket: the
+//! faults a real engine cannot be made to produce on demand (a pull that hangs, a 500, a pull
+//! whose progress stream ends in an error), and the "no global lock" rule: while one module's
+//! image pull hangs, list, get, logs and another module's operations still answer at once.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edged::identity::{DeviceIdentity, IdentityClient, ModuleIdentity};
+use edged::model::ModuleSpec;
+use edged::runtime::docker::DockerRuntime;
+use edged::runtime::LogOptions;
+use edged::Edged;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt as _;
+use http_common::{ApiError as _, Caller, ClientError, Request, Response};
+
+const OWNER: &str = "net.azure-devices.edge.owner";
+
+struct FakeEngine {
+    pull_started: AtomicBool,
+    release_pull: tokio::sync::Notify,
+    test_pid: u32,
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    http_common::json_response(status, &value)
+}
+
+fn container(id: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "Id": id, "Name": format!("/{name}"), "Image": "sha256:img",
+        "State": {"Status": "running", "Pid": 42, "ExitCode": 0,
+                  "StartedAt": "2024-05-01T10:00:00.123Z", "FinishedAt": "0001-01-01T00:00:00Z"},
+        "Config": {"Image": "img", "Labels": {OWNER: "Microsoft.Azure.Devices.Edge.Agent",
+                   "net.azure-devices.edge.original-image": "registry.example/m:1"}}
+    })
+}
+
+struct EngineRouter(Arc<FakeEngine>);
+
+impl http_common::Handler for EngineRouter {
+    async fn handle(&self, request: Request) -> Response {
+        let path = request.path.strip_prefix("/v1.41").unwrap_or("").to_owned();
+        match (request.method.clone(), path.as_str()) {
+            (Method::GET, "/containers/json") => json(
+                StatusCode::OK,
+                serde_json::json!([{"Id": "c1", "Names": ["/m1"], "ImageID": "sha256:img",
+                    "State": "running", "Status": "Up 1 minute",
+                    "Labels": {OWNER: "Microsoft.Azure.Devices.Edge.Agent"}}]),
+            ),
+            (Method::GET, "/containers/c1/json" | "/containers/m1/json") => {
+                json(StatusCode::OK, container("c1", "m1"))
+            }
+            (Method::GET, "/containers/broken/json") => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"message": "engine exploded"}),
+            ),
+            (Method::GET, "/containers/m1/logs") => {
+                let mut frame = vec![1u8, 0, 0, 0, 0, 0, 0, 3];
+                frame.extend_from_slice(b"hi\n");
+                let mut response = hyper::Response::new(http_common::full_body(frame));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/vnd.docker.raw-stream"),
+                );
+                response
+            }
+            (Method::GET, "/containers/edgeAgent/top") => json(
+                StatusCode::OK,
+                serde_json::json!({"Titles": ["UID", "PID", "CMD"],
+                    "Processes": [["root", self.0.test_pid.to_string(), "agent"]]}),
+            ),
+            (Method::POST, "/images/create") => {
+                let query = request.query.clone().unwrap_or_default();
+                if query.contains("missing") {
+                    return json(
+                        StatusCode::OK,
+                        serde_json::json!({"errorDetail": {"message": "manifest for missing:1 not found"},
+                                           "error": "manifest for missing:1 not found"}),
+                    );
+                }
+                if query.contains("slow") {
+                    self.0.pull_started.store(true, Ordering::SeqCst);
+                    self.0.release_pull.notified().await;
+                }
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"status": "Downloaded newer image"}),
+                )
+            }
+            (Method::GET, path) if path.starts_with("/images/") => {
+                json(StatusCode::OK, serde_json::json!({"Id": "sha256:img"}))
+            }
+            (Method::POST, "/containers/create") => json(
+                StatusCode::CREATED,
+                serde_json::json!({"Id": "new-container"}),
+            ),
+            _ => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"message": format!("No such container: {path}")}),
+            ),
+        }
+    }
+}
+
+struct FakeIdentity;
+
+impl IdentityClient for FakeIdentity {
+    async fn get_device(&self) -> Result<DeviceIdentity, ClientError> {
+        Ok(DeviceIdentity {
+            hub_name: "hub".into(),
+            gateway_host: "hub".into(),
+            device_id: "device".into(),
+        })
+    }
+    async fn reprovision(&self) -> Result<(), ClientError> {
+        Ok(())
+    }
+    async fn list_modules(&self) -> Result<Vec<ModuleIdentity>, ClientError> {
+        Ok(Vec::new())
+    }
+    async fn create_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
+        self.get_module(module_id).await
+    }
+    async fn get_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
+        Ok(ModuleIdentity {
+            module_id: module_id.into(),
+            gen_id: "1".into(),
+            key_handle: None,
+            local: false,
+        })
+    }
+    async fn update_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
+        self.get_module(module_id).await
+    }
+    async fn delete_module(&self, _: &str) -> Result<(), ClientError> {
+        Ok(())
+    }
+}
+
+fn spec(name: &str, image: &str) -> ModuleSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "type": "docker", "imagePullPolicy": "on-create",
+        "config": {"settings": {"image": image, "createOptions": {},
+                   "auth": {"username": "u", "password": "p", "serveraddress": "registry.example"}},
+                   "env": []}
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_pull_blocks_nothing_else_and_docker_errors_keep_their_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(FakeEngine {
+        pull_started: AtomicBool::new(false),
+        release_pull: tokio::sync::Notify::new(),
+        test_pid: std::process::id(),
+    });
+    let socket = dir.path().join("docker.sock");
+    let listener = http_common::listener::listen(
+        &http_common::listener::ListenerUri::Unix(socket.clone()),
+        &http_common::listener::SystemdFds::default(),
+        None,
+        0o600,
+    )
+    .unwrap();
+    tokio::spawn(http_common::serve(
+        listener,
+        Arc::new(EngineRouter(Arc::clone(&engine))),
+        http_common::ServerOptions::default(),
+        std::future::pending(),
+    ));
+
+    let homedir = dir.path().join("home");
+    std::fs::create_dir_all(homedir.join("gc")).unwrap();
+    let config = edged::Config::from_toml(&format!(
+        "hostname = \"h\"\nhomedir = \"{}\"\n[agent.config]\nimage = \"agent:1\"\n",
+        homedir.display()
+    ))
+    .unwrap();
+    let runtime = DockerRuntime::new(
+        edged::docker::DockerClient::new(&socket),
+        true,
+        config.moby.network.clone(),
+    );
+    let (exit, _exit_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let edged = Arc::new(Edged::new(
+        config,
+        runtime,
+        FakeIdentity,
+        key_api::Client::from_uri("unix:///nonexistent/keyd.sock").unwrap(),
+        cert_api::Client::from_uri("unix:///nonexistent/certd.sock").unwrap(),
+        homedir,
+        FakeIdentity.get_device().await.unwrap(),
+        exit,
+    ));
+    // The test process plays the agent: the fake engine's `top` lists its pid.
+    let caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: i32::try_from(std::process::id()).unwrap(),
+    };
+
+    // Module "slow" pulls an image that never arrives (until released).
+    let pulling = {
+        let edged = Arc::clone(&edged);
+        tokio::spawn(async move { edged.create_module(&caller, spec("slow", "slow:1")).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !engine.pull_started.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the pull never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Meanwhile everything else answers at once.
+    let started = Instant::now();
+    let modules = edged.list_modules().await.unwrap();
+    assert_eq!(modules.len(), 1);
+    assert_eq!(
+        modules[0].status.runtime_status.description.as_deref(),
+        Some("Up 1 minute")
+    );
+    assert_eq!(
+        modules[0].config["settings"]["image"],
+        "registry.example/m:1"
+    );
+    let module = edged.get_module("m1").await.unwrap();
+    assert_eq!(
+        module.status.start_time.as_deref(),
+        Some("2024-05-01T10:00:00.123Z")
+    );
+    let logs = edged
+        .module_logs("m1", &LogOptions::default())
+        .await
+        .unwrap();
+    let bytes = logs.collect().await.unwrap().to_bytes();
+    assert_eq!(&bytes[..], b"\x01\x00\x00\x00\x00\x00\x00\x03hi\n");
+    let other = edged
+        .create_module(&caller, spec("other", "fast:1"))
+        .await
+        .unwrap();
+    assert_eq!(other.status.runtime_status.status, "stopped");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "blocked for {elapsed:?}");
+    assert!(!pulling.is_finished(), "the slow pull finished early");
+
+    // Release the pull: the slow create completes.
+    engine.release_pull.notify_one();
+    let created = tokio::time::timeout(Duration::from_secs(5), pulling)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.id, "new-container");
+    assert!(serde_json::to_string(&created)
+        .unwrap()
+        .find("\"password\"")
+        .is_none());
+
+    // Docker errors keep Docker's status and message; a failed pull is a 404.
+    let error = edged.get_module("broken").await.unwrap_err();
+    assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(error.server_message(), "engine exploded");
+    let error = edged.get_module("nothing").await.unwrap_err();
+    assert_eq!(error.status(), StatusCode::NOT_FOUND);
+    let error = edged
+        .create_module(&caller, spec("missing", "missing:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), StatusCode::NOT_FOUND, "{error}");
+    assert!(error.to_string().contains("not found"), "{error}");
+
+    // A caller that is not in the agent container is refused before any Docker work.
+    let stranger = Caller { pid: 1, ..caller };
+    let error = edged
+        .create_module(&stranger, spec("x", "fast:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), StatusCode::FORBIDDEN);
+    let error = edged
+        .create_module(&Caller { pid: 0, ..caller }, spec("x", "fast:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), StatusCode::FORBIDDEN);
+}
+
+/// An invalid configuration exits with 153 and names the file and key.
+#[test]
+fn an_invalid_configuration_exits_153() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let cases = [
+        ("hostname = \"h\"\nhomedir = \"/h\"\nbogus = 1\n[agent.config]\nimage = \"i\"\n", "bogus"),
+        (
+            "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"i\"\n[edge_ca]\ncert = \"a\"\n[certificates]\ndevice_ca_cert = \"b\"\ndevice_ca_pk = \"b\"\n",
+            "certificates",
+        ),
+        ("homedir = \"/h\"\n[agent.config]\nimage = \"i\"\n", "hostname"),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&config, text).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_edged"))
+            .env("AZIOT_EDGED_CONFIG", &config)
+            .env("AZIOT_EDGED_CONFIG_DIR", dir.path().join("none"))
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(153), "{log}");
+        assert!(log.contains(key) && log.contains("config.toml"), "{log}");
+    }
+}
