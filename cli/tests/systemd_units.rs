@@ -441,14 +441,15 @@ impl Drop for Activated {
     }
 }
 
-/// An exclusive `flock` on `/tmp/aziot-docker-tests.lock`, held while a test drives the
-/// machine's Docker Engine through edged (other crates' Docker tests can take the same lock).
+/// An exclusive `flock` on `<temp>/edged-docker-tests.lock`, the lock edged's own Docker tests
+/// take: a fresh edged stops and removes every edge-owned container, so only one test at a time
+/// may drive the machine's Docker Engine through edged, across processes.
 fn docker_lock() -> std::fs::File {
     use std::os::fd::AsRawFd as _;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open("/tmp/aziot-docker-tests.lock")
+        .open(std::env::temp_dir().join("edged-docker-tests.lock"))
         .unwrap();
     // SAFETY: flock on a valid, open file descriptor; the lock is released when `file` closes.
     let status = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
