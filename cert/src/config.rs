@@ -417,17 +417,24 @@ impl Config {
                 })?,
         };
 
+        let endpoint = http_common::daemon::listener_endpoint(
+            loaded,
+            "aziot_certd",
+            raw.endpoints.aziot_certd,
+            DEFAULT_ENDPOINT,
+        )?;
+        let keyd_endpoint = http_common::daemon::peer_endpoint(
+            loaded,
+            "aziot_keyd",
+            raw.endpoints.aziot_keyd,
+            DEFAULT_KEYD_ENDPOINT,
+        )?;
+
         Ok(Config {
             homedir: PathBuf::from(homedir),
             max_requests,
-            endpoint: raw
-                .endpoints
-                .aziot_certd
-                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
-            keyd_endpoint: raw
-                .endpoints
-                .aziot_keyd
-                .unwrap_or_else(|| DEFAULT_KEYD_ENDPOINT.to_owned()),
+            endpoint,
+            keyd_endpoint,
             policy: Policy {
                 principals: raw.principal,
                 local_ca,

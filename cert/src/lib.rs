@@ -78,29 +78,15 @@ pub async fn run(
 const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 async fn watch_policy(paths: ConfigPaths, service: Arc<CertService>) {
-    let mut fingerprint = paths.fingerprint();
-    loop {
-        tokio::time::sleep(CONFIG_POLL_INTERVAL).await;
-        let current = paths.fingerprint();
-        if current == fingerprint {
-            continue;
-        }
-        fingerprint = current;
-        let reloaded =
-            config_common::load_table(&paths).and_then(|loaded| Config::from_loaded(&loaded));
-        match reloaded {
-            Ok(config) => {
-                log::info!(
-                    "configuration changed; {} principal entries, {} issuance entries, {} preloaded certs in force",
-                    config.policy.principals.len(),
-                    config.policy.issuance.len(),
-                    config.policy.preloaded.len()
-                );
-                service.set_policy(config.policy);
-            }
-            Err(error) => {
-                log::warn!("configuration changed but is invalid, keeping the old one: {error}")
-            }
-        }
-    }
+    http_common::daemon::watch_config(paths, CONFIG_POLL_INTERVAL, Config::from_loaded, |config| {
+        log::info!(
+            "{} principal entries, {} issuance entries, {} preloaded certs in force",
+            config.policy.principals.len(),
+            config.policy.issuance.len(),
+            config.policy.preloaded.len()
+        );
+        service.set_policy(config.policy);
+        std::future::ready(())
+    })
+    .await;
 }

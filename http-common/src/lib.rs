@@ -8,10 +8,13 @@
 //! - [`error`]: the `{"message": ...}` error body and the [`error::ApiError`] trait through
 //!   which each daemon maps its errors to statuses in one place.
 //! - [`client`]: the one pooled async client over a Unix socket.
+//! - [`daemon`]: the start-up every daemon binary shares (arguments, config, exit codes) and the
+//!   configuration watcher.
 //!
 //! This crate knows nothing about keys, certificates, identities or modules.
 
 pub mod client;
+pub mod daemon;
 pub mod error;
 pub mod listener;
 pub mod request;

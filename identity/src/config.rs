@@ -874,11 +874,16 @@ impl Config {
         }
         let mut cloud_trusted_certs = Vec::new();
         for (index, uri) in raw.cloud_trusted_certs.iter().enumerate() {
-            cloud_trusted_certs.push(file_uri_path(
-                loaded,
-                &format!("cloud_trusted_certs[{index}]"),
-                uri,
-            )?);
+            let key = format!("cloud_trusted_certs[{index}]");
+            let path = file_uri_path(loaded, &key, uri)?;
+            if let Err(error) = std::fs::metadata(&path) {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    key,
+                    format!("cannot read {}: {error}", path.display()),
+                ));
+            }
+            cloud_trusted_certs.push(path);
         }
         let provisioning = match raw.provisioning {
             Some(provisioning) => provisioning_from_raw(loaded, provisioning)?,
@@ -899,18 +904,24 @@ impl Config {
             provisioning,
             principals,
             localid_domain: raw.localid.map(|localid| localid.domain),
-            endpoint: raw
-                .endpoints
-                .aziot_identityd
-                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
-            keyd_endpoint: raw
-                .endpoints
-                .aziot_keyd
-                .unwrap_or_else(|| DEFAULT_KEYD_ENDPOINT.to_owned()),
-            certd_endpoint: raw
-                .endpoints
-                .aziot_certd
-                .unwrap_or_else(|| DEFAULT_CERTD_ENDPOINT.to_owned()),
+            endpoint: http_common::daemon::listener_endpoint(
+                loaded,
+                "aziot_identityd",
+                raw.endpoints.aziot_identityd,
+                DEFAULT_ENDPOINT,
+            )?,
+            keyd_endpoint: http_common::daemon::peer_endpoint(
+                loaded,
+                "aziot_keyd",
+                raw.endpoints.aziot_keyd,
+                DEFAULT_KEYD_ENDPOINT,
+            )?,
+            certd_endpoint: http_common::daemon::peer_endpoint(
+                loaded,
+                "aziot_certd",
+                raw.endpoints.aziot_certd,
+                DEFAULT_CERTD_ENDPOINT,
+            )?,
         })
     }
 }

@@ -100,32 +100,17 @@ pub async fn run(
 const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 async fn watch_config(paths: ConfigPaths, service: Arc<IdentityService>) {
-    let mut fingerprint = paths.fingerprint();
-    loop {
-        tokio::time::sleep(CONFIG_POLL_INTERVAL).await;
-        let current = paths.fingerprint();
-        if current == fingerprint {
-            continue;
+    http_common::daemon::watch_config(paths, CONFIG_POLL_INTERVAL, Config::from_loaded, |config| {
+        log::info!("{} principal entries in force", config.principals.len());
+        let service = Arc::clone(&service);
+        async move {
+            service
+                .reload(service::Settings {
+                    principals: config.principals,
+                    provisioning: config.provisioning,
+                })
+                .await;
         }
-        fingerprint = current;
-        let reloaded =
-            config_common::load_table(&paths).and_then(|loaded| Config::from_loaded(&loaded));
-        match reloaded {
-            Ok(config) => {
-                log::info!(
-                    "configuration changed; {} principal entries in force",
-                    config.principals.len()
-                );
-                service
-                    .reload(service::Settings {
-                        principals: config.principals,
-                        provisioning: config.provisioning,
-                    })
-                    .await;
-            }
-            Err(error) => {
-                log::warn!("configuration changed but is invalid, keeping the old one: {error}")
-            }
-        }
-    }
+    })
+    .await;
 }

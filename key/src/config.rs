@@ -261,16 +261,20 @@ impl Config {
             ));
         }
 
+        let endpoint = http_common::daemon::listener_endpoint(
+            loaded,
+            "aziot_keyd",
+            raw.endpoints.aziot_keyd,
+            DEFAULT_ENDPOINT,
+        )?;
+
         Ok(Config {
             max_requests,
             homedir,
             pkcs11,
             preloaded_keys,
             principals: raw.principal,
-            endpoint: raw
-                .endpoints
-                .aziot_keyd
-                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
+            endpoint,
         })
     }
 }

@@ -131,27 +131,10 @@ pub async fn run(
 const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 async fn watch_principals(paths: ConfigPaths, service: Arc<KeyService>) {
-    let mut fingerprint = paths.fingerprint();
-    loop {
-        tokio::time::sleep(CONFIG_POLL_INTERVAL).await;
-        let current = paths.fingerprint();
-        if current == fingerprint {
-            continue;
-        }
-        fingerprint = current;
-        let reloaded =
-            config_common::load_table(&paths).and_then(|loaded| Config::from_loaded(&loaded));
-        match reloaded {
-            Ok(config) => {
-                log::info!(
-                    "configuration changed; {} principal entries in force",
-                    config.principals.len()
-                );
-                service.set_principals(config.principals);
-            }
-            Err(error) => {
-                log::warn!("configuration changed but is invalid, keeping the old one: {error}")
-            }
-        }
-    }
+    http_common::daemon::watch_config(paths, CONFIG_POLL_INTERVAL, Config::from_loaded, |config| {
+        log::info!("{} principal entries in force", config.principals.len());
+        service.set_principals(config.principals);
+        std::future::ready(())
+    })
+    .await;
 }

@@ -1,95 +1,27 @@
-//! The keyd binary: arguments, logging, configuration, listener, runtime. All logic is in the
-//! library.
+//! The keyd binary. All logic is in the library; start-up is `http_common::daemon::main`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use config_common::{ConfigPaths, EXIT_CODE_INVALID_CONFIG};
-use http_common::listener::{listen, ListenerUri, SystemdFds};
+use http_common::daemon::{self, DaemonInfo, Startup};
 
-const USAGE: &str = "usage: keyd [--config FILE] [--config-dir DIR]\n\
-  Config defaults to /etc/aziot/keyd/config.toml and /etc/aziot/keyd/config.d,\n\
-  or AZIOT_KEYD_CONFIG / AZIOT_KEYD_CONFIG_DIR.";
+const INFO: DaemonInfo = DaemonInfo {
+    name: "keyd",
+    version: env!("CARGO_PKG_VERSION"),
+    config_env: "AZIOT_KEYD_CONFIG",
+    config_dir_env: "AZIOT_KEYD_CONFIG_DIR",
+    default_config: keyd::config::DEFAULT_CONFIG_FILE,
+    default_config_dir: keyd::config::DEFAULT_CONFIG_DIR,
+};
 
 fn main() -> ExitCode {
-    http_common::init_logging();
-    let mut config_file: Option<PathBuf> = None;
-    let mut config_dir: Option<PathBuf> = None;
-    let mut arguments = std::env::args().skip(1);
-    while let Some(argument) = arguments.next() {
-        match argument.as_str() {
-            "--config" | "-c" => config_file = arguments.next().map(PathBuf::from),
-            "--config-dir" => config_dir = arguments.next().map(PathBuf::from),
-            "--version" => {
-                println!("keyd {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            other => {
-                eprintln!("unknown argument {other:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let paths = ConfigPaths::resolve(
-        config_file,
-        config_dir,
-        "AZIOT_KEYD_CONFIG",
-        "AZIOT_KEYD_CONFIG_DIR",
-        keyd::config::DEFAULT_CONFIG_FILE,
-        keyd::config::DEFAULT_CONFIG_DIR,
-    );
-    let config = match config_common::load_table(&paths)
-        .and_then(|loaded| keyd::Config::from_loaded(&loaded))
-    {
-        Ok(config) => config,
-        Err(error) => {
-            log::error!("invalid configuration: {error}");
-            return exit_code(EXIT_CODE_INVALID_CONFIG);
-        }
-    };
-    // Socket activation reads and clears the environment: before any thread starts.
-    let systemd = match SystemdFds::take() {
-        Ok(fds) => fds,
-        Err(error) => {
-            log::error!("{error}");
-            return exit_code(EXIT_CODE_INVALID_CONFIG);
-        }
-    };
-    match serve(config, paths, systemd) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            log::error!("keyd failed: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn exit_code(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
-}
-
-fn serve(config: keyd::Config, paths: ConfigPaths, systemd: SystemdFds) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(32)
-        .build()
-        .context("could not start the async runtime")?;
-    runtime.block_on(async {
-        let uri = ListenerUri::parse(&config.endpoint).context("invalid [endpoints] aziot_keyd")?;
-        let listener =
-            listen(&uri, &systemd, None, 0o660).context("could not open keyd's socket")?;
-        keyd::run(
-            config,
-            Some(paths),
-            listener,
-            http_common::server::shutdown_signal(),
-        )
-        .await
-        .map_err(|error| anyhow::anyhow!(http_common::error::error_chain(&error)))
-    })
+    daemon::main(
+        &INFO,
+        keyd::Config::from_loaded,
+        |config, startup: Startup| async move {
+            let listener = daemon::open_listener(&config.endpoint, &startup.systemd)?;
+            let shutdown = http_common::server::shutdown_signal();
+            keyd::run(config, Some(startup.paths), listener, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        },
+    )
 }

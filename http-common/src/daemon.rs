@@ -1,0 +1,214 @@
+//! The start-up every daemon binary shares: command line, logging, configuration (exit 153 when
+//! invalid), systemd socket activation, the async runtime, and the exit code.
+//!
+//! A daemon's `main` names itself in a [`DaemonInfo`], passes its config validator and its
+//! async `serve` function to [`main`], and returns what it returns.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use config_common::{ConfigError, ConfigPaths, Loaded, EXIT_CODE_INVALID_CONFIG};
+
+use crate::listener::{listen, ListenError, ListenerUri, SystemdFds};
+
+/// How a daemon is named and where its configuration lives by default.
+#[derive(Clone, Copy, Debug)]
+pub struct DaemonInfo {
+    /// The binary's name (`keyd`).
+    pub name: &'static str,
+    /// Its version (`env!("CARGO_PKG_VERSION")`).
+    pub version: &'static str,
+    /// The environment variable naming the base config file (`AZIOT_KEYD_CONFIG`).
+    pub config_env: &'static str,
+    /// The environment variable naming the drop-in folder (`AZIOT_KEYD_CONFIG_DIR`).
+    pub config_dir_env: &'static str,
+    /// The default base config file.
+    pub default_config: &'static str,
+    /// The default drop-in folder.
+    pub default_config_dir: &'static str,
+}
+
+/// What a daemon's `serve` function gets.
+#[derive(Debug)]
+pub struct Startup {
+    /// Where the configuration came from (for reloading).
+    pub paths: ConfigPaths,
+    /// The sockets systemd passed, if any.
+    pub systemd: SystemdFds,
+}
+
+/// A failure after the configuration was accepted: logged with its cause chain, exit code 1.
+pub type ServeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs a daemon: parses `--config FILE` / `--config-dir DIR` (else the environment, else the
+/// defaults), sets up logging, validates the configuration with `load` (exit 153 on error), takes
+/// the systemd sockets, and runs `serve` on a multi-threaded runtime. `serve` returns the exit
+/// code (0, or e.g. edged's 154).
+pub fn main<C, Serve, Running>(
+    info: &DaemonInfo,
+    load: impl FnOnce(&Loaded) -> Result<C, ConfigError>,
+    serve: Serve,
+) -> ExitCode
+where
+    Serve: FnOnce(C, Startup) -> Running,
+    Running: Future<Output = Result<ExitCode, ServeError>>,
+{
+    crate::init_logging();
+    let paths = match parse_arguments(info) {
+        Ok(paths) => paths,
+        Err(code) => return code,
+    };
+    let config = match config_common::load_table(&paths).and_then(|loaded| load(&loaded)) {
+        Ok(config) => config,
+        Err(error) => {
+            log::error!("invalid configuration: {error}");
+            return invalid_config();
+        }
+    };
+    // Socket activation reads and clears the environment: before any thread starts.
+    let systemd = match SystemdFds::take() {
+        Ok(fds) => fds,
+        Err(error) => {
+            log::error!("{error}");
+            return invalid_config();
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(32)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            log::error!(
+                "{} failed: could not start the async runtime: {error}",
+                info.name
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, Startup { paths, systemd })) {
+        Ok(code) => code,
+        Err(error) => {
+            log::error!(
+                "{} failed: {}",
+                info.name,
+                crate::error::error_chain(error.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn invalid_config() -> ExitCode {
+    ExitCode::from(u8::try_from(EXIT_CODE_INVALID_CONFIG).unwrap_or(1))
+}
+
+fn parse_arguments(info: &DaemonInfo) -> Result<ConfigPaths, ExitCode> {
+    let usage = format!(
+        "usage: {} [--config FILE] [--config-dir DIR]\n  \
+         Config defaults to {} and {},\n  or {} / {}.",
+        info.name,
+        info.default_config,
+        info.default_config_dir,
+        info.config_env,
+        info.config_dir_env
+    );
+    let mut config_file: Option<PathBuf> = None;
+    let mut config_dir: Option<PathBuf> = None;
+    let mut arguments = std::env::args().skip(1);
+    while let Some(argument) = arguments.next() {
+        match argument.as_str() {
+            "--config" | "-c" => config_file = arguments.next().map(PathBuf::from),
+            "--config-dir" => config_dir = arguments.next().map(PathBuf::from),
+            "--version" => {
+                println!("{} {}", info.name, info.version);
+                return Err(ExitCode::SUCCESS);
+            }
+            "--help" | "-h" => {
+                println!("{usage}");
+                return Err(ExitCode::SUCCESS);
+            }
+            other => {
+                eprintln!("unknown argument {other:?}\n{usage}");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(ConfigPaths::resolve(
+        config_file,
+        config_dir,
+        info.config_env,
+        info.config_dir_env,
+        info.default_config,
+        info.default_config_dir,
+    ))
+}
+
+/// Validates a daemon's own listener URI from `[endpoints] <key>` (default when absent); an
+/// invalid URI is a configuration error naming `endpoints.<key>`.
+pub fn listener_endpoint(
+    loaded: &Loaded,
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let endpoint = value.unwrap_or_else(|| default.to_owned());
+    ListenerUri::parse(&endpoint).map_err(|error| {
+        ConfigError::invalid(loaded, format!("endpoints.{key}"), error.to_string())
+    })?;
+    Ok(endpoint)
+}
+
+/// Validates a peer daemon's URI (`unix:///path`) from `[endpoints] <key>`.
+pub fn peer_endpoint(
+    loaded: &Loaded,
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let endpoint = value.unwrap_or_else(|| default.to_owned());
+    crate::UdsClient::from_uri(&endpoint).map_err(|error| {
+        ConfigError::invalid(loaded, format!("endpoints.{key}"), error.to_string())
+    })?;
+    Ok(endpoint)
+}
+
+/// Opens a daemon's one listening socket from its `[endpoints]` URI (mode 0660 when bound here).
+pub fn open_listener(
+    endpoint: &str,
+    systemd: &SystemdFds,
+) -> Result<tokio::net::UnixListener, ListenError> {
+    let uri = ListenerUri::parse(endpoint)?;
+    listen(&uri, systemd, None, 0o660)
+}
+
+/// Watches the configuration files (names, sizes, modification times, checked every
+/// `interval`) and calls `apply` with each new valid configuration. An invalid change is logged
+/// and ignored, keeping the configuration in force. Runs until the task is dropped.
+pub async fn watch_config<C, Applied: Future<Output = ()>>(
+    paths: ConfigPaths,
+    interval: std::time::Duration,
+    load: impl Fn(&Loaded) -> Result<C, ConfigError>,
+    mut apply: impl FnMut(C) -> Applied,
+) {
+    let mut fingerprint = paths.fingerprint();
+    loop {
+        tokio::time::sleep(interval).await;
+        let current = paths.fingerprint();
+        if current == fingerprint {
+            continue;
+        }
+        fingerprint = current;
+        match config_common::load_table(&paths).and_then(|loaded| load(&loaded)) {
+            Ok(config) => {
+                log::info!("configuration changed; reloading");
+                apply(config).await;
+            }
+            Err(error) => {
+                log::warn!("configuration changed but is invalid, keeping the old one: {error}")
+            }
+        }
+    }
+}
