@@ -160,13 +160,20 @@ async fn create_agent<R: ModuleRuntime, I: IdentityClient>(
     edged: &Arc<Edged<R, I>>,
 ) -> Result<(), EdgedError> {
     let device = edged.device();
-    let identity = edged
-        .identity
-        .update_module(AGENT_MODULE_ID)
-        .await
-        .map_err(|source| {
-            EdgedError::identity("failed to get the agent's generation ID", source)
-        })?;
+    let step = "failed to get the agent's generation ID";
+    let identity = match edged.identity.update_module(AGENT_MODULE_ID).await {
+        Ok(identity) => identity,
+        // IoT Hub creates $edgeAgent for Edge devices; a hub that did not gets it created here.
+        Err(error) if error.status() == Some(http::StatusCode::NOT_FOUND) => {
+            log::info!("{AGENT_MODULE_ID} has no identity yet; creating it");
+            edged
+                .identity
+                .create_module(AGENT_MODULE_ID)
+                .await
+                .map_err(|source| EdgedError::identity(step, source))?
+        }
+        Err(source) => return Err(EdgedError::identity(step, source)),
+    };
     let spec = agent_spec(&edged.config, &device, &identity.gen_id, &edged.homedir);
     edged.runtime.validate(&spec)?;
     if edged.config.agent.image_pull_policy == PullPolicy::OnCreate {

@@ -54,12 +54,13 @@ pub fn docker_lock() -> DockerLock {
     }
 }
 
-fn sibling_binary(name: &str) -> PathBuf {
+/// A binary built next to edged's (keyd, certd, identityd).
+pub fn sibling_binary(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_edged")).with_file_name(name);
     assert!(
         path.exists(),
-        "the {name} binary is missing at {}: run `cargo build -p keyd -p certd` first \
-         (`cargo test --workspace` builds it)",
+        "the {name} binary is missing at {}: run `cargo build -p keyd -p certd -p identityd` \
+         first (`cargo test --workspace` builds it)",
         path.display()
     );
     path
@@ -75,11 +76,14 @@ pub struct Daemon {
     pub log: PathBuf,
     env_file: &'static str,
     env_dir: &'static str,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Daemon {
-    fn new(
+    /// A daemon with its folder under `root`.
+    pub fn new(
         name: &'static str,
         binary: PathBuf,
         root: &Path,
@@ -97,6 +101,7 @@ impl Daemon {
             log: dir.join("log"),
             env_file: env.0,
             env_dir: env.1,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -112,6 +117,7 @@ impl Daemon {
             .env(self.env_file, &self.config)
             .env(self.env_dir, &self.config_dir)
             .env("AZIOT_LOG", "debug")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
