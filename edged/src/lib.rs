@@ -13,6 +13,7 @@ pub mod certs;
 pub mod config;
 pub mod docker;
 pub mod error;
+pub mod fdstore;
 pub mod gc;
 mod handlers;
 pub mod identity;
@@ -121,9 +122,12 @@ fn prepare_homedir(homedir: &Path) -> Result<PathBuf, EdgedError> {
 }
 
 /// Runs edged until `shutdown` resolves or the daemon decides to end; returns why it ended.
+/// `passed_fd_names` are the `LISTEN_FDNAMES` entries of the fds in `systemd` (sockets of the
+/// `.socket` units and of the fd store).
 pub async fn run(
     config: Config,
     systemd: SystemdFds,
+    passed_fd_names: Vec<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ExitReason, StartupError> {
     let mut shutdown = Box::pin(shutdown);
@@ -150,31 +154,51 @@ pub async fn run(
         config.allow_elevated_docker_permissions,
         config.moby.network.clone(),
     );
-    run_with(
-        config,
-        homedir,
+    let backends = Backends {
         runtime,
         identity,
         keyd,
         certd,
+    };
+    run_with(
+        config,
+        homedir,
+        backends,
         systemd,
+        &passed_fd_names,
         &mut shutdown,
     )
     .await
 }
 
+/// What edged talks to.
+#[derive(Debug)]
+pub struct Backends<R, I> {
+    /// The module runtime.
+    pub runtime: R,
+    /// identityd.
+    pub identity: I,
+    /// keyd.
+    pub keyd: key_api::Client,
+    /// certd.
+    pub certd: cert_api::Client,
+}
+
 /// [`run`] with the runtime and identity client chosen by the caller (tests use fakes).
-#[allow(clippy::too_many_arguments)]
 pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     config: Config,
     homedir: PathBuf,
-    runtime: R,
-    identity: I,
-    keyd: key_api::Client,
-    certd: cert_api::Client,
+    backends: Backends<R, I>,
     systemd: SystemdFds,
+    passed_fd_names: &[String],
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<ExitReason, StartupError> {
+    let Backends {
+        runtime,
+        identity,
+        keyd,
+        certd,
+    } = backends;
     let always = config.auto_reprovisioning_mode == config::ReprovisioningMode::AlwaysOnStartup;
     let Some(device) = device_identity(&identity, always, shutdown).await else {
         return Ok(ExitReason::Signal);
@@ -206,8 +230,30 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     ));
     edged.set_edge_ca_key(edge_ca_key);
 
-    // Bind mounts pin socket inodes, and ours are re-created below: restart every module.
-    edged.stop_all(service::STOP_ALL_GRACE).await;
+    // Bind mounts pin socket inodes. Modules whose sockets systemd kept for us (fd store) keep
+    // running on the very same sockets; every other module is stopped, as in the reference.
+    let mut kept = Vec::new();
+    if !systemd.is_empty() {
+        let existing: Vec<String> = match edged.runtime.list().await {
+            Ok(modules) => modules.into_iter().map(|module| module.name).collect(),
+            Err(error) => {
+                log::warn!("could not list modules: {error}");
+                Vec::new()
+            }
+        };
+        for module in fdstore::modules_in(passed_fd_names) {
+            let name = fdstore::fd_name(&module);
+            match listen(&ListenerUri::FdName(name.clone()), &systemd, None, 0o666) {
+                Ok(listener) if existing.contains(&module) => {
+                    edged.adopt_listener(&module, listener);
+                    kept.push(module);
+                }
+                Ok(_) => fdstore::remove(&name),
+                Err(error) => log::warn!("could not use the stored socket {name}: {error}"),
+            }
+        }
+    }
+    edged.stop_all(service::STOP_ALL_GRACE, &kept).await;
 
     let digest = device_digest(&device);
     let state_file = homedir.join("cache").join("provisioning_state");
@@ -256,6 +302,15 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
         which: "workload",
         source,
     })?;
+    // Sockets edged bound itself go to the fd store too, so the agent's mounts stay valid.
+    for (name, listener) in [
+        (config::MANAGEMENT_SOCKET_NAME, &management),
+        (config::WORKLOAD_SOCKET_NAME, &workload),
+    ] {
+        if !passed_fd_names.iter().any(|passed| passed == name) {
+            fdstore::store(name, std::os::fd::AsRawFd::as_raw_fd(listener));
+        }
+    }
     let management_options = http_common::ServerOptions {
         max_body_bytes: 4 * 1024 * 1024,
         max_connections_per_uid: edged.config.max_requests_management,
@@ -277,7 +332,7 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     match edged.runtime.list().await {
         Ok(modules) => {
             for module in modules {
-                if let Err(error) = edged.start_listener(&module.name) {
+                if let Err(error) = edged.ensure_listener(&module.name) {
                     log::warn!("module {}: {error}", module.name);
                 }
             }
@@ -308,7 +363,13 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     image_gc.abort();
     let _ = watchdog.await;
     edged.begin_shutdown();
-    edged.stop_all(service::STOP_ALL_GRACE).await;
+    if fdstore::enabled() && reason != ExitReason::Reprovision {
+        // systemd keeps the sockets across a restart (and drops them on `systemctl stop`, after
+        // which the next start stops the modules): leave the modules running.
+        log::info!("leaving modules running; their sockets are in systemd's fd store");
+    } else {
+        edged.stop_all(service::STOP_ALL_GRACE, &[]).await;
+    }
     // serve() drains in-flight requests for at most 10 s.
     while servers.join_next().await.is_some() {}
     if reason == ExitReason::Reprovision {

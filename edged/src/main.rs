@@ -55,6 +55,9 @@ fn main() -> ExitCode {
         }
     };
     // Socket activation reads and clears the environment: before any thread starts.
+    let passed_fd_names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|names| names.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
     let systemd = match SystemdFds::take() {
         Ok(fds) => fds,
         Err(error) => {
@@ -72,9 +75,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let passed_fd_names = if systemd.is_empty() {
+        Vec::new()
+    } else {
+        passed_fd_names
+    };
     let result = runtime.block_on(edged::run(
         config,
         systemd,
+        passed_fd_names,
         http_common::server::shutdown_signal(),
     ));
     // Background tasks (log streams, pending Docker calls) must not hold the exit.

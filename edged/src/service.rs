@@ -352,6 +352,22 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
                 std::io::Error::other(error),
             )
         })?;
+        crate::fdstore::store(
+            &crate::fdstore::fd_name(name),
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+        );
+        self.spawn_listener(name, listener);
+        log::info!("listening for module {name} on {}", path.display());
+        Ok(())
+    }
+
+    /// Serves module `name`'s workload API on a socket inherited from systemd's fd store.
+    pub fn adopt_listener(self: &Arc<Self>, name: &str, listener: tokio::net::UnixListener) {
+        self.spawn_listener(name, listener);
+        log::info!("kept the workload socket of module {name} across the restart");
+    }
+
+    fn spawn_listener(self: &Arc<Self>, name: &str, listener: tokio::net::UnixListener) {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let global = self.shutdown_signal();
         let router = Arc::new(crate::routes::WorkloadRouter::new(Arc::clone(self)));
@@ -365,15 +381,16 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
             })
             .await;
         });
-        lock(&self.listeners).insert(name.to_owned(), ListenerHandle { stop });
-        log::info!("listening for module {name} on {}", path.display());
-        Ok(())
+        if let Some(old) = lock(&self.listeners).insert(name.to_owned(), ListenerHandle { stop }) {
+            let _ = old.stop.send(());
+        }
     }
 
     /// Stops module `name`'s workload listener (the socket file stays).
     pub fn stop_listener(&self, name: &str) {
         if let Some(handle) = lock(&self.listeners).remove(name) {
             let _ = handle.stop.send(());
+            crate::fdstore::remove(&crate::fdstore::fd_name(name));
         }
     }
 
@@ -600,8 +617,9 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         self.runtime.logs(name, options).await
     }
 
-    /// Stops every module in parallel with `grace` each (startup and shutdown).
-    pub async fn stop_all(&self, grace: Duration) {
+    /// Stops every module but those in `keep`, in parallel with `grace` each (startup and
+    /// shutdown).
+    pub async fn stop_all(&self, grace: Duration, keep: &[String]) {
         let modules = match self.runtime.list().await {
             Ok(modules) => modules,
             Err(error) => {
@@ -612,6 +630,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         let stops = modules
             .iter()
             .filter(|module| module.status.runtime_status.status == "running")
+            .filter(|module| !keep.contains(&module.name))
             .map(|module| async move {
                 if let Err(error) = self.runtime.stop(&module.name, Some(grace)).await {
                     log::warn!("could not stop module {}: {error}", module.name);

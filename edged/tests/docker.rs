@@ -726,3 +726,131 @@ fn serves_on_the_two_named_sockets_systemd_passes() {
     assert!(harness.edged.log_text().contains("edged is serving"));
     assert_eq!(harness.edged.stop(), Some(0));
 }
+
+/// Under a service manager with a file-descriptor store, edged hands its sockets (management,
+/// workload and every per-module socket) to the store and leaves modules running on SIGTERM;
+/// restarted with those fds, it serves on the very same sockets, so running containers (whose
+/// bind mounts pin the socket inodes) keep working without being restarted.
+#[test]
+fn modules_keep_running_across_a_restart_with_systemds_fd_store() {
+    let _docker = common::docker_lock();
+    let mut harness = Harness::new();
+    let base = std::fs::canonicalize(harness.root.path()).unwrap();
+    let mut systemd = common::FakeSystemd::new(&base);
+    harness.edged.env.push((
+        "NOTIFY_SOCKET".to_owned(),
+        systemd.path.display().to_string(),
+    ));
+    harness.start_edged();
+    let agent = harness.agent.clone();
+    harness.wait_for("the agent to run", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+    });
+    let mgmt = harness.mgmt.display().to_string();
+    let module = harness.module_name("kept");
+    let (status, identity) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/identities?{V}"),
+        &serde_json::json!({"moduleId": module}).to_string(),
+    );
+    assert_eq!(status, 200, "{identity}");
+    let gen_id = identity["generationId"].as_str().unwrap().to_owned();
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "PUT",
+        &format!("/modules/{module}?{V}&start=true"),
+        &module_spec(&harness, &module, "kept"),
+    );
+    assert_eq!(status, 201, "{body}");
+    let sign = |harness: &Harness| {
+        harness.exec_call(
+            &module,
+            "/var/run/iotedge/workload.sock",
+            "POST",
+            &format!("/modules/{module}/genid/{gen_id}/sign?{V}"),
+            &serde_json::json!({"data": b64(b"kept")}).to_string(),
+        )
+    };
+    let (status, before) = sign(&harness);
+    assert_eq!(status, 200, "{before}");
+    let started_at = |name: &str| {
+        let (ok, stdout, _) = docker(&["inspect", "-f", "{{.State.StartedAt}}", name]);
+        assert!(ok);
+        stdout.trim().to_owned()
+    };
+    let (module_started, agent_started) = (started_at(&module), started_at(&agent));
+
+    assert_eq!(
+        harness.edged.stop(),
+        Some(0),
+        "{}",
+        harness.edged.log_text()
+    );
+    systemd.drain();
+    let names: Vec<&str> = systemd
+        .store
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    for expected in [
+        "aziot-edged.mgmt.socket".to_owned(),
+        "aziot-edged.workload.socket".to_owned(),
+        format!("edged-module-{agent}"),
+        format!("edged-module-{module}"),
+    ] {
+        assert!(
+            names.contains(&expected.as_str()),
+            "{expected} not stored: {names:?}\n{:?}\n{}",
+            systemd.messages,
+            harness.edged.log_text()
+        );
+    }
+    // edged is down; the modules still run.
+    assert_eq!(harness.container_state(&module).as_deref(), Some("running"));
+    assert_eq!(harness.container_state(&agent).as_deref(), Some("running"));
+
+    let restarted = Instant::now();
+    harness
+        .edged
+        .spawn_with_fds(&systemd.passed(), Duration::from_secs(30));
+    // The module was never restarted, and its mounted socket answers again.
+    harness.wait_for(
+        "the module's socket to answer",
+        Duration::from_secs(30),
+        || {
+            let (ok, stdout, _) = docker(&[
+                "exec",
+                &module,
+                "/bin/uds-client",
+                "/var/run/iotedge/workload.sock",
+                "GET",
+                &format!("/modules?{V}"),
+            ]);
+            ok && stdout.starts_with("HTTP/1.1 200")
+        },
+    );
+    let resumed = restarted.elapsed();
+    let (status, after) = sign(&harness);
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["digest"], before["digest"]);
+    assert_eq!(
+        started_at(&module),
+        module_started,
+        "the module was restarted"
+    );
+    assert_eq!(started_at(&agent), agent_started, "the agent was restarted");
+    // The agent's mounted management socket works too.
+    let (status, _) = harness.exec_call(&agent, &mgmt, "GET", &format!("/modules?{V}"), "");
+    assert_eq!(status, 200);
+    assert!(harness
+        .edged
+        .log_text()
+        .contains(&format!("kept the workload socket of module {module}")));
+    println!(
+        "figures: edged restart with the fd store to the module's socket answering {} ms",
+        resumed.as_millis()
+    );
+}

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -184,6 +185,67 @@ impl Daemon {
                 Instant::now() < deadline,
                 "systemd-socket-activate did not listen"
             );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// Starts the daemon the way systemd restarts a unit with a file-descriptor store: `fds`
+    /// (name, fd) are passed as fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and a `LISTEN_PID`
+    /// equal to the daemon's pid (a shell sets it and execs the daemon).
+    pub fn spawn_with_fds(&mut self, fds: &[(String, RawFd)], timeout: Duration) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\"")
+            .arg(&self.binary)
+            .env(self.env_file, &self.config)
+            .env(self.env_dir, &self.config_dir)
+            .env("AZIOT_LOG", "debug")
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) are made.
+        unsafe {
+            command.pre_exec(move || {
+                let mut high = Vec::with_capacity(raw.len());
+                for fd in &raw {
+                    let copy = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 200);
+                    if copy < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    high.push(copy);
+                }
+                for (index, copy) in high.iter().enumerate() {
+                    if libc::dup2(*copy, 3 + index as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        let deadline = Instant::now() + timeout;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{} exited early with {status}:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(Instant::now() < deadline, "{} did not start", self.name);
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
@@ -751,6 +813,104 @@ impl Drop for Harness {
         }
         let _ = docker(&["rm", "-f", &self.agent]);
         let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+/// A stand-in for systemd's notify socket with a file-descriptor store (`FDSTORE=1`,
+/// `FDSTOREREMOVE=1`, `FDNAME=`).
+pub struct FakeSystemd {
+    pub path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+    /// The stored fds, by name, in arrival order.
+    pub store: Vec<(String, OwnedFd)>,
+    /// Every message text received.
+    pub messages: Vec<String>,
+}
+
+impl FakeSystemd {
+    pub fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        FakeSystemd {
+            path,
+            socket,
+            store: Vec::new(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// Reads every pending notification and applies it to the store.
+    pub fn drain(&mut self) {
+        use std::os::fd::AsRawFd;
+        loop {
+            let mut buffer = [0u8; 4096];
+            let mut iov = libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: buffer.len(),
+            };
+            let mut control = [0u64; 32];
+            // SAFETY: plain data, filled in below.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = &mut iov;
+            header.msg_iovlen = 1;
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = std::mem::size_of_val(&control) as _;
+            // SAFETY: the header's buffers are valid for the call.
+            let received = unsafe {
+                libc::recvmsg(
+                    self.socket.as_raw_fd(),
+                    &mut header,
+                    libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                )
+            };
+            if received < 0 {
+                break;
+            }
+            let mut fds = Vec::new();
+            // SAFETY: walking the control messages the kernel wrote into our buffer.
+            unsafe {
+                let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                        && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+                    {
+                        let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                            / std::mem::size_of::<libc::c_int>();
+                        let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                        for index in 0..count {
+                            fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+                                data.add(index),
+                            )));
+                        }
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+                }
+            }
+            let text = String::from_utf8_lossy(&buffer[..received as usize]).into_owned();
+            let name = text
+                .lines()
+                .find_map(|line| line.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_owned();
+            if text.lines().any(|line| line == "FDSTOREREMOVE=1") {
+                self.store.retain(|(stored, _)| *stored != name);
+            }
+            if text.lines().any(|line| line == "FDSTORE=1") {
+                for fd in fds {
+                    self.store.push((name.clone(), fd));
+                }
+            }
+            self.messages.push(text);
+        }
+    }
+
+    /// The stored fds as (name, raw fd) pairs.
+    pub fn passed(&self) -> Vec<(String, RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.store
+            .iter()
+            .map(|(name, fd)| (name.clone(), fd.as_raw_fd()))
+            .collect()
     }
 }
 
