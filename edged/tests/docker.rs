@@ -420,6 +420,32 @@ fn agent_bootstrap_module_lifecycle_and_workload() {
         "invalid parameter: tail\ncaused by: \"ten\" is not \"all\" or a number"
     );
 
+    // follow=true streams until the container stops.
+    let follower = {
+        let socket = harness.mgmt.clone();
+        let path = format!("/modules/{module}/logs?{V}&follow=true&tail=all");
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let started = Instant::now();
+            let response = runtime
+                .block_on(http_common::UdsClient::new(&socket).send(
+                    Method::GET,
+                    &path,
+                    &[],
+                    Vec::new().into(),
+                ))
+                .unwrap();
+            (response.status, response.body.to_vec(), started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !follower.is_finished(),
+        "a followed log ended while the module runs"
+    );
     // Stop, restart.
     let (status, _) = harness.mgmt(Method::POST, &format!("/modules/{module}/stop?{V}"), "");
     assert_eq!(status, StatusCode::NO_CONTENT);
@@ -429,6 +455,12 @@ fn agent_bootstrap_module_lifecycle_and_workload() {
         details["status"]["exitStatus"]["statusCode"].is_string(),
         "{details}"
     );
+    let (status, followed, followed_for) = follower.join().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(followed_for >= Duration::from_millis(1500));
+    assert!(log_frames(&followed)
+        .iter()
+        .any(|(_, text)| text.contains("hello from first")));
     let (status, _) = harness.mgmt(Method::POST, &format!("/modules/{module}/stop?{V}"), "");
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = harness.mgmt(Method::POST, &format!("/modules/{module}/restart?{V}"), "");
@@ -669,6 +701,50 @@ fn agent_recreated_and_identities_survive_restart() {
         recreate_time.as_millis(),
         restart_time.as_millis()
     );
+
+    // Reprovision: only the agent may ask; 204, then modules stop, the cache goes, identityd is
+    // asked to reprovision and edged exits 154.
+    let (status, _) = harness.mgmt(Method::POST, &format!("/device/reprovision?{V}"), "");
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "POST",
+        &format!("/device/reprovision?{V}"),
+        "",
+    );
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(harness.edged.wait_exit(Duration::from_secs(60)), Some(154));
+    assert!(!harness.homedir.join("cache").exists());
+    assert!(harness
+        .identity
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|call| call == "POST /identities/device/reprovision"));
+    assert_ne!(harness.container_state(&module).as_deref(), Some("running"));
+}
+
+/// The watchdog gives up after `[watchdog] max_retries` failed runs: exit 1.
+#[test]
+fn the_watchdog_gives_up_after_max_retries() {
+    let _docker = common::docker_lock();
+    let mut harness = Harness::new();
+    let config = std::fs::read_to_string(&harness.edged.config).unwrap();
+    let config = config.replace(
+        &format!("image = \"{}\"", harness.image.tag),
+        "image = \"edged-test-image:does-not-exist\"",
+    );
+    std::fs::write(
+        &harness.edged.config,
+        format!("{config}[watchdog]\nmax_retries = 1\n"),
+    )
+    .unwrap();
+    harness.edged.launch();
+    assert_eq!(harness.edged.wait_exit(Duration::from_secs(60)), Some(1));
+    let log = harness.edged.log_text();
+    assert!(log.contains("giving up after 1 failures"), "{log}");
 }
 
 /// Under systemd socket activation edged takes its two sockets by name

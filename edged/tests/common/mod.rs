@@ -107,14 +107,14 @@ impl Daemon {
         }
     }
 
-    /// Starts the daemon and waits until its socket accepts connections.
-    pub fn spawn(&mut self, timeout: Duration) {
+    /// Starts the daemon without waiting for anything.
+    pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut child = Command::new(&self.binary)
+        let child = Command::new(&self.binary)
             .env(self.env_file, &self.config)
             .env(self.env_dir, &self.config_dir)
             .env("AZIOT_LOG", "debug")
@@ -124,6 +124,13 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Starts the daemon and waits until its socket accepts connections.
+    pub fn spawn(&mut self, timeout: Duration) {
+        self.launch();
+        let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + timeout;
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = child.try_wait().unwrap() {
@@ -265,6 +272,25 @@ impl Daemon {
                 let _ = child.kill();
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the daemon to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
