@@ -20,9 +20,12 @@ use openssl::x509::extension::{
 };
 use openssl::x509::{X509Name, X509NameBuilder, X509Req, X509ReqBuilder, X509};
 
-use crate::config::{EdgeCa, Subject};
+use crate::config::{EdgeCa, RenewalTime, Subject};
 use crate::error::EdgedError;
 use crate::model::{CertificateResponse, PrivateKey};
+
+/// The cert ID and key ID used while renewing the Edge CA.
+pub const EDGE_CA_TEMP_ID: &str = "aziot-edged-ca-temp";
 
 /// keyd's algorithm preference for the Edge CA key.
 pub const EDGE_CA_KEY_ALGORITHMS: &str = "rsa-2048:*";
@@ -423,6 +426,120 @@ fn warn_if_expiring(pem: &str, edge_ca: &EdgeCa) {
     }
 }
 
+/// The validity window of the Edge CA's leaf certificate, as Unix seconds.
+pub async fn edge_ca_validity(
+    edge_ca: &EdgeCa,
+    certd: &cert_api::Client,
+) -> Result<(i64, i64), EdgedError> {
+    let pem = certd.get_cert(&edge_ca.cert).await.map_err(|source| {
+        EdgedError::certd(
+            format!("failed to read the Edge CA certificate {:?}", edge_ca.cert),
+            source,
+        )
+    })?;
+    let leaf =
+        X509::from_pem(pem.as_bytes()).map_err(ssl("failed to parse the Edge CA certificate"))?;
+    Ok((asn1_unix(leaf.not_before())?, asn1_unix(leaf.not_after())?))
+}
+
+/// When a certificate valid from `not_before` to `not_after` is due for renewal.
+pub fn renewal_time(not_before: i64, not_after: i64, threshold: RenewalTime) -> i64 {
+    match threshold {
+        RenewalTime::Percent(percent) => {
+            not_before + (not_after - not_before).max(0) * i64::from(percent) / 100
+        }
+        RenewalTime::Seconds(seconds) => {
+            not_after
+                - i64::try_from(seconds)
+                    .unwrap_or(i64::MAX)
+                    .min(not_after - not_before)
+        }
+    }
+}
+
+/// How long to wait after a failed renewal (at least a minute).
+pub fn retry_delay(not_before: i64, not_after: i64, retry: RenewalTime) -> u64 {
+    let seconds = match retry {
+        RenewalTime::Percent(percent) => (not_after - not_before).max(0) * i64::from(percent) / 100,
+        RenewalTime::Seconds(seconds) => i64::try_from(seconds).unwrap_or(i64::MAX),
+    };
+    u64::try_from(seconds).unwrap_or(0).max(60)
+}
+
+/// Renews the Edge CA (spec section 7) and returns keyd's handle to its (possibly new) key.
+///
+/// With `rotate_key`: a fresh key pair `aziot-edged-ca-temp` (a stale one is deleted first), a
+/// CSR with the old subject, issuance as `aziot-edged-ca-temp` (certd's issuance options for that
+/// ID), the temporary cert deleted, the new chain imported over the Edge CA cert ID, and the
+/// temporary key moved over the Edge CA key; if that move fails the old chain is re-imported.
+/// Without it, the same key is certified again under the Edge CA cert ID.
+pub async fn renew_edge_ca(
+    edge_ca: &EdgeCa,
+    rotate_key: bool,
+    keyd: &key_api::Client,
+    certd: &cert_api::Client,
+) -> Result<KeyHandle, EdgedError> {
+    let old_chain = certd.get_cert(&edge_ca.cert).await.map_err(|source| {
+        EdgedError::certd("failed to read the Edge CA certificate for renewal", source)
+    })?;
+    let old_leaf = X509::from_pem(old_chain.as_bytes())
+        .map_err(ssl("failed to parse the Edge CA certificate"))?;
+    let subject = old_leaf
+        .subject_name()
+        .to_owned()
+        .map_err(ssl("failed to copy the Edge CA subject"))?;
+    if !rotate_key {
+        let handle = keyd.load_key_pair(&edge_ca.key).await.map_err(|source| {
+            EdgedError::keyd("failed to load the Edge CA key for renewal", source)
+        })?;
+        let csr = edge_ca_csr(keyd, &handle, &subject).await?;
+        certd
+            .create_cert(&edge_ca.cert, &csr, None)
+            .await
+            .map_err(|source| {
+                EdgedError::certd("failed to renew the Edge CA certificate", source)
+            })?;
+        return Ok(handle);
+    }
+    if let Ok(stale) = keyd.load_key_pair(EDGE_CA_TEMP_ID).await {
+        keyd.delete_key_pair(&stale).await.map_err(|source| {
+            EdgedError::keyd("failed to delete a stale temporary Edge CA key", source)
+        })?;
+    }
+    let temporary = keyd
+        .create_key_pair_if_not_exists(EDGE_CA_TEMP_ID, Some(EDGE_CA_KEY_ALGORITHMS))
+        .await
+        .map_err(|source| EdgedError::keyd("failed to create the new Edge CA key", source))?;
+    let csr = edge_ca_csr(keyd, &temporary, &subject).await?;
+    let new_chain = certd
+        .create_cert(EDGE_CA_TEMP_ID, &csr, None)
+        .await
+        .map_err(|source| {
+            EdgedError::certd("failed to issue the renewed Edge CA certificate", source)
+        })?;
+    if let Err(source) = certd.delete_cert(EDGE_CA_TEMP_ID).await {
+        log::warn!("could not delete the temporary Edge CA certificate: {source}");
+    }
+    certd
+        .import_cert(&edge_ca.cert, &new_chain)
+        .await
+        .map_err(|source| {
+            EdgedError::certd("failed to store the renewed Edge CA certificate", source)
+        })?;
+    if let Err(source) = keyd.move_key_pair(EDGE_CA_TEMP_ID, &edge_ca.key).await {
+        if let Err(restore) = certd.import_cert(&edge_ca.cert, &old_chain).await {
+            log::error!("could not restore the previous Edge CA certificate: {restore}");
+        }
+        return Err(EdgedError::keyd(
+            "failed to move the new Edge CA key into place",
+            source,
+        ));
+    }
+    keyd.load_key_pair(&edge_ca.key)
+        .await
+        .map_err(|source| EdgedError::keyd("failed to load the renewed Edge CA key", source))
+}
+
 /// What kind of module certificate to issue.
 #[derive(Clone, Debug)]
 pub enum ModuleCertKind {
@@ -692,6 +809,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    }
+
+    #[test]
+    fn renewal_schedule() {
+        let (start, end) = (1_000, 101_000);
+        assert_eq!(renewal_time(start, end, RenewalTime::Percent(80)), 81_000);
+        assert_eq!(renewal_time(start, end, RenewalTime::Seconds(600)), 100_400);
+        assert_eq!(
+            renewal_time(start, end, RenewalTime::Seconds(10_000_000)),
+            start
+        );
+        assert_eq!(retry_delay(start, end, RenewalTime::Percent(4)), 4_000);
+        assert_eq!(retry_delay(start, end, RenewalTime::Seconds(5)), 60);
     }
 
     #[test]

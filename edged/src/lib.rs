@@ -352,6 +352,7 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     ));
     let removals = tokio::spawn(watchdog::watch_agent_removals(Arc::clone(&edged)));
     let image_gc = tokio::spawn(watchdog::image_gc(Arc::clone(&edged)));
+    let renewal = tokio::spawn(watchdog::edge_ca_renewal(Arc::clone(&edged)));
 
     let reason = tokio::select! {
         () = &mut *shutdown => ExitReason::Signal,
@@ -361,6 +362,7 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     let _ = stop_background.send(true);
     removals.abort();
     image_gc.abort();
+    renewal.abort();
     let _ = watchdog.await;
     edged.begin_shutdown();
     if fdstore::enabled() && reason != ExitReason::Reprovision {

@@ -290,6 +290,85 @@ pub async fn watch_agent_removals<R: ModuleRuntime, I: IdentityClient>(edged: Ar
     }
 }
 
+/// Renews the Edge CA when `[edge_ca.auto_renew]` says so, then restarts the modules (every
+/// non-agent module, the agent last) so they fetch certificates from the new CA.
+pub async fn edge_ca_renewal<R: ModuleRuntime, I: IdentityClient>(edged: Arc<Edged<R, I>>) {
+    let edge_ca = edged.config.edge_ca.clone();
+    let Some(policy) = edge_ca.auto_renew.clone() else {
+        return;
+    };
+    if edge_ca.preloaded {
+        return;
+    }
+    loop {
+        let (not_before, not_after) =
+            match crate::certs::edge_ca_validity(&edge_ca, &edged.certd).await {
+                Ok(window) => window,
+                Err(error) => {
+                    log::warn!(
+                        "Edge CA renewal: {}",
+                        http_common::error::error_chain(&error)
+                    );
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    continue;
+                }
+            };
+        let due = crate::certs::renewal_time(not_before, not_after, policy.threshold);
+        let wait = due - crate::time::now_unix();
+        if wait > 0 {
+            // Re-check at least daily (the certificate may be replaced behind our back).
+            let wait = u64::try_from(wait).unwrap_or(0).min(86_400);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        log::info!("renewing the Edge CA certificate {:?}", edge_ca.cert);
+        match crate::certs::renew_edge_ca(&edge_ca, policy.rotate_key, &edged.keyd, &edged.certd)
+            .await
+        {
+            Ok(handle) => {
+                edged.set_edge_ca_key(handle);
+                log::info!("renewed the Edge CA; restarting modules");
+                restart_modules(&edged).await;
+            }
+            Err(error) => {
+                let delay = crate::certs::retry_delay(not_before, not_after, policy.retry);
+                log::error!(
+                    "Edge CA renewal failed, retrying in {delay} s: {}",
+                    http_common::error::error_chain(&error)
+                );
+                tokio::time::sleep(Duration::from_secs(delay)).await;
+            }
+        }
+    }
+}
+
+/// Restarts every running module, the agent last.
+pub async fn restart_modules<R: ModuleRuntime, I: IdentityClient>(edged: &Arc<Edged<R, I>>) {
+    let modules = match edged.runtime.list().await {
+        Ok(modules) => modules,
+        Err(error) => {
+            log::warn!("could not list modules to restart them: {error}");
+            return;
+        }
+    };
+    let agent = edged.config.agent.name.clone();
+    let running: Vec<String> = modules
+        .into_iter()
+        .filter(|module| module.status.runtime_status.status == "running")
+        .map(|module| module.name)
+        .collect();
+    for name in running.iter().filter(|name| **name != agent) {
+        if let Err(error) = edged.runtime.restart(name).await {
+            log::warn!("could not restart module {name}: {error}");
+        }
+    }
+    if running.contains(&agent) {
+        if let Err(error) = edged.runtime.restart(&agent).await {
+            log::warn!("could not restart the agent {agent}: {error}");
+        }
+    }
+}
+
 /// Runs image garbage collection at `cleanup_time`, then every `cleanup_recurrence`.
 pub async fn image_gc<R: ModuleRuntime, I: IdentityClient>(edged: Arc<Edged<R, I>>) {
     let settings = edged.config.image_gc.clone();

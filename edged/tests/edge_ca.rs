@@ -1,0 +1,228 @@
+//! The Edge CA against the real keyd and certd binaries (no Docker): creation at startup
+//! (keyd-held key, CSR signed by keyd, self-signed issuance configured in certd), renewal with and
+//! without key rotation through the `aziot-edged-ca-temp` IDs, and module certificates issued by
+//! the renewed CA. Certificates are checked with OpenSSL.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{sibling_binary, Daemon};
+use edged::certs::{self, ModuleCertKind, EDGE_CA_TEMP_ID};
+use edged::config::EdgeCa;
+use http::StatusCode;
+use openssl::x509::X509;
+
+fn verify(chain_pem: &str, anchor_pem: &str) {
+    let chain = X509::stack_from_pem(chain_pem.as_bytes()).unwrap();
+    let mut store = openssl::x509::store::X509StoreBuilder::new().unwrap();
+    store
+        .add_cert(X509::from_pem(anchor_pem.as_bytes()).unwrap())
+        .unwrap();
+    let store = store.build();
+    let mut untrusted = openssl::stack::Stack::new().unwrap();
+    for certificate in &chain[1..] {
+        untrusted.push(certificate.clone()).unwrap();
+    }
+    let mut context = openssl::x509::X509StoreContext::new().unwrap();
+    let verified = context
+        .init(&store, &chain[0], &untrusted, |context| {
+            context.verify_cert()
+        })
+        .unwrap();
+    assert!(verified, "the chain does not verify against the Edge CA");
+}
+
+fn text(certificate: &X509) -> String {
+    String::from_utf8(certificate.to_text().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_ca_is_created_renewed_with_and_without_rotation_and_issues_module_certs() {
+    let root = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(root.path()).unwrap();
+    let mut keyd = Daemon::new(
+        "keyd",
+        sibling_binary("keyd"),
+        &base,
+        base.join("keyd.sock"),
+        ("AZIOT_KEYD_CONFIG", "AZIOT_KEYD_CONFIG_DIR"),
+    );
+    std::fs::write(
+        &keyd.config,
+        format!(
+            "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
+            base.join("keyd-home").display(),
+            keyd.socket.display()
+        ),
+    )
+    .unwrap();
+    keyd.spawn(Duration::from_secs(30));
+    let mut certd = Daemon::new(
+        "certd",
+        sibling_binary("certd"),
+        &base,
+        base.join("certd.sock"),
+        ("AZIOT_CERTD_CONFIG", "AZIOT_CERTD_CONFIG_DIR"),
+    );
+    std::fs::write(
+        &certd.config,
+        format!(
+            "homedir_path = \"{}\"\n\
+             [cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
+             [cert_issuance.aziot-edged-ca-temp]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
+             [endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+            base.join("certd-home").display(),
+            certd.socket.display(),
+            keyd.socket.display()
+        ),
+    )
+    .unwrap();
+    certd.spawn(Duration::from_secs(30));
+    let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
+    let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
+    let edge_ca = EdgeCa {
+        cert: "aziot-edged-ca".into(),
+        key: "aziot-edged-ca".into(),
+        subject: None,
+        auto_renew: None,
+        preloaded: false,
+    };
+
+    // Creation: a CA certificate for keyd's key, with the contract's subject and extensions.
+    let started = std::time::Instant::now();
+    let handle = certs::ensure_edge_ca(&edge_ca, "my-device", &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    let creation = started.elapsed();
+    let first_pem = certd_client.get_cert("aziot-edged-ca").await.unwrap();
+    let first = X509::from_pem(first_pem.as_bytes()).unwrap();
+    let first_text = text(&first);
+    assert!(
+        first_text.contains("Subject: CN=aziot-edge CA my-device"),
+        "{first_text}"
+    );
+    assert!(first_text.contains("CA:TRUE, pathlen:0"), "{first_text}");
+    assert!(first_text.contains("Certificate Sign"), "{first_text}");
+    assert!(first_text.contains("rsaEncryption"), "{first_text}");
+    let key = certs::keyd_public_key(&keyd_client, &handle).await.unwrap();
+    assert!(first.public_key().unwrap().public_eq(&key));
+    verify(&first_pem, &first_pem);
+    // A second start keeps the stored CA.
+    certs::ensure_edge_ca(&edge_ca, "my-device", &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    assert_eq!(
+        certd_client.get_cert("aziot-edged-ca").await.unwrap(),
+        first_pem
+    );
+    let (not_before, not_after) = certs::edge_ca_validity(&edge_ca, &certd_client)
+        .await
+        .unwrap();
+    assert!((not_after - not_before - 90 * 86_400).abs() < 3600);
+
+    // Renewal with key rotation: a new key and certificate, the same subject, temp IDs cleaned.
+    let renewed_handle = certs::renew_edge_ca(&edge_ca, true, &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    let second_pem = certd_client.get_cert("aziot-edged-ca").await.unwrap();
+    let second = X509::from_pem(second_pem.as_bytes()).unwrap();
+    assert_ne!(second_pem, first_pem);
+    assert!(text(&second).contains("Subject: CN=aziot-edge CA my-device"));
+    let new_key = certs::keyd_public_key(&keyd_client, &renewed_handle)
+        .await
+        .unwrap();
+    assert!(second.public_key().unwrap().public_eq(&new_key));
+    assert!(!new_key.public_eq(&key), "the key was not rotated");
+    let reloaded = keyd_client.load_key_pair("aziot-edged-ca").await.unwrap();
+    assert!(certs::keyd_public_key(&keyd_client, &reloaded)
+        .await
+        .unwrap()
+        .public_eq(&new_key));
+    assert_eq!(
+        certd_client
+            .get_cert(EDGE_CA_TEMP_ID)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(StatusCode::NOT_FOUND)
+    );
+    assert_eq!(
+        keyd_client
+            .load_key_pair(EDGE_CA_TEMP_ID)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(StatusCode::NOT_FOUND)
+    );
+
+    // Module certificates now chain to the renewed CA.
+    let server = certs::issue_module_cert(
+        &certd_client,
+        "aziot-edged-ca",
+        &renewed_handle,
+        "$edgeHub",
+        ModuleCertKind::Server {
+            common_name: "my-device".into(),
+            gen_id: "gen1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    verify(&server.certificate, &second_pem);
+    let identity = certs::issue_module_cert(
+        &certd_client,
+        "aziot-edged-ca",
+        &renewed_handle,
+        "module-a",
+        ModuleCertKind::Identity {
+            hub_name: "hub.example".into(),
+            device_id: "my-device".into(),
+        },
+    )
+    .await
+    .unwrap();
+    verify(&identity.certificate, &second_pem);
+    let identity_leaf = X509::from_pem(identity.certificate.as_bytes()).unwrap();
+    let identity_text = text(&identity_leaf);
+    assert!(
+        identity_text.contains("URI:azureiot://hub.example/devices/my-device/modules/module-a"),
+        "{identity_text}"
+    );
+    assert!(
+        identity_text.contains("DNS:URI: azureiot://"),
+        "{identity_text}"
+    );
+
+    // Renewal without rotation: same key, new certificate.
+    let same_handle = certs::renew_edge_ca(&edge_ca, false, &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    let third_pem = certd_client.get_cert("aziot-edged-ca").await.unwrap();
+    assert_ne!(third_pem, second_pem);
+    let third = X509::from_pem(third_pem.as_bytes()).unwrap();
+    assert!(third.public_key().unwrap().public_eq(&new_key));
+    assert!(certs::keyd_public_key(&keyd_client, &same_handle)
+        .await
+        .unwrap()
+        .public_eq(&new_key));
+
+    // A preloaded (user-supplied) CA that is missing is a startup error, never issued.
+    let preloaded = EdgeCa {
+        cert: "user-ca".into(),
+        key: "user-ca".into(),
+        preloaded: true,
+        ..edge_ca.clone()
+    };
+    assert!(
+        certs::ensure_edge_ca(&preloaded, "my-device", &keyd_client, &certd_client)
+            .await
+            .is_err()
+    );
+    println!(
+        "figures: Edge CA creation (RSA-2048 key in keyd, CSR, issuance) {} ms",
+        creation.as_millis()
+    );
+}
