@@ -207,6 +207,39 @@ pub(crate) async fn system_resources<R: ModuleRuntime, I: IdentityClient>(
     Ok(json_response(StatusCode::OK, &resources))
 }
 
+pub(crate) async fn support_bundle<R: ModuleRuntime, I: IdentityClient>(
+    edged: &Arc<Edged<R, I>>,
+    request: &Request,
+) -> Result {
+    let now = crate::time::now_unix();
+    let time = |name: &str| -> std::result::Result<Option<i64>, EdgedError> {
+        match request.query_param(name) {
+            None => Ok(None),
+            Some(value) => crate::time::parse_log_time(&value, now)
+                .map(Some)
+                .ok_or_else(|| {
+                    EdgedError::invalid(
+                        name,
+                        format!("{value:?} is not an RFC 3339 time, Unix seconds or a duration"),
+                    )
+                }),
+        }
+    };
+    let options = crate::support::BundleOptions {
+        since: time("since")?,
+        until: time("until")?,
+        iothub_hostname: request.query_param("iothub_hostname"),
+        edge_runtime_only: parse_bool(request, "edge_runtime_only")?.unwrap_or(false),
+    };
+    let bytes = crate::support::support_bundle(edged, &options).await?;
+    let mut response = hyper::Response::new(http_common::full_body(bytes));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/zip"),
+    );
+    Ok(response)
+}
+
 pub(crate) async fn reprovision<R: ModuleRuntime, I: IdentityClient>(
     edged: &Arc<Edged<R, I>>,
     request: &Request,

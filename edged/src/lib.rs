@@ -21,6 +21,7 @@ pub mod model;
 pub mod routes;
 pub mod runtime;
 pub mod service;
+pub mod support;
 pub mod systeminfo;
 pub mod time;
 pub mod watchdog;

@@ -32,6 +32,7 @@ const V2018_06_28: usize = 0;
 const V2019_01_30: usize = 1;
 const V2019_10_22: usize = 2;
 const V2019_11_05: usize = 3;
+const V2020_07_07: usize = 4;
 
 /// Every management route, for documentation checks: (methods, path pattern).
 pub const MANAGEMENT_ROUTES: &[(&str, &str)] = &[
@@ -46,6 +47,7 @@ pub const MANAGEMENT_ROUTES: &[(&str, &str)] = &[
     ("PUT, DELETE", "/identities/{name}"),
     ("GET", "/systeminfo"),
     ("GET", "/systeminfo/resources"),
+    ("GET", "/systeminfo/supportbundle"),
     ("POST", "/device/reprovision"),
 ];
 
@@ -97,6 +99,7 @@ enum ManagementRoute {
     Identity(String),
     SystemInfo,
     Resources,
+    SupportBundle,
     Reprovision,
 }
 
@@ -124,6 +127,7 @@ impl ManagementRoute {
             }
             ["systeminfo"] => ManagementRoute::SystemInfo,
             ["systeminfo", "resources"] => ManagementRoute::Resources,
+            ["systeminfo", "supportbundle"] => ManagementRoute::SupportBundle,
             ["device", "reprovision"] => ManagementRoute::Reprovision,
             _ => return Ok(None),
         }))
@@ -134,6 +138,7 @@ impl ManagementRoute {
             ManagementRoute::Action(_, ModuleAction::PrepareUpdate) => V2019_01_30,
             ManagementRoute::Reprovision => V2019_10_22,
             ManagementRoute::Resources => V2019_11_05,
+            ManagementRoute::SupportBundle => V2020_07_07,
             _ => V2018_06_28,
         }
     }
@@ -145,7 +150,9 @@ impl ManagementRoute {
             ManagementRoute::Action(_, ModuleAction::Logs) => "GET",
             ManagementRoute::Action(..) | ManagementRoute::Reprovision => "POST",
             ManagementRoute::Identity(_) => "PUT, DELETE",
-            ManagementRoute::SystemInfo | ManagementRoute::Resources => "GET",
+            ManagementRoute::SystemInfo
+            | ManagementRoute::Resources
+            | ManagementRoute::SupportBundle => "GET",
         }
     }
 }
@@ -214,6 +221,9 @@ impl<R: ModuleRuntime, I: IdentityClient> ManagementRouter<R, I> {
             }
             (ManagementRoute::SystemInfo, &Method::GET) => handlers::system_info(edged).await,
             (ManagementRoute::Resources, &Method::GET) => handlers::system_resources(edged).await,
+            (ManagementRoute::SupportBundle, &Method::GET) => {
+                handlers::support_bundle(edged, request).await
+            }
             (ManagementRoute::Reprovision, &Method::POST) => {
                 handlers::reprovision(edged, request).await
             }

@@ -45,6 +45,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// UTC (year, month, day, hour, minute, second) of Unix seconds.
+pub fn utc_parts(seconds: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
+    let rest = u32::try_from(seconds.rem_euclid(86_400)).unwrap_or(0);
+    (year, month, day, rest / 3600, (rest % 3600) / 60, rest % 60)
+}
+
 /// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SS` followed by `suffix` (`Z` or `+00:00`).
 pub fn format_unix(seconds: i64, suffix: &str) -> String {
     let days = seconds.div_euclid(86_400);

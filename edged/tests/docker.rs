@@ -534,6 +534,50 @@ fn agent_bootstrap_module_lifecycle_and_workload() {
         serde_json::from_str(resources["docker_stats"].as_str().unwrap()).unwrap();
     assert!(stats.as_array().unwrap().len() >= 2, "{stats}");
 
+    // Support bundle: a valid zip (checked by Python's zipfile) with logs, inspect and network.
+    let (status, bytes) = harness.call_raw(
+        &harness.mgmt,
+        Method::GET,
+        "/systeminfo/supportbundle?api-version=2020-07-07&since=1%20day",
+        "",
+    );
+    assert_eq!(status, StatusCode::OK);
+    let bundle = harness.root.path().join("bundle.zip");
+    std::fs::write(&bundle, &bytes).unwrap();
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, zipfile\n\
+             z = zipfile.ZipFile(sys.argv[1])\n\
+             assert z.testzip() is None\n\
+             print('\\n'.join(z.namelist()))\n\
+             sys.stdout.write(z.read('logs/' + sys.argv[2] + '_log.txt').decode())\n",
+        )
+        .arg(&bundle)
+        .arg(&module)
+        .output()
+        .expect("python3 is needed to check the support bundle");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{listing}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        format!("inspect/{module}.json"),
+        format!("inspect/{agent}.json"),
+        format!("network/{}.json", harness.network),
+        "hello from second".to_owned(),
+    ] {
+        assert!(listing.contains(&expected), "{expected} not in {listing}");
+    }
+    let (status, _) = harness.mgmt(
+        Method::GET,
+        "/systeminfo/supportbundle?api-version=2019-11-05",
+        "",
+    );
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // Delete: 204, then 404; the per-module socket is gone.
     let (status, body) = harness.exec_call(
         &agent,

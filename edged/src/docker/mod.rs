@@ -590,6 +590,12 @@ impl DockerClient {
         Ok(networks.iter().any(|network| network.name == name))
     }
 
+    /// `GET /networks/{name}`.
+    pub async fn network(&self, name: &str) -> Result<serde_json::Value, DockerError> {
+        self.json(Method::GET, &format!("/networks/{}", encode(name)), None)
+            .await
+    }
+
     /// `POST /networks/create`.
     pub async fn create_network(&self, body: &serde_json::Value) -> Result<(), DockerError> {
         let bytes = serde_json::to_vec(body).map_err(DockerError::Decode)?;

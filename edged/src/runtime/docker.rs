@@ -528,6 +528,18 @@ impl ModuleRuntime for DockerRuntime {
         Ok(self.client.remove_image(id).await?)
     }
 
+    async fn inspect(&self, name: &str) -> Result<Value, EdgedError> {
+        Ok(self.client.inspect_raw(name).await?)
+    }
+
+    async fn network_info(&self) -> Result<Option<(String, Value)>, EdgedError> {
+        match self.client.network(&self.network.name).await {
+            Ok(value) => Ok(Some((self.network.name.clone(), value))),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     async fn wait_removed(&self, name: &str) -> Result<(), EdgedError> {
         let filters = json!({"type": ["container"], "event": ["destroy"], "container": [name]});
         let mut events = self.client.events(&filters).await?;

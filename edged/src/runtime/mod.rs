@@ -128,6 +128,17 @@ pub trait ModuleRuntime: Send + Sync + 'static {
     /// Removes an image.
     fn remove_image(&self, id: &str) -> impl Future<Output = Result<(), EdgedError>> + Send;
 
+    /// The runtime's full description of a module (`docker inspect`), for support bundles.
+    fn inspect(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<serde_json::Value, EdgedError>> + Send;
+
+    /// The module network's name and description, for support bundles.
+    fn network_info(
+        &self,
+    ) -> impl Future<Output = Result<Option<(String, serde_json::Value)>, EdgedError>> + Send;
+
     /// Resolves when module `name` is removed from the runtime (by anyone). Errors when the
     /// runtime cannot report removals (the caller retries later).
     fn wait_removed(&self, name: &str) -> impl Future<Output = Result<(), EdgedError>> + Send;
