@@ -1,7 +1,8 @@
 //! edged's service over a fake Docker engine served in-process on a temporary Unix socket: the
 //! faults a real engine cannot be made to produce on demand (a pull that hangs, a 500, a pull
-//! whose progress stream ends in an error), and the "no global lock" rule: while one module's
-//! image pull hangs, list, get, logs and another module's operations still answer at once.
+//! whose progress stream ends in an error), the "no global lock" rule (while one module's image
+//! pull hangs, list, get, logs and another module's operations still answer at once), and image
+//! garbage collection.
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,6 +22,7 @@ use http_common::{ApiError as _, Caller, ClientError, Request, Response};
 const OWNER: &str = "net.azure-devices.edge.owner";
 
 struct FakeEngine {
+    removed_images: std::sync::Mutex<Vec<String>>,
     pull_started: AtomicBool,
     release_pull: tokio::sync::Notify,
     test_pid: u32,
@@ -92,6 +94,17 @@ impl http_common::Handler for EngineRouter {
                     serde_json::json!({"status": "Downloaded newer image"}),
                 )
             }
+            (Method::DELETE, path) if path.starts_with("/images/") => {
+                self.0
+                    .removed_images
+                    .lock()
+                    .unwrap()
+                    .push(path["/images/".len()..].to_owned());
+                json(StatusCode::OK, serde_json::json!([]))
+            }
+            (Method::GET, "/images/agent%3A1/json") => {
+                json(StatusCode::OK, serde_json::json!({"Id": "sha256:agent"}))
+            }
             (Method::GET, path) if path.starts_with("/images/") => {
                 json(StatusCode::OK, serde_json::json!({"Id": "sha256:img"}))
             }
@@ -156,6 +169,7 @@ fn spec(name: &str, image: &str) -> ModuleSpec {
 async fn a_hanging_pull_blocks_nothing_else_and_docker_errors_keep_their_status() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(FakeEngine {
+        removed_images: std::sync::Mutex::new(Vec::new()),
         pull_started: AtomicBool::new(false),
         release_pull: tokio::sync::Notify::new(),
         test_pid: std::process::id(),
@@ -177,6 +191,17 @@ async fn a_hanging_pull_blocks_nothing_else_and_docker_errors_keep_their_status(
 
     let homedir = dir.path().join("home");
     std::fs::create_dir_all(homedir.join("gc")).unwrap();
+    // An image ledger with old entries: one unused, one used by module m1, the agent's image,
+    // and a recent one.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::fs::write(
+        homedir.join("gc/image_use"),
+        format!("sha256:old 1000\nsha256:img 1000\nsha256:agent 1000\nsha256:recent {now}\n"),
+    )
+    .unwrap();
     let config = edged::Config::from_toml(&format!(
         "hostname = \"h\"\nhomedir = \"{}\"\n[agent.config]\nimage = \"agent:1\"\n",
         homedir.display()
@@ -260,6 +285,18 @@ async fn a_hanging_pull_blocks_nothing_else_and_docker_errors_keep_their_status(
         .unwrap()
         .find("\"password\"")
         .is_none());
+
+    // Image garbage collection removes only the old, unused, non-agent ledger image.
+    edged::watchdog::sweep_images(&edged).await.unwrap();
+    assert_eq!(
+        *engine.removed_images.lock().unwrap(),
+        vec!["sha256%3Aold".to_owned()]
+    );
+    let ledger = std::fs::read_to_string(dir.path().join("home/gc/image_use")).unwrap();
+    assert!(
+        !ledger.contains("sha256:old") && ledger.contains("sha256:recent"),
+        "{ledger}"
+    );
 
     // Docker errors keep Docker's status and message; a failed pull is a 404.
     let error = edged.get_module("broken").await.unwrap_err();
