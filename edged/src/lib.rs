@@ -277,9 +277,17 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
             source,
         }
     })?;
+    // Only fd-store sockets passed (no socket units): a `unix://` listener binds its path rather
+    // than taking a module's socket or failing over the missing unit name.
+    let only_stored = !passed_fd_names.is_empty()
+        && passed_fd_names
+            .iter()
+            .all(|name| name.starts_with(fdstore::PREFIX));
+    let no_fds = SystemdFds::default();
+    let socket_fds = if only_stored { &no_fds } else { &systemd };
     let management = listen(
         &management_uri,
-        &systemd,
+        socket_fds,
         Some(config::MANAGEMENT_SOCKET_NAME),
         0o660,
     )
@@ -295,7 +303,7 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     })?;
     let workload = listen(
         &workload_uri,
-        &systemd,
+        socket_fds,
         Some(config::WORKLOAD_SOCKET_NAME),
         0o666,
     )
