@@ -890,7 +890,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
     pub async fn trust_bundle(&self) -> Result<String, EdgedError> {
         match &self.config.trust_bundle_cert {
             Some(id) => self.certd.get_cert(id).await.map_err(|source| {
-                if source.status() == Some(http::StatusCode::NOT_FOUND) {
+                if source.is_not_found() {
                     EdgedError::CertificateNotFound(id.clone())
                 } else {
                     EdgedError::certd("failed to read the trust bundle", source)
@@ -907,7 +907,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
                 if let Some(trusted) = &self.config.trusted_ca_certs {
                     match self.certd.get_cert(trusted).await {
                         Ok(pem) => bundles.push(pem),
-                        Err(source) if source.status() == Some(http::StatusCode::NOT_FOUND) => {
+                        Err(source) if source.is_not_found() => {
                             log::warn!("trusted_ca_certs {trusted:?} does not exist in certd");
                         }
                         Err(source) => {
@@ -931,9 +931,7 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
             .await
         {
             Ok(pem) => Ok(pem),
-            Err(source) if source.status() == Some(http::StatusCode::NOT_FOUND) => {
-                Ok(String::new())
-            }
+            Err(source) if source.is_not_found() => Ok(String::new()),
             Err(source) => Err(EdgedError::certd(
                 "failed to read the manifest trust bundle",
                 source,

@@ -164,7 +164,7 @@ async fn create_agent<R: ModuleRuntime, I: IdentityClient>(
     let identity = match edged.identity.update_module(AGENT_MODULE_ID).await {
         Ok(identity) => identity,
         // IoT Hub creates $edgeAgent for Edge devices; a hub that did not gets it created here.
-        Err(error) if error.status() == Some(http::StatusCode::NOT_FOUND) => {
+        Err(error) if error.is_not_found() => {
             log::info!("{AGENT_MODULE_ID} has no identity yet; creating it");
             edged
                 .identity
