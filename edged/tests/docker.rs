@@ -256,6 +256,29 @@ fn agent_bootstrap_module_lifecycle_and_workload() {
         Some("invalid parameter: data")
     );
 
+    // 100 sign calls from inside the module, 4 callers at a time (process start included).
+    let body = serde_json::json!({"data": b64(data)}).to_string();
+    let script = format!(
+        "for j in 1 2 3 4; do (for i in $(seq 25); do /bin/uds-client {socket} POST '{sign_path}' '{body}' | head -n 1; done) & done; wait"
+    );
+    let burst_started = Instant::now();
+    let (ok, stdout, stderr) = docker(&["exec", &module, "/bin/sh", "-c", &script]);
+    let burst = burst_started.elapsed();
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|line| line.starts_with("HTTP/1.1 200"))
+            .count(),
+        100,
+        "{stdout}"
+    );
+    println!(
+        "figures: 100 sign calls from inside the module, 4 concurrent callers: {} ms ({:.1} ms per call)",
+        burst.as_millis(),
+        burst.as_secs_f64() * 1000.0 / 100.0
+    );
+
     // A server certificate that verifies against the trust bundle.
     let (status, certificate) = harness.exec_call(
         &module,
