@@ -34,6 +34,9 @@ pub const MASTER_ENCRYPTION_KEY: &str = "iotedge_master_encryption_id";
 /// How long a positive caller check is reused per (pid, container).
 pub const AUTHORIZATION_TTL: Duration = Duration::from_secs(5);
 
+/// How long an agent update waits before replacing the agent (so the 201 reaches it).
+pub const AGENT_UPDATE_DELAY: Duration = Duration::from_millis(500);
+
 /// Docker's default grace is used for API stops; startup and shutdown use this one.
 pub const STOP_ALL_GRACE: Duration = Duration::from_secs(30);
 
@@ -468,6 +471,8 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
             let path_name = path_name.to_owned();
             let background_spec = spec.clone();
             tokio::spawn(async move {
+                // Let the answer reach the agent before its container goes away.
+                tokio::time::sleep(AGENT_UPDATE_DELAY).await;
                 if let Err(error) = edged
                     .replace_module(&path_name, &background_spec, policy, start)
                     .await

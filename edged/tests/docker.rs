@@ -721,6 +721,41 @@ fn agent_recreated_and_identities_survive_restart() {
     let (status, _) = harness.exec_call(&agent, &mgmt, "GET", &format!("/modules?{V}"), "");
     assert_eq!(status, 200);
 
+    // The agent updates itself: 201 at once, then edged replaces it in the background.
+    let current_agent = harness.container_id(&agent).unwrap();
+    let agent_spec = serde_json::json!({
+        "name": agent, "type": "docker", "imagePullPolicy": "never",
+        "config": {"settings": {"image": harness.image.tag, "createOptions": {
+            "Cmd": ["/bin/sh", "-c", LOOP_COMMAND],
+            "Labels": {"updated": "yes"},
+            "HostConfig": {"Binds": [
+                format!("{}/mnt/{agent}.sock:{}", harness.homedir.display(), harness.workload.display()),
+                format!("{mgmt}:{mgmt}"),
+            ]}}}}
+    });
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "PUT",
+        &format!("/modules/{agent}?{V}&start=true"),
+        &agent_spec.to_string(),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["status"]["runtimeStatus"]["status"], "running");
+    harness.wait_for("the agent to be replaced", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+            && harness.container_id(&agent).as_deref() != Some(current_agent.as_str())
+    });
+    let (_, label, _) = docker(&[
+        "inspect",
+        "-f",
+        "{{index .Config.Labels \"updated\"}}",
+        &agent,
+    ]);
+    assert_eq!(label.trim(), "yes");
+    let (status, _) = harness.exec_call(&agent, &mgmt, "GET", &format!("/modules?{V}"), "");
+    assert_eq!(status, 200);
+
     // Restart edged.
     assert_eq!(
         harness.edged.stop(),
