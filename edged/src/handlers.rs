@@ -87,6 +87,8 @@ pub(crate) async fn create_module<R: ModuleRuntime, I: IdentityClient>(
     edged: &Arc<Edged<R, I>>,
     request: &Request,
 ) -> Result {
+    // The caller is checked before the body is looked at (the service checks again, cached).
+    edged.authorize_agent(&request.caller).await?;
     let spec: ModuleSpec = request.json()?;
     let details = edged.create_module(&request.caller, spec).await?;
     Ok(json_response(StatusCode::CREATED, &details))
@@ -97,6 +99,7 @@ pub(crate) async fn update_module<R: ModuleRuntime, I: IdentityClient>(
     request: &Request,
     name: &str,
 ) -> Result {
+    edged.authorize_agent(&request.caller).await?;
     let start = parse_bool(request, "start")?.unwrap_or(false);
     let spec: ModuleSpec = request.json()?;
     let details = edged
@@ -119,6 +122,7 @@ pub(crate) async fn prepare_update<R: ModuleRuntime, I: IdentityClient>(
     request: &Request,
     name: &str,
 ) -> Result {
+    edged.authorize_agent(&request.caller).await?;
     let spec: ModuleSpec = request.json()?;
     edged.prepare_update(&request.caller, name, spec).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
@@ -166,6 +170,7 @@ pub(crate) async fn create_identity<R: ModuleRuntime, I: IdentityClient>(
     edged: &Arc<Edged<R, I>>,
     request: &Request,
 ) -> Result {
+    edged.authorize_agent(&request.caller).await?;
     let body: CreateIdentityRequest = request.json()?;
     let identity = edged
         .create_identity(&request.caller, &body.module_id, body.managed_by)
@@ -178,6 +183,7 @@ pub(crate) async fn update_identity<R: ModuleRuntime, I: IdentityClient>(
     request: &Request,
     name: &str,
 ) -> Result {
+    edged.authorize_agent(&request.caller).await?;
     // Any JSON or an empty body.
     let _: Option<serde_json::Value> = request.optional_json()?;
     let identity = edged.update_identity(&request.caller, name).await?;
@@ -256,6 +262,7 @@ pub(crate) async fn workload_action<R: ModuleRuntime, I: IdentityClient>(
     action: WorkloadAction,
 ) -> Result {
     let caller = &request.caller;
+    edged.authorize_module(caller, name).await?;
     match action {
         WorkloadAction::Sign => {
             let body: SignRequest = request.json()?;

@@ -350,3 +350,344 @@ fn an_invalid_configuration_exits_153() {
         assert!(log.contains(key) && log.contains("config.toml"), "{log}");
     }
 }
+
+/// The HTTP conventions on both route tables (no socket: the routers are called directly):
+/// api-version rules per route, 404 / 405 + `Allow`, aliases, path decoding, body rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_rules_of_both_apis() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(FakeEngine {
+        removed_images: std::sync::Mutex::new(Vec::new()),
+        pull_started: AtomicBool::new(false),
+        release_pull: tokio::sync::Notify::new(),
+        test_pid: std::process::id(),
+    });
+    let socket = dir.path().join("docker.sock");
+    let listener = http_common::listener::listen(
+        &http_common::listener::ListenerUri::Unix(socket.clone()),
+        &http_common::listener::SystemdFds::default(),
+        None,
+        0o600,
+    )
+    .unwrap();
+    tokio::spawn(http_common::serve(
+        listener,
+        Arc::new(EngineRouter(Arc::clone(&engine))),
+        http_common::ServerOptions::default(),
+        std::future::pending(),
+    ));
+    let homedir = dir.path().join("home");
+    std::fs::create_dir_all(homedir.join("gc")).unwrap();
+    let config = edged::Config::from_toml(&format!(
+        "hostname = \"h\"\nhomedir = \"{}\"\n[agent.config]\nimage = \"agent:1\"\n",
+        homedir.display()
+    ))
+    .unwrap();
+    let runtime = DockerRuntime::new(
+        edged::docker::DockerClient::new(&socket),
+        true,
+        config.moby.network.clone(),
+    );
+    let (exit, _exit_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let edged = Arc::new(Edged::new(
+        config,
+        runtime,
+        FakeIdentity,
+        key_api::Client::from_uri("unix:///nonexistent/keyd.sock").unwrap(),
+        cert_api::Client::from_uri("unix:///nonexistent/certd.sock").unwrap(),
+        homedir,
+        FakeIdentity.get_device().await.unwrap(),
+        exit,
+    ));
+    let management = edged::routes::ManagementRouter::new(Arc::clone(&edged));
+    let workload = edged::routes::WorkloadRouter::new(Arc::clone(&edged));
+    let host = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 1,
+    };
+    async fn call(
+        handler: &impl http_common::Handler,
+        method: Method,
+        path: &str,
+        body: &str,
+        content_type: Option<&str>,
+        caller: Caller,
+    ) -> (u16, String, http::HeaderMap) {
+        let mut request = Request::new(method, path, body.to_owned(), caller);
+        if let Some(content_type) = content_type {
+            request.headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_str(content_type).unwrap(),
+            );
+        }
+        let response = handler.handle(request).await;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|value| value["message"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        (status, message, headers)
+    }
+    let v = "api-version=2022-08-03";
+    let cases: Vec<(Method, String, &str, u16, &str)> = vec![
+        (Method::GET, "/nope".into(), "", 404, "not found"),
+        (
+            Method::GET,
+            "/modules".into(),
+            "",
+            400,
+            "api-version not specified",
+        ),
+        (
+            Method::GET,
+            "/modules?api-version=2020-01-01".into(),
+            "",
+            400,
+            "invalid api-version \"2020-01-01\"",
+        ),
+        (
+            Method::GET,
+            format!("/modules?{v}&{v}"),
+            "",
+            400,
+            "api-version specified more than once",
+        ),
+        (
+            Method::GET,
+            "/modules?api-version=2021-05-11".into(),
+            "",
+            200,
+            "",
+        ),
+        (Method::GET, format!("/modules/?{v}"), "", 200, ""),
+        (Method::GET, format!("/modules/m1?{v}"), "", 200, ""),
+        (Method::GET, format!("/modules/%2Fm1?{v}"), "", 200, ""),
+        (Method::GET, format!("/modules/nothing?{v}"), "", 404, ""),
+        (
+            Method::PATCH,
+            format!("/modules/m1?{v}"),
+            "",
+            405,
+            "method not allowed",
+        ),
+        (
+            Method::GET,
+            format!("/modules/m1/start?{v}"),
+            "",
+            405,
+            "method not allowed",
+        ),
+        (
+            Method::POST,
+            format!("/modules/m1/unknown?{v}"),
+            "",
+            404,
+            "not found",
+        ),
+        (
+            Method::POST,
+            "/modules/m1/prepareupdate?api-version=2018-06-28".into(),
+            "{}",
+            404,
+            "not found",
+        ),
+        (
+            Method::POST,
+            "/device/reprovision?api-version=2019-01-30".into(),
+            "",
+            404,
+            "not found",
+        ),
+        (
+            Method::GET,
+            "/systeminfo/resources?api-version=2019-10-22".into(),
+            "",
+            404,
+            "not found",
+        ),
+        (
+            Method::GET,
+            "/systeminfo/supportbundle?api-version=2019-11-05".into(),
+            "",
+            404,
+            "not found",
+        ),
+        (Method::POST, format!("/modules?{v}"), "", 403, "forbidden"),
+        (
+            Method::POST,
+            format!("/identities?{v}"),
+            "{}",
+            403,
+            "forbidden",
+        ),
+        (
+            Method::DELETE,
+            format!("/identities/x?{v}"),
+            "",
+            403,
+            "forbidden",
+        ),
+        (
+            Method::GET,
+            format!("/identities/x?{v}"),
+            "",
+            405,
+            "method not allowed",
+        ),
+        (
+            Method::GET,
+            format!("/modules/m1/logs?{v}&follow=maybe"),
+            "",
+            400,
+            "invalid parameter: follow",
+        ),
+    ];
+    for (method, path, body, status, message) in cases {
+        let (actual, text, _) = call(&management, method.clone(), &path, body, None, host).await;
+        assert_eq!(actual, status, "management {method} {path}: {text}");
+        if !message.is_empty() {
+            assert_eq!(
+                text.lines().next().unwrap_or(""),
+                message,
+                "management {method} {path}"
+            );
+        }
+    }
+    let (_, _, headers) = call(
+        &management,
+        Method::PATCH,
+        &format!("/modules/m1?{v}"),
+        "",
+        None,
+        host,
+    )
+    .await;
+    assert_eq!(headers[http::header::ALLOW], "GET, PUT, DELETE");
+
+    // Body rules, from the agent (the test process): 415, 400 missing, 422 shape, 400 settings.
+    let agent = Caller {
+        pid: i32::try_from(std::process::id()).unwrap(),
+        ..host
+    };
+    let body_cases: Vec<(&str, Option<&str>, u16)> = vec![
+        ("{}", Some("text/plain"), 415),
+        ("", None, 400),
+        ("{\"name\": 5}", None, 422),
+        (
+            r#"{"name":"x","type":"docker","imagePullPolicy":"sometimes","config":{"settings":{"image":"i"}}}"#,
+            Some("application/json; charset=utf-8"),
+            400,
+        ),
+        (
+            r#"{"name":"x","type":"docker","config":{"settings":{"image":"i","createOptions":{"Env":"A=1"}}}}"#,
+            None,
+            400,
+        ),
+        (
+            r#"{"name":"x","type":"docker","config":{"settings":{"image":"i"},"env":[{"key":"A","value":"1"},{"key":"A","value":"2"}]}}"#,
+            None,
+            400,
+        ),
+    ];
+    for (body, content_type, status) in body_cases {
+        let (actual, text, _) = call(
+            &management,
+            Method::POST,
+            &format!("/modules?{v}"),
+            body,
+            content_type,
+            agent,
+        )
+        .await;
+        assert_eq!(actual, status, "{body}: {text}");
+    }
+
+    let workload_cases: Vec<(Method, String, &str, u16, &str)> = vec![
+        (Method::GET, format!("/modules?{v}"), "", 200, ""),
+        (
+            Method::GET,
+            "/modules".into(),
+            "",
+            400,
+            "api-version not specified",
+        ),
+        (
+            Method::GET,
+            format!("/modules/m1/genid/1/sign?{v}"),
+            "",
+            405,
+            "method not allowed",
+        ),
+        (
+            Method::POST,
+            format!("/modules/m1/genid/1/sign?{v}"),
+            r#"{"data":"aGk="}"#,
+            403,
+            "forbidden",
+        ),
+        (
+            Method::POST,
+            format!("/modules/m1/genid/1/certificate/server?{v}"),
+            r#"{"commonName":"x"}"#,
+            403,
+            "forbidden",
+        ),
+        (
+            Method::POST,
+            format!("/modules/m1/certificate/identity?{v}"),
+            "",
+            403,
+            "forbidden",
+        ),
+        (
+            Method::POST,
+            format!("/modules/m1/genid/1/other?{v}"),
+            "{}",
+            404,
+            "not found",
+        ),
+        (
+            Method::POST,
+            format!("/trust-bundle?{v}"),
+            "",
+            405,
+            "method not allowed",
+        ),
+    ];
+    for (method, path, body, status, message) in workload_cases {
+        let (actual, text, _) = call(&workload, method.clone(), &path, body, None, host).await;
+        assert_eq!(actual, status, "workload {method} {path}: {text}");
+        if !message.is_empty() {
+            assert_eq!(text, message, "workload {method} {path}");
+        }
+    }
+    // The module itself (here: the test process plays a process of container `edgeAgent`) gets
+    // past the caller check; bad base64 is then a 400 naming the parameter.
+    let (status, text, _) = call(
+        &workload,
+        Method::POST,
+        &format!("/modules/$edgeAgent/genid/1/sign?{v}"),
+        r#"{"data":"***"}"#,
+        None,
+        agent,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.starts_with("invalid parameter: data"), "{text}");
+}
+
+/// Every route of both tables is documented in docs/edged.md.
+#[test]
+fn every_route_is_documented() {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/edged.md")).unwrap();
+    for (_, path) in edged::routes::MANAGEMENT_ROUTES
+        .iter()
+        .chain(edged::routes::WORKLOAD_ROUTES)
+    {
+        assert!(docs.contains(path), "{path} is not in docs/edged.md");
+    }
+}
