@@ -8,16 +8,23 @@
 //! (`LISTEN_FDNAMES`), edged serves on the very same sockets, and the modules keep running.
 //! `systemctl stop` empties the store, so the next start falls back to the reference behaviour.
 //!
-//! Without `NOTIFY_SOCKET` every function here does nothing.
+//! Only when systemd says the store exists (`FDSTORE=<max>` in the environment, systemd 254+,
+//! set from `FileDescriptorStoreMax=`) does anything here happen; otherwise edged behaves exactly
+//! like the reference (modules stopped on shutdown and restarted at start).
 
 use std::os::fd::{AsRawFd, RawFd};
 
 /// The `FDNAME` prefix of per-module sockets.
 pub const PREFIX: &str = "edged-module-";
 
-/// Whether a service manager is listening.
+/// Whether a service manager keeps descriptors for us: `NOTIFY_SOCKET` is set and `FDSTORE`
+/// (set by systemd 254+ to the unit's `FileDescriptorStoreMax=`) is a positive number.
 pub fn enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
+        && std::env::var("FDSTORE")
+            .ok()
+            .and_then(|max| max.trim().parse::<u32>().ok())
+            .is_some_and(|max| max > 0)
 }
 
 /// The `FDNAME` of a module's socket.

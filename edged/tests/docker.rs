@@ -919,6 +919,11 @@ fn modules_keep_running_across_a_restart_with_systemds_fd_store() {
         "NOTIFY_SOCKET".to_owned(),
         systemd.path.display().to_string(),
     ));
+    // systemd 254+ tells a service its FileDescriptorStoreMax= this way.
+    harness
+        .edged
+        .env
+        .push(("FDSTORE".to_owned(), "64".to_owned()));
     harness.start_edged();
     let agent = harness.agent.clone();
     harness.wait_for("the agent to run", Duration::from_secs(30), || {
