@@ -372,7 +372,14 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     removals.abort();
     image_gc.abort();
     renewal.abort();
-    let _ = watchdog.await;
+    // A watchdog run in the middle of a slow pull is not waited for.
+    let mut watchdog = watchdog;
+    if tokio::time::timeout(Duration::from_secs(5), &mut watchdog)
+        .await
+        .is_err()
+    {
+        watchdog.abort();
+    }
     edged.begin_shutdown();
     if fdstore::enabled() && reason != ExitReason::Reprovision {
         // systemd keeps the sockets across a restart (and drops them on `systemctl stop`, after
