@@ -22,6 +22,7 @@ use http_common::{ApiError as _, Caller, ClientError, Request, Response};
 const OWNER: &str = "net.azure-devices.edge.owner";
 
 struct FakeEngine {
+    created_networks: std::sync::Mutex<Vec<serde_json::Value>>,
     removed_images: std::sync::Mutex<Vec<String>>,
     pull_started: AtomicBool,
     release_pull: tokio::sync::Notify,
@@ -108,6 +109,12 @@ impl http_common::Handler for EngineRouter {
             (Method::GET, path) if path.starts_with("/images/") => {
                 json(StatusCode::OK, serde_json::json!({"Id": "sha256:img"}))
             }
+            (Method::GET, "/networks") => json(StatusCode::OK, serde_json::json!([])),
+            (Method::POST, "/networks/create") => {
+                let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+                self.0.created_networks.lock().unwrap().push(body);
+                json(StatusCode::CREATED, serde_json::json!({"Id": "net"}))
+            }
             (Method::POST, "/containers/create") => json(
                 StatusCode::CREATED,
                 serde_json::json!({"Id": "new-container"}),
@@ -169,6 +176,7 @@ fn spec(name: &str, image: &str) -> ModuleSpec {
 async fn a_hanging_pull_blocks_nothing_else_and_docker_errors_keep_their_status() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(FakeEngine {
+        created_networks: std::sync::Mutex::new(Vec::new()),
         removed_images: std::sync::Mutex::new(Vec::new()),
         pull_started: AtomicBool::new(false),
         release_pull: tokio::sync::Notify::new(),
@@ -357,6 +365,7 @@ fn an_invalid_configuration_exits_153() {
 async fn routing_rules_of_both_apis() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(FakeEngine {
+        created_networks: std::sync::Mutex::new(Vec::new()),
         removed_images: std::sync::Mutex::new(Vec::new()),
         pull_started: AtomicBool::new(false),
         release_pull: tokio::sync::Notify::new(),
@@ -690,4 +699,53 @@ fn every_route_is_documented() {
     {
         assert!(docs.contains(path), "{path} is not in docs/edged.md");
     }
+}
+
+/// At startup the module network is created with the configured IPv6 and IPAM settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_network_is_created_with_its_ipam_settings() {
+    use edged::runtime::ModuleRuntime as _;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(FakeEngine {
+        created_networks: std::sync::Mutex::new(Vec::new()),
+        removed_images: std::sync::Mutex::new(Vec::new()),
+        pull_started: AtomicBool::new(false),
+        release_pull: tokio::sync::Notify::new(),
+        test_pid: std::process::id(),
+    });
+    let socket = dir.path().join("docker.sock");
+    let listener = http_common::listener::listen(
+        &http_common::listener::ListenerUri::Unix(socket.clone()),
+        &http_common::listener::SystemdFds::default(),
+        None,
+        0o600,
+    )
+    .unwrap();
+    tokio::spawn(http_common::serve(
+        listener,
+        Arc::new(EngineRouter(Arc::clone(&engine))),
+        http_common::ServerOptions::default(),
+        std::future::pending(),
+    ));
+    let config = edged::Config::from_toml(
+        "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"a\"\n\
+         [moby_runtime.network]\nname = \"edge-net\"\nipv6 = true\n\
+         [[moby_runtime.network.ipam.config]]\ngateway = \"172.30.0.1\"\nsubnet = \"172.30.0.0/16\"\nip_range = \"172.30.5.0/24\"\n",
+    )
+    .unwrap();
+    let runtime = DockerRuntime::new(
+        edged::docker::DockerClient::new(&socket),
+        true,
+        config.moby.network.clone(),
+    );
+    runtime.prepare().await.unwrap();
+    let created = engine.created_networks.lock().unwrap().clone();
+    assert_eq!(
+        created,
+        vec![
+            serde_json::json!({"Name": "edge-net", "Driver": "bridge", "CheckDuplicate": true,
+            "EnableIPv6": true, "IPAM": {"Driver": "default", "Config": [
+                {"Gateway": "172.30.0.1", "Subnet": "172.30.0.0/16", "IPRange": "172.30.5.0/24"}]}})
+        ]
+    );
 }
