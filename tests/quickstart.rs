@@ -1,12 +1,13 @@
 //! The README's run command, end to end: `tools/quickstart.sh` starts the cloud emulator, keyd,
-//! certd and identityd from the binaries `cargo test --workspace` built, and identityd provisions
-//! the device through the emulator's DPS.
+//! certd, identityd and (with a reachable Docker Engine) edged from the binaries
+//! `cargo test --workspace` built; identityd provisions the device through the emulator's DPS and
+//! edged runs the edgeAgent container.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
-/// Stops whatever the quickstart started (it leaves `<run dir>/*.pid`).
+/// Stops whatever the quickstart started (`tools/quickstart.sh --stop`).
 struct Stack {
     dir: tempfile::TempDir,
 }
@@ -19,20 +20,22 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.run_dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if entry
-                .path()
-                .extension()
-                .is_some_and(|extension| extension == "pid")
-            {
-                let pid = std::fs::read_to_string(entry.path()).unwrap();
-                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
-            }
-        }
+        let _ = std::process::Command::new(repository_root().join("tools/quickstart.sh"))
+            .arg("--stop")
+            .env("QUICKSTART_DIR", self.run_dir())
+            .output();
     }
+}
+
+fn repository_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn docker_reachable() -> bool {
+    std::process::Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|output| output.status.success())
 }
 
 fn binaries_dir() -> PathBuf {
@@ -48,9 +51,9 @@ fn binaries_dir() -> PathBuf {
 
 #[test]
 fn quickstart_provisions_a_device_end_to_end() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = repository_root();
     let bin = binaries_dir();
-    for name in ["keyd", "certd", "identityd", "cloud-emulator"] {
+    for name in ["keyd", "certd", "identityd", "edged", "cloud-emulator"] {
         assert!(
             bin.join(name).exists(),
             "{name} is not built in {}; run cargo build --workspace",
@@ -115,4 +118,26 @@ fn quickstart_provisions_a_device_end_to_end() {
         registrations.contains("quickstart-device"),
         "{registrations}"
     );
+
+    // With a Docker Engine (as on CI), edged runs and has started the edgeAgent container.
+    if docker_reachable() {
+        assert!(stdout.contains("edgeAgent running"), "{stdout}");
+        let modules = std::process::Command::new("curl")
+            .args(["-sf", "--unix-socket"])
+            .arg(run_dir.join("sockets/edged.sock"))
+            .arg("http://edged/modules?api-version=2020-07-07")
+            .output()
+            .unwrap();
+        let modules: serde_json::Value = serde_json::from_slice(&modules.stdout).unwrap();
+        let agent = modules["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|module| module["name"] == "edgeAgent")
+            .unwrap_or_else(|| panic!("no edgeAgent in {modules}"));
+        assert_eq!(
+            agent["status"]["runtimeStatus"]["status"], "running",
+            "{agent}"
+        );
+    }
 }
