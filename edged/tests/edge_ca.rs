@@ -226,3 +226,213 @@ async fn edge_ca_is_created_renewed_with_and_without_rotation_and_issues_module_
         creation.as_millis()
     );
 }
+
+fn self_signed_ca(common_name: &str) -> (openssl::pkey::PKey<openssl::pkey::Private>, X509) {
+    use openssl::x509::extension::{BasicConstraints, KeyUsage};
+    let key = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+    let mut builder = X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    let serial = openssl::bn::BigNum::from_u32(42)
+        .unwrap()
+        .to_asn1_integer()
+        .unwrap();
+    builder.set_serial_number(&serial).unwrap();
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", common_name).unwrap();
+    let name = name.build();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(&name).unwrap();
+    builder.set_pubkey(&key).unwrap();
+    builder
+        .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&openssl::asn1::Asn1Time::days_from_now(365).unwrap())
+        .unwrap();
+    builder
+        .append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+        .unwrap();
+    builder
+        .append_extension(KeyUsage::new().critical().key_cert_sign().build().unwrap())
+        .unwrap();
+    builder
+        .sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    (key, builder.build())
+}
+
+struct NoIdentity;
+
+impl edged::identity::IdentityClient for NoIdentity {
+    async fn get_device(
+        &self,
+    ) -> Result<edged::identity::DeviceIdentity, http_common::ClientError> {
+        Ok(edged::identity::DeviceIdentity {
+            hub_name: "hub".into(),
+            gateway_host: "hub".into(),
+            device_id: "device".into(),
+        })
+    }
+    async fn reprovision(&self) -> Result<(), http_common::ClientError> {
+        Ok(())
+    }
+    async fn list_modules(
+        &self,
+    ) -> Result<Vec<edged::identity::ModuleIdentity>, http_common::ClientError> {
+        Ok(Vec::new())
+    }
+    async fn create_module(
+        &self,
+        _: &str,
+    ) -> Result<edged::identity::ModuleIdentity, http_common::ClientError> {
+        Err(http_common::ClientError::InvalidEndpoint("none".into()))
+    }
+    async fn get_module(
+        &self,
+        _: &str,
+    ) -> Result<edged::identity::ModuleIdentity, http_common::ClientError> {
+        Err(http_common::ClientError::InvalidEndpoint("none".into()))
+    }
+    async fn update_module(
+        &self,
+        _: &str,
+    ) -> Result<edged::identity::ModuleIdentity, http_common::ClientError> {
+        Err(http_common::ClientError::InvalidEndpoint("none".into()))
+    }
+    async fn delete_module(&self, _: &str) -> Result<(), http_common::ClientError> {
+        Ok(())
+    }
+}
+
+/// The seed form: a user-supplied device CA (key preloaded in keyd, cert imported in certd) is
+/// used as the Edge CA as is, issues module certificates, and `/trust-bundle` is its chain
+/// followed by `trusted_ca_certs`, duplicates removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preloaded_device_ca_issues_module_certs_and_the_seed_bundle_appends_trusted_cas() {
+    let root = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(root.path()).unwrap();
+    let (device_key, device_ca) = self_signed_ca("Device CA");
+    let (_, trusted_ca) = self_signed_ca("Trusted Root");
+    let key_file = base.join("device-ca.key.pem");
+    std::fs::write(&key_file, device_key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+
+    let mut keyd = Daemon::new(
+        "keyd",
+        sibling_binary("keyd"),
+        &base,
+        base.join("keyd.sock"),
+        ("AZIOT_KEYD_CONFIG", "AZIOT_KEYD_CONFIG_DIR"),
+    );
+    std::fs::write(
+        &keyd.config,
+        format!(
+            "[aziot_keys]\nhomedir_path = \"{}\"\n[preloaded_keys]\n\"device-ca\" = \"file://{}\"\n\
+             [endpoints]\naziot_keyd = \"unix://{}\"\n",
+            base.join("keyd-home").display(),
+            key_file.display(),
+            keyd.socket.display()
+        ),
+    )
+    .unwrap();
+    keyd.spawn(Duration::from_secs(30));
+    let mut certd = Daemon::new(
+        "certd",
+        sibling_binary("certd"),
+        &base,
+        base.join("certd.sock"),
+        ("AZIOT_CERTD_CONFIG", "AZIOT_CERTD_CONFIG_DIR"),
+    );
+    std::fs::write(
+        &certd.config,
+        format!(
+            "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+            base.join("certd-home").display(),
+            certd.socket.display(),
+            keyd.socket.display()
+        ),
+    )
+    .unwrap();
+    certd.spawn(Duration::from_secs(30));
+    let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
+    let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
+    let device_pem = String::from_utf8(device_ca.to_pem().unwrap()).unwrap();
+    let trusted_pem = String::from_utf8(trusted_ca.to_pem().unwrap()).unwrap();
+    certd_client
+        .import_cert("device-ca", &device_pem)
+        .await
+        .unwrap();
+    // The trusted bundle repeats the device CA: it must appear once in /trust-bundle.
+    certd_client
+        .import_cert("trusted-ca", &format!("{trusted_pem}{device_pem}"))
+        .await
+        .unwrap();
+
+    let homedir = base.join("edged-home");
+    std::fs::create_dir_all(homedir.join("gc")).unwrap();
+    let config = edged::Config::from_toml(&format!(
+        "hostname = \"h\"\nhomedir = \"{}\"\n[certificates]\ndevice_ca_cert = \"cert://device-ca\"\n\
+         device_ca_pk = \"key://device-ca\"\ntrusted_ca_certs = \"cert://trusted-ca\"\n\
+         [agent.config]\nimage = \"a\"\n",
+        homedir.display()
+    ))
+    .unwrap();
+    assert!(config.edge_ca.preloaded);
+    let handle = certs::ensure_edge_ca(&config.edge_ca, "device", &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    // Used as is: nothing was issued over it.
+    assert_eq!(
+        certd_client.get_cert("device-ca").await.unwrap(),
+        device_pem
+    );
+    let server = certs::issue_module_cert(
+        &certd_client,
+        "device-ca",
+        &handle,
+        "module-b",
+        ModuleCertKind::Server {
+            common_name: "10.1.2.3".into(),
+            gen_id: "g".into(),
+        },
+    )
+    .await
+    .unwrap();
+    verify(&server.certificate, &device_pem);
+    assert!(
+        text(&X509::from_pem(server.certificate.as_bytes()).unwrap())
+            .contains("IP Address:10.1.2.3")
+    );
+
+    let runtime = edged::runtime::docker::DockerRuntime::new(
+        edged::docker::DockerClient::new("/nonexistent/docker.sock"),
+        true,
+        config.moby.network.clone(),
+    );
+    let (exit, _exit_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let edged = edged::Edged::new(
+        config,
+        runtime,
+        NoIdentity,
+        keyd_client,
+        certd_client,
+        homedir,
+        edged::identity::DeviceIdentity {
+            hub_name: "hub".into(),
+            gateway_host: "hub".into(),
+            device_id: "device".into(),
+        },
+        exit,
+    );
+    let bundle = edged.trust_bundle().await.unwrap();
+    let certificates = X509::stack_from_pem(bundle.as_bytes()).unwrap();
+    assert_eq!(certificates.len(), 2, "{bundle}");
+    assert_eq!(
+        certificates[0].to_pem().unwrap(),
+        device_ca.to_pem().unwrap()
+    );
+    assert_eq!(
+        certificates[1].to_pem().unwrap(),
+        trusted_ca.to_pem().unwrap()
+    );
+    assert_eq!(edged.manifest_trust_bundle().await.unwrap(), "");
+}

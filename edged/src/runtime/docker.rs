@@ -662,6 +662,26 @@ mod tests {
     }
 
     #[test]
+    fn registry_auth_is_base64url_json() {
+        let auth = RegistryAuth {
+            username: Some("user".into()),
+            password: Some("p@ss/word+?".into()),
+            email: None,
+            serveraddress: Some("example.azurecr.io".into()),
+        };
+        let header = registry_auth_header(&auth).unwrap();
+        assert!(!header.contains('+') && !header.contains('/'), "{header}");
+        let decoded = base64::engine::general_purpose::URL_SAFE
+            .decode(&header)
+            .unwrap();
+        let value: Value = serde_json::from_slice(&decoded).unwrap();
+        assert_eq!(
+            value,
+            json!({"username": "user", "password": "p@ss/word+?", "serveraddress": "example.azurecr.io"})
+        );
+    }
+
+    #[test]
     fn status_mapping() {
         let cases = [
             ("running", Some(0), "running"),
