@@ -31,6 +31,22 @@ fn repository_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
+/// Takes the machine-wide lock edged's Docker tests use (a fresh edged removes every container
+/// an agent created, so two runs against one Docker Engine must not overlap). Released on drop.
+fn docker_lock() -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("edged-docker-tests.lock"))
+        .unwrap();
+    // SAFETY: flock(2) on an fd we own; it blocks until the lock is ours and is released when the
+    // file is closed.
+    let result = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(result, 0, "flock failed");
+    file
+}
+
 fn docker_reachable() -> bool {
     std::process::Command::new("docker")
         .arg("info")
@@ -60,6 +76,7 @@ fn quickstart_provisions_a_device_end_to_end() {
             bin.display()
         );
     }
+    let _docker = docker_lock();
     let stack = Stack {
         dir: tempfile::tempdir().unwrap(),
     };
