@@ -88,7 +88,10 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, Startup { paths, systemd })) {
+    let result = runtime.block_on(serve(config, Startup { paths, systemd }));
+    // Do not wait on blocking work still running (a followed log, a slow token call).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => code,
         Err(error) => {
             log::error!(

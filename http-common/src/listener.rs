@@ -147,6 +147,14 @@ impl SystemdFds {
         self.fds.is_empty()
     }
 
+    /// The `LISTEN_FDNAMES` names of the passed sockets, in order (empty when unnamed).
+    pub fn names(&self) -> Vec<String> {
+        self.fds
+            .iter()
+            .filter_map(|(_, name)| name.clone())
+            .collect()
+    }
+
     fn by_name(&self, name: &str) -> Option<RawFd> {
         self.fds
             .iter()
