@@ -1160,12 +1160,15 @@ impl IdentityService {
         Ok(())
     }
 
-    /// A module from Hub or the cache (spec 6.5).
+    /// A module from Hub or the cache (spec 6.5). Waits for a write to the same module in flight
+    /// (a create is two Hub requests: a reader in between would get a handle to keys Hub does
+    /// not have yet).
     async fn read_module(
         &self,
         device: &Device,
         module_id: &str,
     ) -> Result<CachedModule, IdentityError> {
+        let _module = self.lock_module(module_id).await;
         let cached = || {
             self.store
                 .cached_module(&device.hub_name, &device.device_id, module_id)
