@@ -58,19 +58,9 @@ pub async fn run(
     if let Some(paths) = config_paths {
         tokio::spawn(watch_policy(paths, Arc::clone(&service)));
     }
-    let options = http_common::ServerOptions {
-        max_connections_per_uid: config.max_requests,
-        ..http_common::ServerOptions::default()
-    };
-    http_common::server::notify_ready();
-    log::info!("certd is serving");
-    http_common::serve(
-        listener,
-        Arc::new(routes::Router::new(service)),
-        options,
-        shutdown,
-    )
-    .await;
+    let router = Arc::new(routes::Router::new(service));
+    http_common::daemon::serve_socket("certd", listener, router, config.max_requests, shutdown)
+        .await;
     Ok(())
 }
 

@@ -187,6 +187,24 @@ pub fn open_listener(
     listen(&uri, systemd, None, 0o660)
 }
 
+/// Serves a daemon's one socket: the per-uid connection budget from its `max_requests`, systemd
+/// readiness, then requests until `shutdown` resolves and in-flight requests have drained.
+pub async fn serve_socket<H: crate::Handler>(
+    name: &str,
+    listener: tokio::net::UnixListener,
+    handler: std::sync::Arc<H>,
+    max_requests: usize,
+    shutdown: impl Future<Output = ()>,
+) {
+    let options = crate::ServerOptions {
+        max_connections_per_uid: max_requests,
+        ..crate::ServerOptions::default()
+    };
+    crate::server::notify_ready();
+    log::info!("{name} is serving");
+    crate::serve(listener, handler, options, shutdown).await;
+}
+
 /// Watches the configuration files (names, sizes, modification times, checked every
 /// `interval`) and calls `apply` with each new valid configuration. An invalid change is logged
 /// and ignored, keeping the configuration in force. Runs until the task is dropped.
