@@ -8,39 +8,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{emulator, eventually, Stack};
 use identity_api::{AuthInfo, Identity};
-
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const PIN: &str = "1234";
-
-fn tool(conf: &Path, label: &str, args: &[&str]) -> String {
-    let output = Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", conf)
-        .args([
-            "--module",
-            MODULE,
-            "--token-label",
-            label,
-            "--login",
-            "--pin",
-            PIN,
-        ])
-        .args(args)
-        .output()
-        .expect("pkcs11-tool must be installed (apt-get install opensc)");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "pkcs11-tool {args:?} failed: {text}"
-    );
-    text
-}
+use system_tests::softhsm::{SoftHsm, MODULE, PIN};
 
 /// A CA-signed client certificate for `public_key` with subject CN `common_name`.
 fn issue_for(
@@ -86,69 +58,27 @@ fn issue_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dps_x509_with_the_key_in_a_softhsm_token() {
-    assert!(
-        Path::new(MODULE).is_file(),
-        "SoftHSM2 is not installed ({MODULE} is missing): apt-get install softhsm2 opensc"
-    );
-    let hsm_dir = tempfile::tempdir().unwrap();
-    let tokens = hsm_dir.path().join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    let conf = hsm_dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let label = "identity";
-    let output = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--so-pin",
-            "5678",
-            "--pin",
-            PIN,
-        ])
-        .output()
-        .expect("softhsm2-util must be installed (apt-get install softhsm2)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    tool(
-        &conf,
-        label,
-        &[
-            "--keypairgen",
-            "--key-type",
-            "EC:prime256v1",
-            "--label",
-            "hsm-device",
-            "--id",
-            "01",
-        ],
-    );
-    let public_path = hsm_dir.path().join("public.der");
-    tool(
-        &conf,
-        label,
-        &[
-            "--read-object",
-            "--type",
-            "pubkey",
-            "--label",
-            "hsm-device",
-            "-o",
-            public_path.to_str().unwrap(),
-        ],
-    );
+    let hsm = SoftHsm::new("identity");
+    let label = hsm.label.clone();
+    hsm.tool_ok(&[
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "hsm-device",
+        "--id",
+        "01",
+    ]);
+    let public_path = hsm.path("public.der");
+    hsm.tool_ok(&[
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "hsm-device",
+        "-o",
+        public_path.to_str().unwrap(),
+    ]);
     let public_key =
         openssl::pkey::PKey::public_key_from_der(&std::fs::read(&public_path).unwrap()).unwrap();
 
@@ -171,7 +101,7 @@ async fn dps_x509_with_the_key_in_a_softhsm_token() {
     .await;
 
     let mut stack = Stack::new();
-    stack.keyd.env = vec![("SOFTHSM2_CONF".to_owned(), conf.display().to_string())];
+    stack.keyd.env = hsm.env();
     stack.add_keyd_config(
         "device-id",
         &format!("pkcs11:token={label};object=hsm-device?pin-value={PIN}"),

@@ -6,8 +6,6 @@
 #![allow(clippy::unwrap_used)] // Test helpers outside #[test] functions unwrap too.
 
 mod common;
-#[path = "common/softhsm.rs"]
-mod softhsm;
 
 use common::{run_to_exit, unb64, Keyd};
 use hmac::Mac as _;
@@ -18,7 +16,7 @@ use openssl::ecdsa::EcdsaSig;
 use openssl::nid::Nid;
 use openssl::pkey::PKey;
 use openssl::rsa::{Padding, Rsa};
-use softhsm::{SoftHsm, MODULE, PIN};
+use system_tests::softhsm::{SoftHsm, MODULE, PIN};
 
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();

@@ -6,8 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use http::{Method, StatusCode};
 use openssl::hash::MessageDigest;
@@ -19,142 +18,10 @@ use openssl::x509::{X509Req, X509ReqBuilder, X509};
 
 /// The keyd binary, built next to certd's by `cargo build -p keyd` (or `cargo test --workspace`).
 pub fn keyd_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_certd")).with_file_name("keyd");
-    assert!(
-        path.exists(),
-        "the keyd binary is missing at {}: run `cargo build -p keyd` first",
-        path.display()
-    );
-    path
+    system_tests::sibling_binary(env!("CARGO_BIN_EXE_certd"), "keyd")
 }
 
-/// One daemon process with its own folder (config, config.d, home, socket, log).
-pub struct Daemon {
-    name: &'static str,
-    binary: PathBuf,
-    pub dir: PathBuf,
-    pub socket: PathBuf,
-    env_file: &'static str,
-    env_dir: &'static str,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn new(
-        name: &'static str,
-        binary: PathBuf,
-        root: &Path,
-        env_file: &'static str,
-        env_dir: &'static str,
-    ) -> Daemon {
-        let dir = root.join(name);
-        std::fs::create_dir_all(dir.join("config.d")).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
-        Daemon {
-            name,
-            binary,
-            socket: dir.join(format!("{name}.sock")),
-            dir,
-            env_file,
-            env_dir,
-            child: None,
-        }
-    }
-
-    /// The base config file.
-    pub fn config_file(&self) -> PathBuf {
-        self.dir.join("config.toml")
-    }
-
-    /// The drop-in folder.
-    pub fn config_dir(&self) -> PathBuf {
-        self.dir.join("config.d")
-    }
-
-    /// The state folder.
-    pub fn home(&self) -> PathBuf {
-        self.dir.join("home")
-    }
-
-    /// Starts (or restarts) the daemon and waits for its socket.
-    pub fn spawn(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("log"))
-            .unwrap();
-        let mut child = Command::new(&self.binary)
-            .env(self.env_file, self.config_file())
-            .env(self.env_dir, self.config_dir())
-            .env("AZIOT_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("{} exited early with {status}:\n{}", self.name, self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not start:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.child = Some(child);
-    }
-
-    /// Stops the daemon (SIGTERM, then waits).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the pid of a child we own; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
-
-    /// Runs the binary once with the current config and returns its exit code and output.
-    pub fn run_to_exit(&self) -> (Option<i32>, String) {
-        let output = Command::new(&self.binary)
-            .env(self.env_file, self.config_file())
-            .env(self.env_dir, self.config_dir())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.code(), text)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+pub use system_tests::Daemon;
 
 /// keyd and certd configured for each other in one temporary folder. Keys that tests need on
 /// both sides (to sign CSRs locally and to have keyd sign certificates) are generated here and

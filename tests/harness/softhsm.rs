@@ -4,8 +4,6 @@
 //! SoftHSM2 and OpenSC (`pkcs11-tool`) are required: a missing one fails the test, it does not
 //! skip it.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,6 +14,7 @@ pub const PIN: &str = "1234";
 const SO_PIN: &str = "5678";
 
 /// One initialized SoftHSM2 token in a temporary folder.
+#[derive(Debug)]
 pub struct SoftHsm {
     pub dir: tempfile::TempDir,
     pub conf: PathBuf,
