@@ -1270,3 +1270,53 @@ fn a_body_that_arrives_late_is_read_and_one_that_never_arrives_is_408() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn an_unreadable_key_file_is_a_500_on_load_and_is_set_aside_on_create() {
+    let keyd = Keyd::start(FILE_CONFIG);
+    let keys = keyd.home().join("keys");
+    let path = keys.join(keyd::store::file::file_name("broken"));
+    std::fs::write(
+        &path,
+        b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+
+    // Loading names the key, never the path, and the file is left alone.
+    let (status, body, _) = raw(
+        &keyd,
+        Method::GET,
+        "/keypair/broken?api-version=2020-09-01",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["message"], "key \"broken\" is stored but unreadable");
+    assert!(!body.to_string().contains(keys.to_str().unwrap()));
+    assert!(path.exists());
+
+    // Creating treats it as absent: it is kept aside and a new key pair takes its place.
+    let client = keyd.client();
+    let handle = client
+        .create_key_pair_if_not_exists("broken", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .get_key_pair_public_parameter(&handle, "algorithm")
+            .await
+            .unwrap(),
+        "ECDSA"
+    );
+    let aside: Vec<String> = std::fs::read_dir(&keys)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read(keys.join(&aside[0])).unwrap(),
+        b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"
+    );
+}
