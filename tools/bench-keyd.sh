@@ -19,6 +19,10 @@ trap cleanup EXIT
 wait_socket() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+# Proportional set size (shared pages divided among the processes that map them) and private
+# anonymous memory: what the process really adds to the machine, unlike RSS.
+pss_kb() { awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup"; }
+anon_kb() { awk '/^Anonymous:/ {print $2}' "/proc/$1/smaps_rollup"; }
 # Prints requests per second of one h2load run.
 load() { # socket path body connections
   timeout $((duration + 30)) h2load --h1 -B "unix:$1" -c "$4" -D "$duration" -d "$3" -H 'content-type: application/json' \
@@ -39,7 +43,7 @@ start_keyd() { # name config-extra env...
 
 bench_keyd() { # label
   local socket="$KEYD_SOCKET" pid="$KEYD_PID" label="$1"
-  sleep 0.5; local idle; idle=$(rss_kb "$pid")
+  sleep 0.5; local idle idle_pss idle_anon; idle=$(rss_kb "$pid"); idle_pss=$(pss_kb "$pid"); idle_anon=$(anon_kb "$pid")
   local key pair
   key=$(request "$socket" POST '/key?api-version=2020-09-01' '{"keyId":"bench-hmac","usage":"sign"}' | sed 's/.*"keyHandle":"\([^"]*\)".*/\1/')
   pair=$(request "$socket" POST '/keypair?api-version=2020-09-01' '{"keyId":"bench-ec","preferredAlgorithms":"ec-p256"}' | sed 's/.*"keyHandle":"\([^"]*\)".*/\1/')
@@ -50,8 +54,8 @@ bench_keyd() { # label
   h16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 16)
   e1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 1)
   e16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 16)
-  printf '%-14s HMAC c=1 %7s  c=16 %7s | ECDSA c=1 %7s  c=16 %7s req/s | RSS idle %s kB, peak %s kB\n' \
-    "$label" "$h1" "$h16" "$e1" "$e16" "$idle" "$(hwm_kb "$pid")"
+  printf '%-14s HMAC c=1 %7s  c=16 %7s | ECDSA c=1 %7s  c=16 %7s req/s | RSS idle %s kB (PSS %s, anon %s), peak %s kB\n' \
+    "$label" "$h1" "$h16" "$e1" "$e16" "$idle" "$idle_pss" "$idle_anon" "$(hwm_kb "$pid")"
   HMAC16="$h16"
 }
 

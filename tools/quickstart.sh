@@ -50,7 +50,7 @@ if [ "$stop_only" = 1 ]; then
   exit 0
 fi
 
-[ "$build" = 1 ] && cargo build -q -p keyd -p certd -p identityd -p edged -p cloud-emulator
+[ "$build" = 1 ] && tools/install-deps.sh build && cargo build -q -p keyd -p certd -p identityd -p edged -p cloud-emulator
 
 # Stop what a previous run left behind, then start from a clean state.
 stop_previous

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages that building and testing need, when they are missing and
+# we are root; otherwise names them and fails. `tools/install-deps.sh build` checks only what the
+# build needs (tools/quickstart.sh), plus busybox-static for the quickstart's agent image.
+#   build:  gcc, make and perl (the openssl crate builds OpenSSL from source and links it
+#           statically, see docs/install.md)
+#   tests:  softhsm2 (a real PKCS#11 token), opensc (pkcs11-tool), openssl (the CLI that
+#           verifies issued certificates), python3 (the other-uid client), curl, and
+#           busybox-static (edged's FROM-scratch test image)
+set -euo pipefail
+
+needed=()
+command -v gcc >/dev/null || needed+=(gcc)
+command -v make >/dev/null || needed+=(make)
+# OpenSSL's Configure needs perl's full module set (IPC::Cmd), not just perl-base.
+perl -MIPC::Cmd -e 1 2>/dev/null || needed+=(perl)
+[ -x /bin/busybox ] || needed+=(busybox-static)
+if [ "${1:-all}" != build ]; then
+  [ -e /usr/lib/softhsm/libsofthsm2.so ] || needed+=(softhsm2)
+  command -v pkcs11-tool >/dev/null || needed+=(opensc)
+  command -v openssl >/dev/null || needed+=(openssl)
+  command -v python3 >/dev/null || needed+=(python3)
+  command -v curl >/dev/null || needed+=(curl)
+fi
+[ ${#needed[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" = 0 ]; then
+  echo "installing ${needed[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${needed[@]}" >/dev/null
+else
+  echo "missing packages: ${needed[*]} (run as root, or: sudo apt-get install ${needed[*]})" >&2
+  exit 1
+fi
