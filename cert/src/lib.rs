@@ -20,7 +20,6 @@ pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use config_common::ConfigPaths;
 
@@ -64,11 +63,8 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the configuration files are checked for changes.
-const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
-
 async fn watch_policy(paths: ConfigPaths, service: Arc<CertService>) {
-    http_common::daemon::watch_config(paths, CONFIG_POLL_INTERVAL, Config::from_loaded, |config| {
+    http_common::daemon::watch_config(paths, Config::from_loaded, |config| {
         log::info!(
             "{} principal entries, {} issuance entries, {} preloaded certs in force",
             config.policy.principals.len(),

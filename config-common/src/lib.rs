@@ -91,17 +91,20 @@ impl ConfigPaths {
         Ok(files)
     }
 
-    /// A cheap fingerprint of the configuration files (names, sizes, modification times), used
-    /// to notice changes for reloading without re-parsing.
-    pub fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    /// A fingerprint of the configuration files (their names and a hash of their contents),
+    /// to tell whether a reload would read anything new without parsing.
+    pub fn fingerprint(&self) -> Vec<(PathBuf, Option<u64>)> {
+        use std::hash::{Hash, Hasher};
         self.files()
             .unwrap_or_default()
             .into_iter()
             .map(|path| {
-                let metadata = std::fs::metadata(&path).ok();
-                let length = metadata.as_ref().map_or(0, |m| m.len());
-                let modified = metadata.and_then(|m| m.modified().ok());
-                (path, length, modified)
+                let digest = std::fs::read(&path).ok().map(|bytes| {
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    bytes.hash(&mut hasher);
+                    hasher.finish()
+                });
+                (path, digest)
             })
             .collect()
     }

@@ -7,6 +7,10 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 
 use config_common::{ConfigError, ConfigPaths, Loaded, EXIT_CODE_INVALID_CONFIG};
 
@@ -205,18 +209,44 @@ pub async fn serve_socket<H: crate::Handler>(
     crate::serve(listener, handler, options, shutdown).await;
 }
 
-/// Watches the configuration files (names, sizes, modification times, checked every
-/// `interval`) and calls `apply` with each new valid configuration. An invalid change is logged
-/// and ignored, keeping the configuration in force. Runs until the task is dropped.
+/// How long the configuration files must stay quiet after a change before it is read (the
+/// spec's debounce): a burst of writes (an editor, `iotedge config apply`) is read once, whole.
+pub const CONFIG_DEBOUNCE: Duration = Duration::from_secs(10);
+
+/// How often the files are compared when inotify cannot be used (no instances or watches left).
+const CONFIG_POLL_FALLBACK: Duration = Duration::from_secs(5);
+
+/// What counts as a change: writes, attribute changes, and files appearing, disappearing or
+/// being renamed into place. Opening and reading (access-only events) do not.
+fn change_mask() -> WatchMask {
+    WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+}
+
+/// Watches the configuration files and calls `apply` with each new valid configuration.
+///
+/// inotify watches the base file's folder and the drop-in folder (folders, so files replaced
+/// by rename are seen); after an event the files must be quiet for [`CONFIG_DEBOUNCE`], then
+/// their contents are compared with the last ones read and, if they differ, the merged
+/// configuration is loaded. An invalid change is logged and ignored, keeping the configuration
+/// in force. Without inotify the files are compared every few seconds instead. Runs until the
+/// task is dropped.
 pub async fn watch_config<C, Applied: Future<Output = ()>>(
     paths: ConfigPaths,
-    interval: std::time::Duration,
     load: impl Fn(&Loaded) -> Result<C, ConfigError>,
     mut apply: impl FnMut(C) -> Applied,
 ) {
     let mut fingerprint = paths.fingerprint();
+    let mut changes = ConfigChanges::new(&paths);
     loop {
-        tokio::time::sleep(interval).await;
+        changes.next(&paths).await;
         let current = paths.fingerprint();
         if current == fingerprint {
             continue;
@@ -232,4 +262,98 @@ pub async fn watch_config<C, Applied: Future<Output = ()>>(
             }
         }
     }
+}
+
+/// The source of "the configuration may have changed" moments: inotify, or a timer.
+enum ConfigChanges {
+    Inotify {
+        stream: EventStream<Vec<u8>>,
+        /// The drop-in folder's watch, once the folder exists: every event in it counts.
+        dropins: Option<WatchDescriptor>,
+    },
+    Poll,
+}
+
+impl ConfigChanges {
+    fn new(paths: &ConfigPaths) -> Self {
+        match Inotify::init().and_then(|inotify| inotify.into_event_stream(vec![0; 1024])) {
+            Ok(stream) => {
+                let dropins = add_watches(&stream, paths);
+                ConfigChanges::Inotify { stream, dropins }
+            }
+            Err(error) => {
+                log::warn!(
+                    "cannot watch the configuration with inotify ({error}); checking it every {} s",
+                    CONFIG_POLL_FALLBACK.as_secs()
+                );
+                ConfigChanges::Poll
+            }
+        }
+    }
+
+    /// Waits for a change to the configuration files, then until they have had no change for
+    /// [`CONFIG_DEBOUNCE`]. Events for other files in the same folders are not changes (they
+    /// must not postpone a reload forever).
+    async fn next(&mut self, paths: &ConfigPaths) {
+        let ConfigChanges::Inotify { stream, dropins } = self else {
+            tokio::time::sleep(CONFIG_POLL_FALLBACK).await;
+            return;
+        };
+        let mut quiet_at: Option<tokio::time::Instant> = None;
+        loop {
+            let event = match quiet_at {
+                None => stream.next().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(event) => event,
+                    Err(_quiet) => return,
+                },
+            };
+            let Some(Ok(event)) = event else {
+                return self.fall_back();
+            };
+            // After every event, so a drop-in folder that just appeared is watched at once.
+            *dropins = add_watches(stream, paths);
+            let in_dropins = dropins.as_ref() == Some(&event.wd);
+            let names_config = event.name.as_deref().is_some_and(|name| {
+                Some(name) == paths.base_file.file_name()
+                    || Some(name) == paths.dropin_dir.file_name()
+            });
+            if in_dropins || names_config || event.mask.contains(EventMask::Q_OVERFLOW) {
+                quiet_at = Some(tokio::time::Instant::now() + CONFIG_DEBOUNCE);
+            }
+        }
+    }
+
+    fn fall_back(&mut self) {
+        log::warn!(
+            "the configuration watch failed; checking the configuration every {} s",
+            CONFIG_POLL_FALLBACK.as_secs()
+        );
+        *self = ConfigChanges::Poll;
+    }
+}
+
+/// (Re)adds the watches: the base file's folder, the drop-in folder and the drop-in folder's
+/// parent (to see the drop-in folder appear). Adding an existing watch changes nothing, so this
+/// runs after every event. Returns the drop-in folder's watch if the folder exists.
+fn add_watches(stream: &EventStream<Vec<u8>>, paths: &ConfigPaths) -> Option<WatchDescriptor> {
+    let parent_or_cwd = |path: &std::path::Path| match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut dropins = None;
+    for (folder, is_dropins) in [
+        (paths.dropin_dir.clone(), true),
+        (parent_or_cwd(&paths.base_file), false),
+        (parent_or_cwd(&paths.dropin_dir), false),
+    ] {
+        match stream.watches().add(&folder, change_mask()) {
+            Ok(watch) if is_dropins => dropins = Some(watch),
+            Ok(_) => {}
+            // A folder that does not exist (yet) is fine: its parent's watch reports it.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => log::warn!("cannot watch {} for changes: {error}", folder.display()),
+        }
+    }
+    dropins
 }

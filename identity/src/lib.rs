@@ -23,7 +23,6 @@ pub mod util;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use config_common::ConfigPaths;
 
@@ -86,11 +85,8 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the configuration files are checked for changes.
-const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
-
 async fn watch_config(paths: ConfigPaths, service: Arc<IdentityService>) {
-    http_common::daemon::watch_config(paths, CONFIG_POLL_INTERVAL, Config::from_loaded, |config| {
+    http_common::daemon::watch_config(paths, Config::from_loaded, |config| {
         log::info!("{} principal entries in force", config.principals.len());
         let service = Arc::clone(&service);
         async move {

@@ -17,7 +17,6 @@ pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use config_common::ConfigPaths;
 
@@ -117,11 +116,8 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the configuration files are checked for changes.
-const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(5);
-
 async fn watch_principals(paths: ConfigPaths, service: Arc<KeyService>) {
-    http_common::daemon::watch_config(paths, CONFIG_POLL_INTERVAL, Config::from_loaded, |config| {
+    http_common::daemon::watch_config(paths, Config::from_loaded, |config| {
         log::info!("{} principal entries in force", config.principals.len());
         service.set_principals(config.principals);
         std::future::ready(())
