@@ -1,9 +1,8 @@
 //! The module commands (`list`, `logs`, `restart`) against edged's management API
 //! (`/var/run/iotedge/mgmt.sock` by default, api-version `2020-07-07` as the reference CLI).
 //!
-//! Requests go through `http_common::UdsClient`. The one exception is `logs --follow`: the
-//! shared client returns a whole body, and a followed log never ends, so that single request is
-//! streamed with the same hyper client stack (`hyper-util` over `hyperlocal`) instead.
+//! Requests go through `http_common::UdsClient`; `logs --follow` reads its never-ending answer
+//! with `UdsClient::stream`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -271,51 +270,28 @@ pub fn logs(mgmt_uri: &str, name: &str, options: &LogOptions) -> Result<(), Daem
 
 /// Streams a followed log until edged ends it (the module stopped) or the user interrupts.
 async fn follow(mgmt_uri: &str, path: &str, what: String) -> Result<(), DaemonError> {
-    use http_body_util::BodyExt as _;
-    let socket = mgmt_uri
-        .strip_prefix("unix://")
-        .filter(|path| path.starts_with('/'))
-        .ok_or_else(|| DaemonError::Endpoint(mgmt_uri.to_owned()))?;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(hyperlocal::UnixConnector);
-    let uri: hyper::Uri = hyperlocal::Uri::new(socket, path).into();
-    let transport = |error: Box<dyn std::error::Error + Send + Sync>| DaemonError::Request {
+    let client = crate::client(mgmt_uri, Duration::from_secs(120))?;
+    let failed = |source| DaemonError::Request {
         what: what.clone(),
-        source: http_common::ClientError::Transport {
-            socket: socket.into(),
-            source: error,
-        },
+        source,
     };
-    let response = client
-        .get(uri)
+    let mut response = client
+        .stream(http::Method::GET, path, &[], Bytes::new())
         .await
-        .map_err(|error| transport(Box::new(error)))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if status != http::StatusCode::OK {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|error| transport(Box::new(error)))?
-            .to_bytes();
-        return Err(DaemonError::Request {
-            what: what.clone(),
-            source: http_common::ClientError::Status {
-                status,
-                message: http_common::client::error_message(&bytes),
-            },
-        });
+        .map_err(failed)?;
+    if response.status != http::StatusCode::OK {
+        let body = response.body.collect().await.map_err(failed)?;
+        return Err(failed(http_common::ClientError::Status {
+            status: response.status,
+            message: http_common::client::error_message(&body),
+        }));
     }
     let mut pending = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|error| transport(Box::new(error)))?;
-        if let Ok(data) = frame.into_data() {
-            pending.extend_from_slice(&data);
-            let (frames, consumed) = demultiplex(&pending, false);
-            pending.drain(..consumed);
-            write_frames(frames)?;
-        }
+    while let Some(chunk) = response.body.chunk().await.map_err(failed)? {
+        pending.extend_from_slice(&chunk);
+        let (frames, consumed) = demultiplex(&pending, false);
+        pending.drain(..consumed);
+        write_frames(frames)?;
     }
     let (frames, _) = demultiplex(&pending, true);
     write_frames(frames)

@@ -79,6 +79,58 @@ pub struct RawResponse {
     pub body: Bytes,
 }
 
+/// An answer whose body is read as it arrives ([`UdsClient::stream`]).
+#[derive(Debug)]
+pub struct StreamingResponse {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body, chunk by chunk.
+    pub body: ResponseBody,
+}
+
+/// The body of a [`StreamingResponse`]; holds the request's in-flight slot until dropped.
+#[derive(Debug)]
+pub struct ResponseBody {
+    body: hyper::body::Incoming,
+    socket: PathBuf,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ResponseBody {
+    /// The next chunk of data, or `None` at the end of the body.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        while let Some(frame) = self.body.frame().await {
+            let frame = frame.map_err(|error| ClientError::Transport {
+                socket: self.socket.clone(),
+                source: Box::new(error),
+            })?;
+            if let Ok(data) = frame.into_data() {
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The rest of the body.
+    pub async fn collect(self) -> Result<Bytes, ClientError> {
+        // The in-flight slot is held until the body has been read.
+        let ResponseBody {
+            body,
+            socket,
+            _permit,
+        } = self;
+        match BodyExt::collect(body).await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) => Err(ClientError::Transport {
+                socket,
+                source: Box::new(error),
+            }),
+        }
+    }
+}
+
 /// A pooled client for one peer socket.
 #[derive(Clone, Debug)]
 pub struct UdsClient {
@@ -123,7 +175,8 @@ impl UdsClient {
         &self.socket
     }
 
-    /// Sends one request and returns whatever the peer answered.
+    /// Sends one request and returns whatever the peer answered. The deadline covers the whole
+    /// exchange, body included.
     pub async fn send(
         &self,
         method: Method,
@@ -131,10 +184,45 @@ impl UdsClient {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<RawResponse, ClientError> {
-        let transport = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Transport {
-            socket: self.socket.clone(),
-            source,
+        let exchange = async {
+            let response = self.start(method, path_and_query, headers, body).await?;
+            let body = response.body.collect().await?;
+            Ok(RawResponse {
+                status: response.status,
+                headers: response.headers,
+                body,
+            })
         };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| self.timed_out())?
+    }
+
+    /// Sends one request and returns the answer's status and headers with its body still to be
+    /// read, for answers that may not end (a followed log). The deadline covers the status and
+    /// headers only; the request counts as in flight until the body is dropped.
+    pub async fn stream(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<StreamingResponse, ClientError> {
+        tokio::time::timeout(
+            self.timeout,
+            self.start(method, path_and_query, headers, body),
+        )
+        .await
+        .map_err(|_| self.timed_out())?
+    }
+
+    async fn start(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<StreamingResponse, ClientError> {
         let uri: hyper::Uri = hyperlocal::Uri::new(&self.socket, path_and_query).into();
         let mut builder = hyper::Request::builder().method(method).uri(uri);
         for (name, value) in headers {
@@ -142,36 +230,40 @@ impl UdsClient {
         }
         let request = builder
             .body(Full::new(body))
-            .map_err(|error| transport(Box::new(error)))?;
-        let _permit = self
-            .in_flight
-            .acquire()
+            .map_err(|error| self.transport(Box::new(error)))?;
+        let permit = Arc::clone(&self.in_flight)
+            .acquire_owned()
             .await
-            .map_err(|error| transport(Box::new(error)))?;
-        let exchange = async {
-            let response = self
-                .inner
-                .request(request)
-                .await
-                .map_err(|error| transport(Box::new(error)))?;
-            let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|error| transport(Box::new(error)))?
-                .to_bytes();
-            Ok(RawResponse {
-                status: parts.status,
-                headers: parts.headers,
+            .map_err(|error| self.transport(Box::new(error)))?;
+        let response = self
+            .inner
+            .request(request)
+            .await
+            .map_err(|error| self.transport(Box::new(error)))?;
+        let (parts, body) = response.into_parts();
+        Ok(StreamingResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: ResponseBody {
                 body,
-            })
-        };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout {
                 socket: self.socket.clone(),
-                timeout: self.timeout,
-            })?
+                _permit: permit,
+            },
+        })
+    }
+
+    fn transport(&self, source: Box<dyn std::error::Error + Send + Sync>) -> ClientError {
+        ClientError::Transport {
+            socket: self.socket.clone(),
+            source,
+        }
+    }
+
+    fn timed_out(&self) -> ClientError {
+        ClientError::Timeout {
+            socket: self.socket.clone(),
+            timeout: self.timeout,
+        }
     }
 
     /// Sends `body` as JSON (if any) and parses the answer as `Resp` when the status equals
