@@ -1,20 +1,20 @@
-//! Test harness: runs the real `keyd` binary on a temporary socket with a temporary config, and
-//! kills it on drop.
+//! Test harness: the real `keyd` binary as a `system_tests::Daemon` in a temporary folder, with
+//! a config written from a template, killed on drop.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-/// A running keyd process with its own temporary folder.
+use system_tests::Daemon;
+
+/// A keyd process with its own temporary folder.
 pub struct Keyd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config_file: PathBuf,
     pub config_dir: PathBuf,
-    child: Option<Child>,
-    extra_env: Vec<(String, String)>,
+    daemon: Daemon,
 }
 
 impl Keyd {
@@ -34,82 +34,47 @@ impl Keyd {
     /// Writes the configuration without starting keyd.
     pub fn prepare(config: &str, extra_env: Vec<(String, String)>) -> Keyd {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("keyd.sock");
-        let config_file = dir.path().join("config.toml");
-        let config_dir = dir.path().join("config.d");
-        std::fs::create_dir(&config_dir).unwrap();
-        let home = dir.path().join("home");
+        let mut daemon = Daemon::new(
+            "keyd",
+            PathBuf::from(env!("CARGO_BIN_EXE_keyd")),
+            dir.path(),
+            "AZIOT_KEYD_CONFIG",
+            "AZIOT_KEYD_CONFIG_DIR",
+        );
+        daemon.env = extra_env;
         let text = format!(
             "{}\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
-            config.replace("{home}", home.to_str().unwrap()),
-            socket.display()
+            config.replace("{home}", daemon.home().to_str().unwrap()),
+            daemon.socket.display()
         );
-        std::fs::write(&config_file, text).unwrap();
+        std::fs::write(daemon.config_file(), text).unwrap();
         Keyd {
+            socket: daemon.socket.clone(),
+            config_file: daemon.config_file(),
+            config_dir: daemon.config_dir(),
             dir,
-            socket,
-            config_file,
-            config_dir,
-            child: None,
-            extra_env,
+            daemon,
         }
     }
 
     /// The state folder used for `{home}`.
     pub fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
+        self.daemon.home()
     }
 
     /// Starts (or restarts) the daemon and waits for its socket.
     pub fn spawn(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::File::create(self.dir.path().join("keyd.log")).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keyd"));
-        command
-            .env("AZIOT_KEYD_CONFIG", &self.config_file)
-            .env("AZIOT_KEYD_CONFIG_DIR", &self.config_dir)
-            .env("AZIOT_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (name, value) in &self.extra_env {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("keyd exited early with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keyd did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
+        self.daemon.spawn();
     }
 
     /// Stops the daemon (SIGTERM, then waits).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the pid of a child we own; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        self.daemon.stop();
     }
 
-    /// The daemon's log so far.
+    /// The daemon's log so far (all runs).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("keyd.log")).unwrap_or_default()
+        self.daemon.log()
     }
 
     /// The typed client.
@@ -120,15 +85,6 @@ impl Keyd {
     /// The raw HTTP client.
     pub fn http(&self) -> http_common::UdsClient {
         http_common::UdsClient::new(&self.socket)
-    }
-}
-
-impl Drop for Keyd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
