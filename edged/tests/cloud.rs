@@ -44,11 +44,12 @@ fn module_sas_tokens_signed_through_edged_are_accepted_by_the_hub() {
         "identityd",
         common::sibling_binary("identityd"),
         &base,
-        base.join("real-identityd.sock"),
-        ("AZIOT_IDENTITYD_CONFIG", "AZIOT_IDENTITYD_CONFIG_DIR"),
-    );
+        "AZIOT_IDENTITYD_CONFIG",
+        "AZIOT_IDENTITYD_CONFIG_DIR",
+    )
+    .with_socket(base.join("real-identityd.sock"));
     std::fs::write(
-        &identityd.config,
+        identityd.config_file(),
         format!(
             "hostname = \"edged-test-host\"\nhomedir = \"{}\"\n\
              [provisioning]\nsource = \"manual\"\n\
@@ -62,7 +63,7 @@ fn module_sas_tokens_signed_through_edged_are_accepted_by_the_hub() {
     )
     .unwrap();
     std::fs::set_permissions(
-        &identityd.config,
+        identityd.config_file(),
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
@@ -70,14 +71,14 @@ fn module_sas_tokens_signed_through_edged_are_accepted_by_the_hub() {
         "SSL_CERT_FILE".to_owned(),
         emulator.ca_cert_path().display().to_string(),
     ));
-    identityd.spawn(Duration::from_secs(30));
+    identityd.spawn_within(Duration::from_secs(30));
 
     // edged talks to the real identityd.
-    let config = std::fs::read_to_string(&harness.edged.config).unwrap();
+    let config = std::fs::read_to_string(harness.edged.config_file()).unwrap();
     let fake = format!("unix://{}", base.join("identityd.sock").display());
     assert!(config.contains(&fake));
     let config = config.replace(&fake, &format!("unix://{}", identityd.socket.display()));
-    std::fs::write(&harness.edged.config, config).unwrap();
+    std::fs::write(harness.edged.config_file(), config).unwrap();
     harness.start_edged();
     let agent = harness.agent.clone();
     harness.wait_for("the agent to run", Duration::from_secs(60), || {

@@ -757,12 +757,7 @@ fn agent_recreated_and_identities_survive_restart() {
     assert_eq!(status, 200);
 
     // Restart edged.
-    assert_eq!(
-        harness.edged.stop(),
-        Some(0),
-        "{}",
-        harness.edged.log_text()
-    );
+    assert_eq!(harness.edged.stop(), Some(0), "{}", harness.edged.log());
     let restarted = Instant::now();
     harness.start_edged();
     harness.wait_for("the agent to run again", Duration::from_secs(30), || {
@@ -833,19 +828,19 @@ fn agent_recreated_and_identities_survive_restart() {
 fn the_watchdog_gives_up_after_max_retries() {
     let _docker = common::docker_lock();
     let mut harness = Harness::new();
-    let config = std::fs::read_to_string(&harness.edged.config).unwrap();
+    let config = std::fs::read_to_string(harness.edged.config_file()).unwrap();
     let config = config.replace(
         &format!("image = \"{}\"", harness.image.tag),
         "image = \"edged-test-image:does-not-exist\"",
     );
     std::fs::write(
-        &harness.edged.config,
+        harness.edged.config_file(),
         format!("{config}[watchdog]\nmax_retries = 1\n"),
     )
     .unwrap();
     harness.edged.launch();
     assert_eq!(harness.edged.wait_exit(Duration::from_secs(60)), Some(1));
-    let log = harness.edged.log_text();
+    let log = harness.edged.log();
     assert!(log.contains("giving up after 1 failures"), "{log}");
 }
 
@@ -901,7 +896,7 @@ fn serves_on_the_two_named_sockets_systemd_passes() {
         .as_str()
         .unwrap()
         .contains("BEGIN CERTIFICATE"));
-    assert!(harness.edged.log_text().contains("edged is serving"));
+    assert!(harness.edged.log().contains("edged is serving"));
     assert_eq!(harness.edged.stop(), Some(0));
 }
 
@@ -966,12 +961,7 @@ fn modules_keep_running_across_a_restart_with_systemds_fd_store() {
     };
     let (module_started, agent_started) = (started_at(&module), started_at(&agent));
 
-    assert_eq!(
-        harness.edged.stop(),
-        Some(0),
-        "{}",
-        harness.edged.log_text()
-    );
+    assert_eq!(harness.edged.stop(), Some(0), "{}", harness.edged.log());
     systemd.drain();
     let names: Vec<&str> = systemd
         .store
@@ -988,7 +978,7 @@ fn modules_keep_running_across_a_restart_with_systemds_fd_store() {
             names.contains(&expected.as_str()),
             "{expected} not stored: {names:?}\n{:?}\n{}",
             systemd.messages,
-            harness.edged.log_text()
+            harness.edged.log()
         );
     }
     // edged is down; the modules still run.
@@ -1030,7 +1020,7 @@ fn modules_keep_running_across_a_restart_with_systemds_fd_store() {
     assert_eq!(status, 200);
     assert!(harness
         .edged
-        .log_text()
+        .log()
         .contains(&format!("kept the workload socket of module {module}")));
     println!(
         "figures: edged restart with the fd store to the module's socket answering {} ms",

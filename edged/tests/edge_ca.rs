@@ -47,11 +47,12 @@ async fn edge_ca_is_created_renewed_with_and_without_rotation_and_issues_module_
         "keyd",
         sibling_binary("keyd"),
         &base,
-        base.join("keyd.sock"),
-        ("AZIOT_KEYD_CONFIG", "AZIOT_KEYD_CONFIG_DIR"),
-    );
+        "AZIOT_KEYD_CONFIG",
+        "AZIOT_KEYD_CONFIG_DIR",
+    )
+    .with_socket(base.join("keyd.sock"));
     std::fs::write(
-        &keyd.config,
+        keyd.config_file(),
         format!(
             "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
             base.join("keyd-home").display(),
@@ -59,16 +60,17 @@ async fn edge_ca_is_created_renewed_with_and_without_rotation_and_issues_module_
         ),
     )
     .unwrap();
-    keyd.spawn(Duration::from_secs(30));
+    keyd.spawn_within(Duration::from_secs(30));
     let mut certd = Daemon::new(
         "certd",
         sibling_binary("certd"),
         &base,
-        base.join("certd.sock"),
-        ("AZIOT_CERTD_CONFIG", "AZIOT_CERTD_CONFIG_DIR"),
-    );
+        "AZIOT_CERTD_CONFIG",
+        "AZIOT_CERTD_CONFIG_DIR",
+    )
+    .with_socket(base.join("certd.sock"));
     std::fs::write(
-        &certd.config,
+        certd.config_file(),
         format!(
             "homedir_path = \"{}\"\n\
              [cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
@@ -80,7 +82,7 @@ async fn edge_ca_is_created_renewed_with_and_without_rotation_and_issues_module_
         ),
     )
     .unwrap();
-    certd.spawn(Duration::from_secs(30));
+    certd.spawn_within(Duration::from_secs(30));
     let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
     let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
     let edge_ca = EdgeCa {
@@ -320,11 +322,12 @@ async fn a_preloaded_device_ca_issues_module_certs_and_the_seed_bundle_appends_t
         "keyd",
         sibling_binary("keyd"),
         &base,
-        base.join("keyd.sock"),
-        ("AZIOT_KEYD_CONFIG", "AZIOT_KEYD_CONFIG_DIR"),
-    );
+        "AZIOT_KEYD_CONFIG",
+        "AZIOT_KEYD_CONFIG_DIR",
+    )
+    .with_socket(base.join("keyd.sock"));
     std::fs::write(
-        &keyd.config,
+        keyd.config_file(),
         format!(
             "[aziot_keys]\nhomedir_path = \"{}\"\n[preloaded_keys]\n\"device-ca\" = \"file://{}\"\n\
              [endpoints]\naziot_keyd = \"unix://{}\"\n",
@@ -334,16 +337,17 @@ async fn a_preloaded_device_ca_issues_module_certs_and_the_seed_bundle_appends_t
         ),
     )
     .unwrap();
-    keyd.spawn(Duration::from_secs(30));
+    keyd.spawn_within(Duration::from_secs(30));
     let mut certd = Daemon::new(
         "certd",
         sibling_binary("certd"),
         &base,
-        base.join("certd.sock"),
-        ("AZIOT_CERTD_CONFIG", "AZIOT_CERTD_CONFIG_DIR"),
-    );
+        "AZIOT_CERTD_CONFIG",
+        "AZIOT_CERTD_CONFIG_DIR",
+    )
+    .with_socket(base.join("certd.sock"));
     std::fs::write(
-        &certd.config,
+        certd.config_file(),
         format!(
             "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
             base.join("certd-home").display(),
@@ -352,7 +356,7 @@ async fn a_preloaded_device_ca_issues_module_certs_and_the_seed_bundle_appends_t
         ),
     )
     .unwrap();
-    certd.spawn(Duration::from_secs(30));
+    certd.spawn_within(Duration::from_secs(30));
     let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
     let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
     let device_pem = String::from_utf8(device_ca.to_pem().unwrap()).unwrap();

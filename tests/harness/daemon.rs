@@ -3,6 +3,7 @@
 //! answers, stopped with SIGTERM, and killed on drop.
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,6 +57,12 @@ impl Daemon {
         }
     }
 
+    /// Listens on `socket` instead of `<folder>/<name>.sock` (the config must say so too).
+    pub fn with_socket(mut self, socket: PathBuf) -> Daemon {
+        self.socket = socket;
+        self
+    }
+
     /// The base config file.
     pub fn config_file(&self) -> PathBuf {
         self.dir.join("config.toml")
@@ -84,15 +91,19 @@ impl Daemon {
         command
     }
 
+    fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap()
+    }
+
     /// Starts the daemon (no waiting).
     pub fn launch(&mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("log"))
-            .unwrap();
+        let log = self.log_file();
         let child = self
             .command()
             .stdout(log.try_clone().unwrap())
@@ -104,8 +115,17 @@ impl Daemon {
 
     /// Starts (or restarts) the daemon and waits for its socket.
     pub fn spawn(&mut self) {
+        self.spawn_within(Duration::from_secs(30));
+    }
+
+    /// Like [`Daemon::spawn`] with another deadline for the socket to answer.
+    pub fn spawn_within(&mut self, timeout: Duration) {
         self.launch();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_for_socket(timeout);
+    }
+
+    fn wait_for_socket(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("{} exited early with {status}:\n{}", self.name, self.log());
@@ -120,6 +140,95 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon under `systemd-socket-activate`, which binds `sockets` (path, fd name)
+    /// and passes them as named fds; returns once the first socket exists (the activator
+    /// launches the daemon on the first connection).
+    pub fn spawn_activated(&mut self, sockets: &[(&Path, &str)], timeout: Duration) {
+        self.stop();
+        let log = self.log_file();
+        let mut command = Command::new("systemd-socket-activate");
+        for (path, _) in sockets {
+            let _ = std::fs::remove_file(path);
+            command.arg("-l").arg(path);
+        }
+        let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
+        command
+            .arg(format!("--fdname={}", names.join(":")))
+            .arg(format!(
+                "--setenv={}={}",
+                self.env_file,
+                self.config_file().display()
+            ))
+            .arg(format!(
+                "--setenv={}={}",
+                self.env_dir,
+                self.config_dir().display()
+            ))
+            .arg("--setenv=AZIOT_LOG=debug")
+            .arg(&self.binary)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = command
+            .spawn()
+            .expect("systemd-socket-activate (from the systemd package) is needed");
+        self.child = Some(child);
+        let deadline = Instant::now() + timeout;
+        while !sockets[0].0.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "systemd-socket-activate did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the daemon the way systemd restarts a unit with a file-descriptor store: `fds`
+    /// (name, fd) are passed as fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and a `LISTEN_PID`
+    /// equal to the daemon's pid (a shell sets it and execs the daemon); waits for the socket.
+    pub fn spawn_with_fds(&mut self, fds: &[(String, RawFd)], timeout: Duration) {
+        use std::os::unix::process::CommandExt;
+        self.stop();
+        let log = self.log_file();
+        let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\"")
+            .arg(&self.binary)
+            .env(self.env_file, self.config_file())
+            .env(self.env_dir, self.config_dir())
+            .env("AZIOT_LOG", "debug")
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) are made.
+        unsafe {
+            command.pre_exec(move || {
+                let mut high = Vec::with_capacity(raw.len());
+                for fd in &raw {
+                    let copy = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 200);
+                    if copy < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    high.push(copy);
+                }
+                for (index, copy) in high.iter().enumerate() {
+                    if libc::dup2(*copy, 3 + index as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        self.child = Some(command.spawn().unwrap());
+        self.wait_for_socket(timeout);
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -128,19 +237,46 @@ impl Daemon {
         }
     }
 
-    /// Stops the daemon (SIGTERM, then waits).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the pid of a child we own; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(10));
+    /// Stops the daemon (SIGTERM, then waits; killed after 60 s) and returns its exit code, or
+    /// `None` when it was not running or died from a signal.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on the pid of a child we own; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
             }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits for the daemon to exit on its own and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The pid, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The daemon's log so far.

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,263 +55,11 @@ pub fn docker_lock() -> DockerLock {
     }
 }
 
+pub use system_tests::Daemon;
+
 /// A binary built next to edged's (keyd, certd, identityd).
 pub fn sibling_binary(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_edged")).with_file_name(name);
-    assert!(
-        path.exists(),
-        "the {name} binary is missing at {}: run `cargo build -p keyd -p certd -p identityd` \
-         first (`cargo test --workspace` builds it)",
-        path.display()
-    );
-    path
-}
-
-/// One daemon process with its log file.
-pub struct Daemon {
-    name: &'static str,
-    binary: PathBuf,
-    pub socket: PathBuf,
-    pub config: PathBuf,
-    pub config_dir: PathBuf,
-    pub log: PathBuf,
-    env_file: &'static str,
-    env_dir: &'static str,
-    /// Extra environment variables.
-    pub env: Vec<(String, String)>,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// A daemon with its folder under `root`.
-    pub fn new(
-        name: &'static str,
-        binary: PathBuf,
-        root: &Path,
-        socket: PathBuf,
-        env: (&'static str, &'static str),
-    ) -> Self {
-        let dir = root.join(name);
-        std::fs::create_dir_all(dir.join("config.d")).unwrap();
-        Daemon {
-            name,
-            binary,
-            socket,
-            config: dir.join("config.toml"),
-            config_dir: dir.join("config.d"),
-            log: dir.join("log"),
-            env_file: env.0,
-            env_dir: env.1,
-            env: Vec::new(),
-            child: None,
-        }
-    }
-
-    /// Starts the daemon without waiting for anything.
-    pub fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&self.binary)
-            .env(self.env_file, &self.config)
-            .env(self.env_dir, &self.config_dir)
-            .env("AZIOT_LOG", "debug")
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// Starts the daemon and waits until its socket accepts connections.
-    pub fn spawn(&mut self, timeout: Duration) {
-        self.launch();
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + timeout;
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "{} exited early with {status}:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not start:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    /// Starts the daemon under `systemd-socket-activate`, which binds `sockets` (path, fd name)
-    /// and passes them as named fds; returns once the first socket accepts (the activator
-    /// launches the daemon on that first connection).
-    pub fn spawn_activated(&mut self, sockets: &[(&Path, &str)], timeout: Duration) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut command = Command::new("systemd-socket-activate");
-        for (path, _) in sockets {
-            let _ = std::fs::remove_file(path);
-            command.arg("-l").arg(path);
-        }
-        let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
-        command
-            .arg(format!("--fdname={}", names.join(":")))
-            .arg(format!(
-                "--setenv={}={}",
-                self.env_file,
-                self.config.display()
-            ))
-            .arg(format!(
-                "--setenv={}={}",
-                self.env_dir,
-                self.config_dir.display()
-            ))
-            .arg("--setenv=AZIOT_LOG=debug")
-            .arg(&self.binary)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        let child = command
-            .spawn()
-            .expect("systemd-socket-activate (from the systemd package) is needed");
-        let deadline = Instant::now() + timeout;
-        while !sockets[0].0.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "systemd-socket-activate did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    /// Starts the daemon the way systemd restarts a unit with a file-descriptor store: `fds`
-    /// (name, fd) are passed as fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and a `LISTEN_PID`
-    /// equal to the daemon's pid (a shell sets it and execs the daemon).
-    pub fn spawn_with_fds(&mut self, fds: &[(String, RawFd)], timeout: Duration) {
-        use std::os::unix::process::CommandExt;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
-        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
-        let mut command = Command::new("/bin/sh");
-        command
-            .arg("-c")
-            .arg("LISTEN_PID=$$ exec \"$0\"")
-            .arg(&self.binary)
-            .env(self.env_file, &self.config)
-            .env(self.env_dir, &self.config_dir)
-            .env("AZIOT_LOG", "debug")
-            .env("LISTEN_FDS", raw.len().to_string())
-            .env("LISTEN_FDNAMES", names.join(":"))
-            .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) are made.
-        unsafe {
-            command.pre_exec(move || {
-                let mut high = Vec::with_capacity(raw.len());
-                for fd in &raw {
-                    let copy = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 200);
-                    if copy < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    high.push(copy);
-                }
-                for (index, copy) in high.iter().enumerate() {
-                    if libc::dup2(*copy, 3 + index as RawFd) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().unwrap();
-        let deadline = Instant::now() + timeout;
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "{} exited early with {status}:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            assert!(Instant::now() < deadline, "{} did not start", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    /// Sends SIGTERM and waits; returns the exit code.
-    pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill(2) on the pid of a child we own.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the daemon to exit on its own; returns its exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The pid, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// The log so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    system_tests::sibling_binary(env!("CARGO_BIN_EXE_edged"), name)
 }
 
 /// Runs the docker CLI; returns (success, stdout, stderr).
@@ -571,11 +319,12 @@ impl Harness {
             "keyd",
             sibling_binary("keyd"),
             &base,
-            base.join("keyd.sock"),
-            ("AZIOT_KEYD_CONFIG", "AZIOT_KEYD_CONFIG_DIR"),
-        );
+            "AZIOT_KEYD_CONFIG",
+            "AZIOT_KEYD_CONFIG_DIR",
+        )
+        .with_socket(base.join("keyd.sock"));
         std::fs::write(
-            &keyd.config,
+            keyd.config_file(),
             format!(
                 "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
                 base.join("keyd-home").display(),
@@ -583,16 +332,17 @@ impl Harness {
             ),
         )
         .unwrap();
-        keyd.spawn(Duration::from_secs(30));
+        keyd.spawn_within(Duration::from_secs(30));
         let mut certd = Daemon::new(
             "certd",
             sibling_binary("certd"),
             &base,
-            base.join("certd.sock"),
-            ("AZIOT_CERTD_CONFIG", "AZIOT_CERTD_CONFIG_DIR"),
-        );
+            "AZIOT_CERTD_CONFIG",
+            "AZIOT_CERTD_CONFIG_DIR",
+        )
+        .with_socket(base.join("certd.sock"));
         std::fs::write(
-            &certd.config,
+            certd.config_file(),
             format!(
                 "homedir_path = \"{}\"\n\
                  [cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
@@ -604,7 +354,7 @@ impl Harness {
             ),
         )
         .unwrap();
-        certd.spawn(Duration::from_secs(30));
+        certd.spawn_within(Duration::from_secs(30));
 
         let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
         let master = runtime
@@ -649,9 +399,10 @@ impl Harness {
             "edged",
             PathBuf::from(env!("CARGO_BIN_EXE_edged")),
             &base,
-            mgmt.clone(),
-            ("AZIOT_EDGED_CONFIG", "AZIOT_EDGED_CONFIG_DIR"),
-        );
+            "AZIOT_EDGED_CONFIG",
+            "AZIOT_EDGED_CONFIG_DIR",
+        )
+        .with_socket(mgmt.clone());
         let config = format!(
             r#"hostname = "edged-test-host"
 homedir = "{homedir}"
@@ -689,7 +440,7 @@ aziot_identityd_url = "unix://{identityd}"
             certd = certd.socket.display(),
             identityd = identity_socket.display(),
         );
-        std::fs::write(&edged.config, config).unwrap();
+        std::fs::write(edged.config_file(), config).unwrap();
         Harness {
             root,
             suffix,
@@ -710,7 +461,7 @@ aziot_identityd_url = "unix://{identityd}"
 
     /// Switches edged's `[listen]` URIs to the systemd fd names.
     pub fn listen_on_systemd_fds(&self) {
-        let config = std::fs::read_to_string(&self.edged.config).unwrap();
+        let config = std::fs::read_to_string(self.edged.config_file()).unwrap();
         let unix_listen = format!(
             "[listen]\nworkload_uri = \"unix://{}\"\nmanagement_uri = \"unix://{}\"\n",
             self.workload.display(),
@@ -722,13 +473,13 @@ aziot_identityd_url = "unix://{identityd}"
             "[listen]\nworkload_uri = \"fd://aziot-edged.workload.socket\"\n\
              management_uri = \"fd://aziot-edged.mgmt.socket\"\n",
         );
-        std::fs::write(&self.edged.config, config).unwrap();
+        std::fs::write(self.edged.config_file(), config).unwrap();
     }
 
     /// Starts edged and waits for its management socket.
     pub fn start_edged(&mut self) {
         let _ = std::fs::remove_file(&self.mgmt);
-        self.edged.spawn(Duration::from_secs(60));
+        self.edged.spawn_within(Duration::from_secs(60));
     }
 
     /// A unique module name.
@@ -784,7 +535,7 @@ aziot_identityd_url = "unix://{identityd}"
         assert!(
             ok,
             "docker exec in {container} failed: {stderr}\nedged log:\n{}",
-            self.edged.log_text()
+            self.edged.log()
         );
         let (status, bytes) = parse_http(stdout.as_bytes());
         (status, parse_json(&bytes))
@@ -809,7 +560,7 @@ aziot_identityd_url = "unix://{identityd}"
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for {what}\nedged log:\n{}",
-                self.edged.log_text()
+                self.edged.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
