@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::time::Duration;
 
-use common::{sibling_binary, Daemon};
+use common::start_keyd_certd;
 use edged::certs::{self, ModuleCertKind, EDGE_CA_TEMP_ID};
 use edged::config::EdgeCa;
 use http::StatusCode;
@@ -43,46 +42,12 @@ fn text(certificate: &X509) -> String {
 async fn edge_ca_is_created_renewed_with_and_without_rotation_and_issues_module_certs() {
     let root = tempfile::tempdir().unwrap();
     let base = std::fs::canonicalize(root.path()).unwrap();
-    let mut keyd = Daemon::new(
-        "keyd",
-        sibling_binary("keyd"),
+    let (keyd, certd) = start_keyd_certd(
         &base,
-        "AZIOT_KEYD_CONFIG",
-        "AZIOT_KEYD_CONFIG_DIR",
-    )
-    .with_socket(base.join("keyd.sock"));
-    std::fs::write(
-        keyd.config_file(),
-        format!(
-            "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
-            base.join("keyd-home").display(),
-            keyd.socket.display()
-        ),
-    )
-    .unwrap();
-    keyd.spawn_within(Duration::from_secs(30));
-    let mut certd = Daemon::new(
-        "certd",
-        sibling_binary("certd"),
-        &base,
-        "AZIOT_CERTD_CONFIG",
-        "AZIOT_CERTD_CONFIG_DIR",
-    )
-    .with_socket(base.join("certd.sock"));
-    std::fs::write(
-        certd.config_file(),
-        format!(
-            "homedir_path = \"{}\"\n\
-             [cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
-             [cert_issuance.aziot-edged-ca-temp]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
-             [endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
-            base.join("certd-home").display(),
-            certd.socket.display(),
-            keyd.socket.display()
-        ),
-    )
-    .unwrap();
-    certd.spawn_within(Duration::from_secs(30));
+        "",
+        "[cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
+         [cert_issuance.aziot-edged-ca-temp]\nmethod = \"self_signed\"\nexpiry_days = 90\n",
+    );
     let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
     let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
     let edge_ca = EdgeCa {
@@ -318,45 +283,14 @@ async fn a_preloaded_device_ca_issues_module_certs_and_the_seed_bundle_appends_t
     let key_file = base.join("device-ca.key.pem");
     std::fs::write(&key_file, device_key.private_key_to_pem_pkcs8().unwrap()).unwrap();
 
-    let mut keyd = Daemon::new(
-        "keyd",
-        sibling_binary("keyd"),
+    let (keyd, certd) = start_keyd_certd(
         &base,
-        "AZIOT_KEYD_CONFIG",
-        "AZIOT_KEYD_CONFIG_DIR",
-    )
-    .with_socket(base.join("keyd.sock"));
-    std::fs::write(
-        keyd.config_file(),
-        format!(
-            "[aziot_keys]\nhomedir_path = \"{}\"\n[preloaded_keys]\n\"device-ca\" = \"file://{}\"\n\
-             [endpoints]\naziot_keyd = \"unix://{}\"\n",
-            base.join("keyd-home").display(),
-            key_file.display(),
-            keyd.socket.display()
+        &format!(
+            "[preloaded_keys]\n\"device-ca\" = \"file://{}\"\n",
+            key_file.display()
         ),
-    )
-    .unwrap();
-    keyd.spawn_within(Duration::from_secs(30));
-    let mut certd = Daemon::new(
-        "certd",
-        sibling_binary("certd"),
-        &base,
-        "AZIOT_CERTD_CONFIG",
-        "AZIOT_CERTD_CONFIG_DIR",
-    )
-    .with_socket(base.join("certd.sock"));
-    std::fs::write(
-        certd.config_file(),
-        format!(
-            "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
-            base.join("certd-home").display(),
-            certd.socket.display(),
-            keyd.socket.display()
-        ),
-    )
-    .unwrap();
-    certd.spawn_within(Duration::from_secs(30));
+        "",
+    );
     let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
     let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
     let device_pem = String::from_utf8(device_ca.to_pem().unwrap()).unwrap();

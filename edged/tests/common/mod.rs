@@ -62,6 +62,51 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     system_tests::sibling_binary(env!("CARGO_BIN_EXE_edged"), name)
 }
 
+/// Starts keyd and certd under `base` (sockets `base/keyd.sock` and `base/certd.sock`, homes
+/// `base/keyd-home` and `base/certd-home`); `keyd_tables` and `certd_tables` are extra TOML
+/// tables for their configs.
+pub fn start_keyd_certd(base: &Path, keyd_tables: &str, certd_tables: &str) -> (Daemon, Daemon) {
+    let mut keyd = Daemon::new(
+        "keyd",
+        sibling_binary("keyd"),
+        base,
+        "AZIOT_KEYD_CONFIG",
+        "AZIOT_KEYD_CONFIG_DIR",
+    )
+    .with_socket(base.join("keyd.sock"));
+    std::fs::write(
+        keyd.config_file(),
+        format!(
+            "[aziot_keys]\nhomedir_path = \"{}\"\n{keyd_tables}[endpoints]\naziot_keyd = \"unix://{}\"\n",
+            base.join("keyd-home").display(),
+            keyd.socket.display()
+        ),
+    )
+    .unwrap();
+    keyd.spawn_within(Duration::from_secs(30));
+    let mut certd = Daemon::new(
+        "certd",
+        sibling_binary("certd"),
+        base,
+        "AZIOT_CERTD_CONFIG",
+        "AZIOT_CERTD_CONFIG_DIR",
+    )
+    .with_socket(base.join("certd.sock"));
+    std::fs::write(
+        certd.config_file(),
+        format!(
+            "homedir_path = \"{}\"\n{certd_tables}\
+             [endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+            base.join("certd-home").display(),
+            certd.socket.display(),
+            keyd.socket.display()
+        ),
+    )
+    .unwrap();
+    certd.spawn_within(Duration::from_secs(30));
+    (keyd, certd)
+}
+
 /// Runs the docker CLI; returns (success, stdout, stderr).
 pub fn docker(args: &[&str]) -> (bool, String, String) {
     let output = Command::new("docker")
@@ -315,46 +360,12 @@ impl Harness {
             .unwrap();
         let image = TestImage::build(&suffix, &base);
 
-        let mut keyd = Daemon::new(
-            "keyd",
-            sibling_binary("keyd"),
+        let (keyd, certd) = start_keyd_certd(
             &base,
-            "AZIOT_KEYD_CONFIG",
-            "AZIOT_KEYD_CONFIG_DIR",
-        )
-        .with_socket(base.join("keyd.sock"));
-        std::fs::write(
-            keyd.config_file(),
-            format!(
-                "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n",
-                base.join("keyd-home").display(),
-                keyd.socket.display()
-            ),
-        )
-        .unwrap();
-        keyd.spawn_within(Duration::from_secs(30));
-        let mut certd = Daemon::new(
-            "certd",
-            sibling_binary("certd"),
-            &base,
-            "AZIOT_CERTD_CONFIG",
-            "AZIOT_CERTD_CONFIG_DIR",
-        )
-        .with_socket(base.join("certd.sock"));
-        std::fs::write(
-            certd.config_file(),
-            format!(
-                "homedir_path = \"{}\"\n\
-                 [cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
-                 [preloaded_certs]\naziot-edged-trust-bundle = [\"aziot-edged-ca\"]\n\
-                 [endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
-                base.join("certd-home").display(),
-                certd.socket.display(),
-                keyd.socket.display()
-            ),
-        )
-        .unwrap();
-        certd.spawn_within(Duration::from_secs(30));
+            "",
+            "[cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
+             [preloaded_certs]\naziot-edged-trust-bundle = [\"aziot-edged-ca\"]\n",
+        );
 
         let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
         let master = runtime
