@@ -7,7 +7,6 @@
 
 mod common;
 
-
 use common::start_keyd_certd;
 use edged::certs::{self, ModuleCertKind, EDGE_CA_TEMP_ID};
 use edged::config::EdgeCa;

@@ -116,18 +116,22 @@ impl Storage {
         self.file_store()?.generate_key(id, usage)
     }
 
+    /// Imports a symmetric key: token first, file when the token refuses it. A token key of the
+    /// same ID is removed only after the file import succeeded (it would shadow the file), so a
+    /// failed import never loses the key that was there.
     fn import_key(&self, id: &str, usage: Usage, bytes: &[u8]) -> Result<StoredKey, StoreError> {
-        if let Some(token) = &self.token {
-            match token.import_key(id, usage, bytes) {
-                Err(StoreError::NotSupported(reason)) if self.file.is_some() => {
-                    log::info!(
-                        "key {id:?}: token refused the import ({reason}); using the file store"
-                    );
-                }
-                other => return other,
+        let Some(token) = &self.token else {
+            return self.file_store()?.import_key(id, usage, bytes);
+        };
+        match token.import_key(id, usage, bytes) {
+            Err(StoreError::NotSupported(reason)) if self.file.is_some() => {
+                log::info!("key {id:?}: token refused the import ({reason}); using the file store");
+                let key = self.file_store()?.import_key(id, usage, bytes)?;
+                token.delete(id, KeyKind::Symmetric)?;
+                Ok(key)
             }
+            other => other,
         }
-        self.file_store()?.import_key(id, usage, bytes)
     }
 
     /// Generates a key pair with the first algorithm the store accepts. A configured token never

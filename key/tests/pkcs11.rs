@@ -862,3 +862,36 @@ fn startup_fails_clearly_for_a_wrong_pin_slot_token_or_library() {
     let keyd = start(&hsm);
     assert!(keyd.socket.exists());
 }
+
+/// Without a file store, a re-import the token refuses (an AES key of 20 bytes) is an error and
+/// leaves the key that was there in the token and usable.
+#[tokio::test]
+async fn a_refused_import_into_a_token_only_keyd_keeps_the_old_key() {
+    let hsm = SoftHsm::new("tokenonly");
+    let config = hsm.keyd_config().replace("homedir_path = \"{home}\"\n", "");
+    assert!(!config.contains("homedir_path"), "{config}");
+    let keyd = Keyd::start_with_env(&config, hsm.env());
+    let client = keyd.client();
+    let key_bytes = [0x11_u8; 32];
+    let handle = client
+        .import_key("refused", "sign", &key_bytes)
+        .await
+        .unwrap();
+    let error = client
+        .import_key("refused", "encrypt", &[0x22; 20])
+        .await
+        .unwrap_err();
+    // A storage failure, as docs/keyd.md lists it (details only in the log).
+    assert_eq!(error.status().map(|status| status.as_u16()), Some(500));
+    assert_eq!(hsm.objects_labelled("refused").len(), 1, "{}", keyd.log());
+    let signature = client
+        .sign(
+            &handle,
+            SignMechanism::HmacSha256 {
+                message: b"still here",
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(signature, hmac_sha256(&key_bytes, b"still here"));
+}

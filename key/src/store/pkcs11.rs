@@ -510,13 +510,9 @@ impl KeyStore for Pkcs11Store {
     }
 
     fn import_key(&self, id: &str, usage: Usage, bytes: &[u8]) -> Result<StoredKey, StoreError> {
-        // When the import goes to the file store instead, the token's old key of this ID must
-        // go: it would shadow the imported one.
-        let refuse = |error: StoreError| -> Result<StoredKey, StoreError> {
-            self.destroy_labelled(id, &[ObjectClass::SECRET_KEY])?;
-            self.cache_put(id, None);
-            Err(error)
-        };
+        // A refusal changes nothing here: the caller may put the key in the file store, and
+        // then removes this token's old key of the ID itself, once that import has succeeded.
+        let refuse = |error: StoreError| -> Result<StoredKey, StoreError> { Err(error) };
         if usage.encrypt && (usage.derive || usage.sign) {
             return refuse(no_single_object_type());
         }
