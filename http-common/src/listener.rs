@@ -267,7 +267,9 @@ fn bind_path(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ListenE
                 return Err(ListenError::InUse(path.to_owned()));
             }
             if metadata.is_dir() {
-                std::fs::remove_dir_all(path).map_err(io_error)?;
+                // An empty folder is what Docker leaves at a bind-mounted socket path that did
+                // not exist yet; anything in it means the path is wrong, so it is not touched.
+                std::fs::remove_dir(path).map_err(io_error)?;
             } else {
                 std::fs::remove_file(path).map_err(io_error)?;
             }
@@ -320,6 +322,29 @@ mod tests {
         drop(listener);
         // Once the first is gone the stale socket file is replaced.
         listen(&uri, &SystemdFds::default(), None, 0o600).unwrap();
+    }
+
+    #[tokio::test]
+    async fn replaces_an_empty_folder_but_never_a_populated_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("module.sock");
+        std::fs::create_dir(&path).unwrap();
+        let uri = ListenerUri::Unix(path.clone());
+        drop(listen(&uri, &SystemdFds::default(), None, 0o660).unwrap());
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_dir());
+
+        let populated = dir.path().join("state");
+        std::fs::create_dir(&populated).unwrap();
+        std::fs::write(populated.join("keep"), b"data").unwrap();
+        let error = listen(
+            &ListenerUri::Unix(populated.clone()),
+            &SystemdFds::default(),
+            None,
+            0o660,
+        )
+        .unwrap_err();
+        assert!(matches!(error, ListenError::Io { .. }), "{error}");
+        assert_eq!(std::fs::read(populated.join("keep")).unwrap(), b"data");
     }
 
     #[test]
