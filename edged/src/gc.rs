@@ -4,16 +4,18 @@
 //! touched.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::error::EdgedError;
+use config_common::files;
+
+/// The ledger's file name in `<homedir>/gc`.
+const LEDGER_FILE: &str = "image_use";
 
 /// The image-use ledger.
 #[derive(Debug)]
 pub struct Ledger {
-    path: PathBuf,
+    folder: PathBuf,
     entries: Mutex<BTreeMap<String, i64>>,
 }
 
@@ -31,34 +33,28 @@ pub fn parse_ledger(text: &str) -> BTreeMap<String, i64> {
         .collect()
 }
 
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the folder.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let folder = path.parent().unwrap_or_else(|| Path::new("."));
-    let temporary = folder.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    std::fs::File::open(folder)?.sync_all()
-}
-
 impl Ledger {
     /// Opens (or starts) the ledger at `<homedir>/gc/image_use`.
     pub fn open(homedir: &Path) -> Self {
-        let path = homedir.join("gc").join("image_use");
-        let entries = std::fs::read_to_string(&path)
+        let folder = homedir.join("gc");
+        let entries = std::fs::read_to_string(folder.join(LEDGER_FILE))
             .map(|text| parse_ledger(&text))
             .unwrap_or_default();
         Ledger {
-            path,
+            folder,
             entries: Mutex::new(entries),
+        }
+    }
+
+    /// Applies `change` and rewrites the file while still holding the lock, so concurrent
+    /// changes reach the disk in the order they were made.
+    fn update(&self, change: impl FnOnce(&mut BTreeMap<String, i64>)) {
+        let mut entries = lock(&self.entries);
+        change(&mut entries);
+        if let Err(error) =
+            files::write_atomic(&self.folder, LEDGER_FILE, render(&entries).as_bytes())
+        {
+            log::warn!("could not write the image ledger: {error}");
         }
     }
 
@@ -67,26 +63,16 @@ impl Ledger {
         if image_id.is_empty() {
             return;
         }
-        let text = {
-            let mut entries = lock(&self.entries);
+        self.update(|entries| {
             entries.insert(image_id.to_owned(), crate::time::now_unix());
-            render(&entries)
-        };
-        if let Err(error) = write_atomically(&self.path, text.as_bytes()) {
-            log::warn!("could not write the image ledger: {error}");
-        }
+        });
     }
 
     /// Forgets `image_id`.
     pub fn forget(&self, image_id: &str) {
-        let text = {
-            let mut entries = lock(&self.entries);
+        self.update(|entries| {
             entries.remove(image_id);
-            render(&entries)
-        };
-        if let Err(error) = write_atomically(&self.path, text.as_bytes()) {
-            log::warn!("could not write the image ledger: {error}");
-        }
+        });
     }
 
     /// Images last used before `cutoff` (Unix seconds).
@@ -145,12 +131,6 @@ pub fn sweep_candidates(
         .collect()
 }
 
-/// Makes sure the ledger folder exists.
-pub fn prepare(homedir: &Path) -> Result<(), EdgedError> {
-    std::fs::create_dir_all(homedir.join("gc"))
-        .map_err(|source| EdgedError::io("could not create the gc folder", source))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,12 +138,19 @@ mod tests {
     #[test]
     fn ledger_records_and_selects() {
         let dir = tempfile::tempdir().unwrap();
-        prepare(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("gc")).unwrap();
         let ledger = Ledger::open(dir.path());
         ledger.record("sha256:a");
         ledger.record("sha256:b");
         let reopened = Ledger::open(dir.path());
         assert_eq!(reopened.older_than(i64::MAX).len(), 2);
+        let mode = std::fs::metadata(dir.path().join("gc/image_use"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert!(sweep_candidates(&reopened, 3600, &[], None).is_empty());
         // Entries recorded "now" are not older than a cutoff of now.
         assert!(sweep_candidates(&reopened, 0, &[], None).is_empty());

@@ -257,15 +257,15 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
     edged.stop_all(service::STOP_ALL_GRACE, &kept).await;
 
     let digest = device_digest(&device);
-    let state_file = homedir.join("cache").join("provisioning_state");
-    let previous = std::fs::read_to_string(&state_file).ok();
+    let cache_dir = homedir.join("cache");
+    let previous = std::fs::read_to_string(cache_dir.join("provisioning_state")).ok();
     if previous.as_deref().map(str::trim) != Some(digest.as_str()) {
         log::info!("the device identity changed (or is new); removing all modules");
         edged
             .remove_all()
             .await
             .map_err(step("removing modules of the previous identity"))?;
-        gc::write_atomically(&state_file, digest.as_bytes())
+        config_common::files::write_atomic(&cache_dir, "provisioning_state", digest.as_bytes())
             .map_err(|source| EdgedError::io("could not store the provisioning state", source))
             .map_err(step("storing the provisioning state"))?;
     }
