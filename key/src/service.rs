@@ -526,10 +526,13 @@ impl KeyService {
                 "source and destination for move are identical".to_owned(),
             ));
         }
-        if self.storage.preloaded.contains_key(from) || self.storage.preloaded.contains_key(to) {
-            return Err(KeyError::BadRequest(
-                "a preloaded key cannot be moved or replaced".to_owned(),
-            ));
+        // Preloaded keys are read-only: neither moved away nor replaced (409, as delete and
+        // import of them).
+        if let Some(id) = [from, to]
+            .into_iter()
+            .find(|id| self.storage.preloaded.contains_key(*id))
+        {
+            return Err(KeyError::Preloaded(id.to_owned()));
         }
         // Lock both IDs in a fixed order so two opposite moves cannot deadlock.
         let (first, second) = if from < to { (from, to) } else { (to, from) };

@@ -957,6 +957,30 @@ async fn preloaded_file_keys_are_usable_and_read_only() {
         409
     );
     assert_eq!(
+        status_of(
+            client
+                .move_key_pair("device-id", "elsewhere")
+                .await
+                .unwrap_err()
+        )
+        .0,
+        409
+    );
+    client
+        .create_key_pair_if_not_exists("elsewhere", Some("ec-p256"))
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(
+            client
+                .move_key_pair("elsewhere", "device-id")
+                .await
+                .unwrap_err()
+        )
+        .0,
+        409
+    );
+    assert_eq!(
         status_of(client.load_key("later").await.unwrap_err()).0,
         404
     );
