@@ -135,7 +135,7 @@ enum SystemCommand {
     },
     /// Restart the services in dependency order.
     Restart,
-    /// Stop the services (sockets stay, so keyd and certd restart on demand).
+    /// Stop the services and, with them, their sockets (`system restart` brings all back).
     Stop,
     /// Ask identityd to provision the device again.
     Reprovision {

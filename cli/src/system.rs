@@ -128,7 +128,8 @@ pub fn logs(edge: bool, extra: &[String]) -> Result<(), SystemError> {
     run("journalctl", &arguments)
 }
 
-/// Stops every service (edged first), leaving the sockets listening.
+/// Stops every service (edged first). Their sockets stop with them (`PartOf=` in the units), so
+/// nothing comes back on demand until `restart` or `systemctl start` of the sockets.
 pub fn stop(edge: bool) -> Result<(), SystemError> {
     require_systemd("`system stop`")?;
     let mut services = Vec::new();
