@@ -117,14 +117,6 @@ pub enum DaemonError {
         #[source]
         source: http_common::ClientError,
     },
-    /// The answer did not have the expected shape.
-    #[error("{what}: unexpected answer: {message}")]
-    Answer {
-        /// What was being done.
-        what: String,
-        /// The problem.
-        message: String,
-    },
     /// The local async runtime could not start.
     #[error("could not start the async runtime")]
     Runtime(#[source] std::io::Error),

@@ -76,17 +76,6 @@ pub fn empty_response(status: StatusCode) -> Response {
     response
 }
 
-/// Turns a handler result into a response.
-pub fn respond<T: serde::Serialize, E: ApiError>(
-    status: StatusCode,
-    result: Result<T, E>,
-) -> Response {
-    match result {
-        Ok(value) => json_response(status, &value),
-        Err(error) => error_response(&error),
-    }
-}
-
 /// Sets up logging for a daemon: `AZIOT_LOG` (env_logger syntax, default `info`), each line
 /// prefixed with its syslog priority (`<3>` error … `<7>` debug) so journald keeps levels.
 pub fn init_logging() {

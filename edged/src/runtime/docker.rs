@@ -272,11 +272,6 @@ impl DockerRuntime {
         }
     }
 
-    /// The Docker client.
-    pub fn client(&self) -> &DockerClient {
-        &self.client
-    }
-
     async fn container_id(&self, name: &str, fresh: bool) -> Result<Option<String>, EdgedError> {
         if !fresh {
             if let Some((id, at)) = lock(&self.container_ids).get(name) {
