@@ -1162,7 +1162,12 @@ fn invalid_configuration_exits_153_naming_the_key() {
 
 #[tokio::test]
 async fn independent_requests_run_concurrently() {
-    let keyd = Keyd::start(FILE_CONFIG);
+    // One async worker: a generation running on it (instead of on a blocking thread) would stop
+    // every other request, so the signing loop below would not get a turn.
+    let keyd = Keyd::start_with_env(
+        FILE_CONFIG,
+        vec![("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())],
+    );
     let client = keyd.client();
     let ec = client
         .create_key_pair_if_not_exists("ec", None)
