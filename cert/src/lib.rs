@@ -21,7 +21,7 @@ pub mod store;
 use std::future::Future;
 use std::sync::Arc;
 
-use config_common::ConfigPaths;
+use http_common::daemon::ConfigFiles;
 
 pub use config::Config;
 pub use error::CertError;
@@ -45,17 +45,17 @@ pub async fn build_service(config: &Config) -> Result<CertService, CertError> {
     ))
 }
 
-/// Serves certd on `listener` until `shutdown` resolves. When `config_paths` is given, changes
+/// Serves certd on `listener` until `shutdown` resolves. When `config_files` is given, changes
 /// to principals, `cert_issuance` and `preloaded_certs` are picked up without a restart.
 pub async fn run(
     config: Config,
-    config_paths: Option<ConfigPaths>,
+    config_files: Option<ConfigFiles>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CertError> {
     let service = Arc::new(build_service(&config).await?);
-    if let Some(paths) = config_paths {
-        tokio::spawn(watch_policy(paths, Arc::clone(&service)));
+    if let Some(files) = config_files {
+        tokio::spawn(watch_policy(files, Arc::clone(&service)));
     }
     let router = Arc::new(routes::Router::new(service));
     http_common::daemon::serve_socket("certd", listener, router, config.max_requests, shutdown)
@@ -63,8 +63,8 @@ pub async fn run(
     Ok(())
 }
 
-async fn watch_policy(paths: ConfigPaths, service: Arc<CertService>) {
-    http_common::daemon::watch_config(paths, Config::from_loaded, |config| {
+async fn watch_policy(files: ConfigFiles, service: Arc<CertService>) {
+    http_common::daemon::watch_config(files, Config::from_loaded, |config| {
         log::info!(
             "{} principal entries, {} issuance entries, {} preloaded certs in force",
             config.policy.principals.len(),

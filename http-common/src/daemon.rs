@@ -33,11 +33,28 @@ pub struct DaemonInfo {
     pub default_config_dir: &'static str,
 }
 
+/// The configuration files a daemon read, with a fingerprint of what they held just before it
+/// read them: [`watch_config`] starts from that, so a change made while the daemon was still
+/// starting (before the watch existed) is applied too.
+#[derive(Clone, Debug)]
+pub struct ConfigFiles {
+    paths: ConfigPaths,
+    read: Vec<(PathBuf, Option<u64>)>,
+}
+
+impl ConfigFiles {
+    /// Takes the fingerprint now; call it before reading the configuration.
+    pub fn new(paths: ConfigPaths) -> Self {
+        let read = paths.fingerprint();
+        ConfigFiles { paths, read }
+    }
+}
+
 /// What a daemon's `serve` function gets.
 #[derive(Debug)]
 pub struct Startup {
     /// Where the configuration came from (for reloading).
-    pub paths: ConfigPaths,
+    pub config_files: ConfigFiles,
     /// The sockets systemd passed, if any.
     pub systemd: SystemdFds,
 }
@@ -63,6 +80,7 @@ where
         Ok(paths) => paths,
         Err(code) => return code,
     };
+    let config_files = ConfigFiles::new(paths.clone());
     let config = match config_common::load_table(&paths).and_then(|loaded| load(&loaded)) {
         Ok(config) => config,
         Err(error) => {
@@ -92,7 +110,13 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(serve(config, Startup { paths, systemd }));
+    let result = runtime.block_on(serve(
+        config,
+        Startup {
+            config_files,
+            systemd,
+        },
+    ));
     // Do not wait on blocking work still running (a followed log, a slow token call).
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -235,18 +259,26 @@ fn change_mask() -> WatchMask {
 /// inotify watches the base file's folder and the drop-in folder (folders, so files replaced
 /// by rename are seen); after an event the files must be quiet for [`CONFIG_DEBOUNCE`], then
 /// their contents are compared with the last ones read and, if they differ, the merged
-/// configuration is loaded. An invalid change is logged and ignored, keeping the configuration
-/// in force. Without inotify the files are compared every few seconds instead. Runs until the
-/// task is dropped.
+/// configuration is loaded. The first comparison is made as soon as the watch exists, against
+/// what the daemon read at start ([`ConfigFiles`]). An invalid change is logged and ignored,
+/// keeping the configuration in force. Without inotify the files are compared every few seconds
+/// instead. Runs until the task is dropped.
 pub async fn watch_config<C, Applied: Future<Output = ()>>(
-    paths: ConfigPaths,
+    files: ConfigFiles,
     load: impl Fn(&Loaded) -> Result<C, ConfigError>,
     mut apply: impl FnMut(C) -> Applied,
 ) {
-    let mut fingerprint = paths.fingerprint();
+    let ConfigFiles {
+        paths,
+        read: mut fingerprint,
+    } = files;
     let mut changes = ConfigChanges::new(&paths);
+    let mut watching = false;
     loop {
-        changes.next(&paths).await;
+        if watching {
+            changes.next(&paths).await;
+        }
+        watching = true;
         let current = paths.fingerprint();
         if current == fingerprint {
             continue;

@@ -1,11 +1,12 @@
 //! `daemon::watch_config` against real files and real inotify: a change is read once the files
 //! have been quiet for the debounce, a drop-in folder created after start is watched, and an
-//! invalid change keeps the configuration in force.
+//! invalid change keeps the configuration in force; a change made between reading the
+//! configuration and starting the watch is applied too.
 
 use std::time::{Duration, Instant};
 
 use config_common::{ConfigError, ConfigPaths, Loaded};
-use http_common::daemon::{watch_config, CONFIG_DEBOUNCE};
+use http_common::daemon::{watch_config, ConfigFiles, CONFIG_DEBOUNCE};
 use tokio::sync::mpsc;
 
 /// The value of `x` in the merged configuration; a missing `x` is invalid.
@@ -30,10 +31,14 @@ async fn changes_are_read_once_after_the_debounce_and_invalid_ones_are_ignored()
     };
     std::fs::write(&paths.base_file, "x = 0\n").unwrap();
     let (sender, mut applied) = mpsc::unbounded_channel();
-    let watcher = tokio::spawn(watch_config(paths.clone(), load_x, move |x| {
-        sender.send((x, Instant::now())).unwrap();
-        std::future::ready(())
-    }));
+    let watcher = tokio::spawn(watch_config(
+        ConfigFiles::new(paths.clone()),
+        load_x,
+        move |x| {
+            sender.send((x, Instant::now())).unwrap();
+            std::future::ready(())
+        },
+    ));
     // Let the watcher set up its watches before the first change.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -66,5 +71,29 @@ async fn changes_are_read_once_after_the_debounce_and_invalid_ones_are_ignored()
         .expect("the change after an invalid one was not applied")
         .unwrap();
     assert_eq!(x, 3);
+    watcher.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_the_daemon_was_starting_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = ConfigPaths {
+        base_file: dir.path().join("config.toml"),
+        dropin_dir: dir.path().join("config.d"),
+    };
+    std::fs::write(&paths.base_file, "x = 0\n").unwrap();
+    // What a daemon's start does: fingerprint, read (x = 0), ... and only later watch.
+    let files = ConfigFiles::new(paths.clone());
+    std::fs::write(&paths.base_file, "x = 7\n").unwrap();
+    let (sender, mut applied) = mpsc::unbounded_channel();
+    let watcher = tokio::spawn(watch_config(files, load_x, move |x| {
+        sender.send(x).unwrap();
+        std::future::ready(())
+    }));
+    let x = tokio::time::timeout(CONFIG_DEBOUNCE * 3, applied.recv())
+        .await
+        .expect("the change made during start-up was not applied")
+        .unwrap();
+    assert_eq!(x, 7);
     watcher.abort();
 }

@@ -24,7 +24,7 @@ pub mod util;
 use std::future::Future;
 use std::sync::Arc;
 
-use config_common::ConfigPaths;
+use http_common::daemon::ConfigFiles;
 
 pub use config::Config;
 pub use error::IdentityError;
@@ -66,18 +66,18 @@ pub fn build_service(config: &Config) -> Result<IdentityService, IdentityError> 
 }
 
 /// Serves identityd on `listener` until `shutdown` resolves. The socket answers at once;
-/// provisioning runs in the background. When `config_paths` is given, principal and
+/// provisioning runs in the background. When `config_files` is given, principal and
 /// provisioning changes are picked up without a restart.
 pub async fn run(
     config: Config,
-    config_paths: Option<ConfigPaths>,
+    config_files: Option<ConfigFiles>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), IdentityError> {
     let service = Arc::new(build_service(&config)?);
     service.start();
-    if let Some(paths) = config_paths {
-        tokio::spawn(watch_config(paths, Arc::clone(&service)));
+    if let Some(files) = config_files {
+        tokio::spawn(watch_config(files, Arc::clone(&service)));
     }
     let router = Arc::new(routes::Router::new(service));
     http_common::daemon::serve_socket("identityd", listener, router, config.max_requests, shutdown)
@@ -85,8 +85,8 @@ pub async fn run(
     Ok(())
 }
 
-async fn watch_config(paths: ConfigPaths, service: Arc<IdentityService>) {
-    http_common::daemon::watch_config(paths, Config::from_loaded, |config| {
+async fn watch_config(files: ConfigFiles, service: Arc<IdentityService>) {
+    http_common::daemon::watch_config(files, Config::from_loaded, |config| {
         log::info!("{} principal entries in force", config.principals.len());
         let service = Arc::clone(&service);
         async move {

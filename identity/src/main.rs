@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         |config, startup: Startup| async move {
             let listener = daemon::open_listener(&config.endpoint, &startup.systemd)?;
             let shutdown = http_common::server::shutdown_signal();
-            identityd::run(config, Some(startup.paths), listener, shutdown).await?;
+            identityd::run(config, Some(startup.config_files), listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         },
     )

@@ -18,7 +18,7 @@ pub mod store;
 use std::future::Future;
 use std::sync::Arc;
 
-use config_common::ConfigPaths;
+use http_common::daemon::ConfigFiles;
 
 pub use config::Config;
 pub use error::KeyError;
@@ -98,17 +98,17 @@ async fn open_pkcs11(
     .map_err(KeyError::Task)?
 }
 
-/// Serves keyd on `listener` until `shutdown` resolves. When `config_paths` is given, principal
+/// Serves keyd on `listener` until `shutdown` resolves. When `config_files` is given, principal
 /// changes in the configuration files are picked up without a restart.
 pub async fn run(
     config: Config,
-    config_paths: Option<ConfigPaths>,
+    config_files: Option<ConfigFiles>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KeyError> {
     let service = Arc::new(build_service(&config).await?);
-    if let Some(paths) = config_paths {
-        tokio::spawn(watch_principals(paths, Arc::clone(&service)));
+    if let Some(files) = config_files {
+        tokio::spawn(watch_principals(files, Arc::clone(&service)));
     }
     let router = Arc::new(routes::Router::new(service));
     http_common::daemon::serve_socket("keyd", listener, router, config.max_requests, shutdown)
@@ -116,8 +116,8 @@ pub async fn run(
     Ok(())
 }
 
-async fn watch_principals(paths: ConfigPaths, service: Arc<KeyService>) {
-    http_common::daemon::watch_config(paths, Config::from_loaded, |config| {
+async fn watch_principals(files: ConfigFiles, service: Arc<KeyService>) {
+    http_common::daemon::watch_config(files, Config::from_loaded, |config| {
         log::info!("{} principal entries in force", config.principals.len());
         service.set_principals(config.principals);
         std::future::ready(())
