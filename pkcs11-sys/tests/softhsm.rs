@@ -99,6 +99,8 @@ fn tokens_pins_and_the_session_pool() {
     let expected = token
         .with_session(|session| session.sign(&Mechanism::Sha256Hmac, key, b"m"))
         .unwrap();
+    // Serial calls reuse one session rather than opening one each.
+    assert_eq!(token.open_sessions(), 1);
     let threads: Vec<_> = (0..32)
         .map(|_| {
             let token = Arc::clone(&token);
