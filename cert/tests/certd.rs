@@ -284,6 +284,33 @@ async fn local_ca_issuance_caps_validity_and_verifies() {
         .await
         .unwrap();
     assert_eq!(point, "ECDSA");
+    // ... and it is that key pair the certificate certifies.
+    assert_certifies_keyd_key(&pair, &chain[0], "draft-device").await;
+}
+
+/// Asserts that `cert`'s (EC) public key is keyd's key pair `id`.
+async fn assert_certifies_keyd_key(pair: &Pair, cert: &X509, id: &str) {
+    let keyd = pair.keyd_client();
+    let handle = keyd.load_key_pair(id).await.unwrap();
+    let point = keyd
+        .get_key_pair_public_parameter(&handle, "ec-point")
+        .await
+        .unwrap();
+    let ec = cert.public_key().unwrap().ec_key().unwrap();
+    let mut context = openssl::bn::BigNumContext::new().unwrap();
+    let compressed = ec
+        .public_key()
+        .to_bytes(
+            ec.group(),
+            openssl::ec::PointConversionForm::COMPRESSED,
+            &mut context,
+        )
+        .unwrap();
+    use base64::Engine as _;
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD.encode(compressed),
+        point
+    );
 }
 
 /// Seed routes: POST creates (201, then 200 with the same PEM), GET with a body or a query loads,
@@ -321,27 +348,7 @@ async fn draft_routes_create_load_and_import() {
     );
 
     // The certificate's key is keyd's key pair "draft-1".
-    let keyd = pair.keyd_client();
-    let handle = keyd.load_key_pair("draft-1").await.unwrap();
-    let point = keyd
-        .get_key_pair_public_parameter(&handle, "ec-point")
-        .await
-        .unwrap();
-    let ec = chain[0].public_key().unwrap().ec_key().unwrap();
-    let mut context = openssl::bn::BigNumContext::new().unwrap();
-    let compressed = ec
-        .public_key()
-        .to_bytes(
-            ec.group(),
-            openssl::ec::PointConversionForm::COMPRESSED,
-            &mut context,
-        )
-        .unwrap();
-    use base64::Engine as _;
-    assert_eq!(
-        base64::engine::general_purpose::STANDARD.encode(compressed),
-        point
-    );
+    assert_certifies_keyd_key(&pair, &chain[0], "draft-1").await;
 
     // Imports through each draft spelling answer 200 with the stored PEM.
     let imported = openssl_ca(&ec_key(), "imported", 0, 1);
