@@ -635,6 +635,39 @@ fn agent_bootstrap_module_lifecycle_and_workload() {
     );
     assert_eq!(status, 204);
 
+    // A container without edged's owner label is not a module: it is neither deleted nor
+    // stopped and replaced through the management API.
+    let host = harness.module_name("host");
+    let (ok, _, stderr) = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &host,
+        &harness.image.tag,
+        "sh",
+        "-c",
+        LOOP_COMMAND,
+    ]);
+    assert!(ok, "{stderr}");
+    let host_id = harness.container_id(&host).unwrap();
+    let (status, _) =
+        harness.exec_call(&agent, &mgmt, "DELETE", &format!("/modules/{host}?{V}"), "");
+    assert_eq!(status, 404);
+    let (status, body) = harness.exec_call(
+        &agent,
+        &mgmt,
+        "PUT",
+        &format!("/modules/{host}?{V}&start=true"),
+        &module_spec(&harness, &host, "intruder"),
+    );
+    assert!(!(200..300).contains(&status), "{status} {body}");
+    assert_eq!(
+        harness.container_id(&host).as_deref(),
+        Some(host_id.as_str())
+    );
+    assert_eq!(harness.container_state(&host).as_deref(), Some("running"));
+    docker(&["rm", "-f", &host]);
+
     println!(
         "figures: agent bootstrap {} ms, module create {} ms, sign (docker exec included) {} ms",
         bootstrap.as_millis(),

@@ -337,15 +337,7 @@ impl ModuleRuntime for DockerRuntime {
 
     async fn get(&self, name: &str) -> Result<ModuleDetails, EdgedError> {
         let (inspect, summary) = tokio::join!(self.client.inspect(name), self.client.summary(name));
-        let inspect = inspect?;
-        let labels = inspect.config.labels.as_ref();
-        if labels
-            .and_then(|labels| labels.get(OWNER_LABEL))
-            .map(String::as_str)
-            != Some(OWNER_VALUE)
-        {
-            return Err(EdgedError::ModuleNotFound(name.to_owned()));
-        }
+        let inspect = owned(inspect?, name)?;
         let description = summary.ok().flatten().map(|summary| summary.status);
         Ok(details_from_inspect(&inspect, description))
     }
@@ -389,7 +381,9 @@ impl ModuleRuntime for DockerRuntime {
     }
 
     async fn stop(&self, name: &str, grace: Option<Duration>) -> Result<(), EdgedError> {
-        self.client.stop(name, grace).await?;
+        // Also reached by an update naming any container: only a module is stopped.
+        let inspect = owned(self.client.inspect(name).await?, name)?;
+        self.client.stop(&inspect.id, grace).await?;
         Ok(())
     }
 
@@ -398,7 +392,7 @@ impl ModuleRuntime for DockerRuntime {
     }
 
     async fn remove(&self, name: &str) -> Result<String, EdgedError> {
-        let inspect = self.client.inspect(name).await?;
+        let inspect = owned(self.client.inspect(name).await?, name)?;
         self.client.remove(&inspect.id).await?;
         lock(&self.container_ids).remove(name);
         Ok(inspect.image)
@@ -563,6 +557,21 @@ impl ModuleRuntime for DockerRuntime {
     }
 }
 
+/// `inspect` if the container carries edged's owner label; any other container is not a module
+/// (the spec's ownership rule), so it is "not found" rather than something edged may touch.
+fn owned(inspect: ContainerInspect, name: &str) -> Result<ContainerInspect, EdgedError> {
+    let owner = inspect
+        .config
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(OWNER_LABEL))
+        .map(String::as_str);
+    if owner == Some(OWNER_VALUE) {
+        Ok(inspect)
+    } else {
+        Err(EdgedError::ModuleNotFound(name.to_owned()))
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
