@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::apply::{daemon_dir, rendered, DROPIN_NAME};
-use crate::super_config::{plan, Environment};
+use crate::apply::{daemon_dir, rendered, rooted, DROPIN_NAME};
+use crate::super_config::{plan, Environment, SECRETS_DIR};
 
 /// How a check ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -279,6 +279,18 @@ pub fn run(options: &CheckOptions) -> Report {
                 match std::fs::read_to_string(&path) {
                     Ok(current) if current == expected => {}
                     Ok(_) => stale.push(format!("{} differs", path.display())),
+                    Err(_) => stale.push(format!("{} is missing", path.display())),
+                }
+            }
+            // Inline keys go to fixed file names, so a changed key leaves every drop-in the
+            // same: compare the key files too (never printing them). Unreadable without root.
+            let secrets_dir = rooted(&options.root, SECRETS_DIR);
+            for secret in &plan.secrets {
+                let path = secrets_dir.join(&secret.file_name);
+                match std::fs::read(&path) {
+                    Ok(current) if current == secret.contents => {}
+                    Ok(_) => stale.push(format!("{} holds another key", path.display())),
+                    Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {}
                     Err(_) => stale.push(format!("{} is missing", path.display())),
                 }
             }

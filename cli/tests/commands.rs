@@ -392,6 +392,24 @@ fn check_warns_about_stale_configs_and_warnings_can_fail_the_run() {
     );
     let (output, _) = check(&fixture, dir.path(), &["--warnings-as-errors"]);
     assert!(!output.status.success());
+
+    // A new key alone changes no drop-in (the key file's name stays): the key file is compared.
+    let rekeyed = dir.path().join("rekeyed.toml");
+    std::fs::write(
+        &rekeyed,
+        std::fs::read_to_string(&fixture).unwrap().replace(
+            "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY=",
+            "bmV3IGtleSBieXRlcw==",
+        ),
+    )
+    .unwrap();
+    let (_, report) = check(&rekeyed, dir.path(), &[]);
+    assert_eq!(result(&report, "config-up-to-date"), "warning", "{report}");
+    assert!(report.to_string().contains("holds another key"), "{report}");
+    assert!(
+        !report.to_string().contains("bmV3IGtleSBieXRlcw"),
+        "{report}"
+    );
 }
 
 #[test]
