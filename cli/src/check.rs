@@ -549,7 +549,7 @@ pub fn run(options: &CheckOptions) -> Report {
             .mgmt_uri
             .clone()
             .unwrap_or_else(|| crate::DEFAULT_MGMT_URI.to_owned());
-        match crate::edge::list(&mgmt) {
+        match crate::edge::list(&mgmt, options.timeout) {
             Ok(modules) => checker.add(
                 "edged-mgmt-reachable",
                 "edged answers on its management socket",

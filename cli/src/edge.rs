@@ -84,8 +84,8 @@ fn encode_segment(name: &str) -> String {
 }
 
 /// `GET /modules`.
-pub fn list(mgmt_uri: &str) -> Result<Vec<Module>, DaemonError> {
-    let client = crate::client(mgmt_uri, Duration::from_secs(30))?;
+pub fn list(mgmt_uri: &str, timeout: Duration) -> Result<Vec<Module>, DaemonError> {
+    let client = crate::client(mgmt_uri, timeout)?;
     let list: ModuleList = crate::block_on(client.json(
         http::Method::GET,
         &format!("/modules?api-version={API_VERSION}"),

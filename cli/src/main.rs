@@ -235,7 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::System(command) => system_command(command),
         Command::List => {
-            let modules = edge::list(&cli.host)?;
+            let modules = edge::list(&cli.host, std::time::Duration::from_secs(30))?;
             print!("{}", edge::format_list(&modules));
             Ok(ExitCode::SUCCESS)
         }
