@@ -31,7 +31,7 @@ use crate::runtime::{LogOptions, ModuleRuntime};
 /// keyd's symmetric key for workload encrypt/decrypt.
 pub const MASTER_ENCRYPTION_KEY: &str = "iotedge_master_encryption_id";
 
-/// How long a positive caller check is reused per (pid, container).
+/// How long a positive caller check is reused per (pid, process start time, container).
 pub const AUTHORIZATION_TTL: Duration = Duration::from_secs(5);
 
 /// How long an agent update waits before replacing the agent (so the 201 reaches it).
@@ -49,6 +49,29 @@ pub enum ExitReason {
     Reprovision,
     /// The watchdog failed `max_retries` times in a row.
     WatchdogFailed,
+}
+
+/// Whom a positive caller check was given to: a process (pid and start time) and a container.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct CallerKey {
+    pid: i32,
+    started: u64,
+    container: String,
+}
+
+/// The start time of process `pid` (clock ticks since boot, field 22 of `/proc/<pid>/stat`);
+/// `None` when the process is gone or the entry cannot be read.
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. The command (field 2) is in parentheses and may itself
+/// hold spaces and parentheses, so fields are counted from the last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // After the command come field 3 (state) onwards: field 22 is the 20th of them.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 struct ListenerHandle {
@@ -77,7 +100,7 @@ pub struct Edged<R, I> {
     edge_ca_key: RwLock<Option<KeyHandle>>,
     encryption_key: Mutex<Option<KeyHandle>>,
     module_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    authorized: Mutex<HashMap<(i32, String), Instant>>,
+    authorized: Mutex<HashMap<CallerKey, Instant>>,
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     exit: tokio::sync::mpsc::UnboundedSender<ExitReason>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -243,7 +266,21 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
             log::info!("forbidden: the caller has no pid (container {container})");
             return Err(EdgedError::Forbidden);
         }
-        let key = (caller.pid, container.to_owned());
+        // A pid alone is not a process: once it exits its pid can be reused by a process of
+        // another container. The start time tells the two apart, so a cached answer is only
+        // ever reused for the very process it was given to.
+        let Some(started) = process_start_time(caller.pid) else {
+            log::info!(
+                "forbidden: pid {} has no readable /proc entry (container {container})",
+                caller.pid
+            );
+            return Err(EdgedError::Forbidden);
+        };
+        let key = CallerKey {
+            pid: caller.pid,
+            started,
+            container: container.to_owned(),
+        };
         if let Some(at) = lock(&self.authorized).get(&key) {
             if at.elapsed() < AUTHORIZATION_TTL {
                 return Ok(());
@@ -251,11 +288,14 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
         }
         match self.runtime.contains_process(container, caller.pid).await {
             Ok(true) => {
-                let mut authorized = lock(&self.authorized);
-                if authorized.len() > 4096 {
-                    authorized.retain(|_, at| at.elapsed() < AUTHORIZATION_TTL);
+                // Cache only when the pid still names the process that was checked.
+                if process_start_time(caller.pid) == Some(started) {
+                    let mut authorized = lock(&self.authorized);
+                    if authorized.len() > 4096 {
+                        authorized.retain(|_, at| at.elapsed() < AUTHORIZATION_TTL);
+                    }
+                    authorized.insert(key, Instant::now());
                 }
-                authorized.insert(key, Instant::now());
                 Ok(())
             }
             Ok(false) => {
@@ -957,4 +997,25 @@ pub async fn join_all<F: std::future::Future<Output = ()>>(futures: impl IntoIte
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_time_is_counted_from_the_last_parenthesis() {
+        let stat = "4242 (a) b (c) d) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 10 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        assert_eq!(parse_start_time("4242 (short) S 1 2"), None);
+        assert_eq!(parse_start_time("no parenthesis"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_start_time_and_a_missing_pid_has_none() {
+        let own = i32::try_from(std::process::id()).unwrap();
+        assert!(process_start_time(own).is_some());
+        assert_eq!(process_start_time(i32::MAX), None);
+    }
 }
