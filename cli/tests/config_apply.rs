@@ -1,6 +1,7 @@
 //! `iotedge config apply` end to end: golden files for a set of super-configs, the generated
-//! configs fed to the real daemons (keyd and certd always; identityd and edged when their
-//! binaries are built next to `iotedge` and take `--config`), secrets, modes and refusals.
+//! configs fed to the real daemons (keyd, certd and identityd always; edged too when the set
+//! configures it, until its management API answers), secrets, modes and refusals. A set that
+//! provisions through DPS gets its device identity from the cloud emulator.
 //!
 //! Regenerate the golden files with `UPDATE_GOLDEN=1 cargo test -p iotedge --test config_apply`
 //! and review the diff.
@@ -12,6 +13,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use base64::Engine as _;
 
 use common::{
     apply_fixture, daemon_binary, describe, fixtures, iotedge, Daemon, SoftHsm, UID_ARGS,
@@ -83,7 +86,8 @@ fn test_config(work: &Path, root: &Path, daemon: &str, overrides: &str) -> (Path
     (dir.join("config.toml"), dropins)
 }
 
-/// A preloaded key under `/var/secrets/aziot/keyd/` is redirected to the test root's copy.
+/// A preloaded key under `/var/secrets/aziot/keyd/` is redirected to the test root's copy
+/// (`[preloaded_keys]` lines, without the table header).
 fn secret_overrides(root: &Path, keyd: &toml::Table) -> String {
     let mut text = String::new();
     if let Some(toml::Value::Table(preloaded)) = keyd.get("preloaded_keys") {
@@ -99,11 +103,27 @@ fn secret_overrides(root: &Path, keyd: &toml::Table) -> String {
             }
         }
     }
-    if text.is_empty() {
-        text
-    } else {
-        format!("[preloaded_keys]\n{text}")
-    }
+    text
+}
+
+/// An operator's Edge CA (EC P-256, CA:TRUE, keyCertSign) made by the openssl CLI, for sets
+/// whose super-config names the operator's own files: (key file, cert file).
+fn operator_edge_ca(work: &Path) -> (PathBuf, PathBuf) {
+    let key = work.join("edge-ca.key.pem");
+    let cert = work.join("edge-ca.pem");
+    let output = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=operator edge CA"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,digitalSignature"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed (tools/install-deps.sh)");
+    assert!(output.status.success(), "{}", describe(&output));
+    (key, cert)
 }
 
 /// What a fixture's daemons are checked for beyond starting.
@@ -136,6 +156,37 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
         environment.push(("SOFTHSM2_CONF", conf));
     }
 
+    // edged serves only once identityd hands out the device identity; a DPS set gets it from
+    // the cloud emulator, enrolled with a key the test writes.
+    let identityd_table: toml::Table = std::fs::read_to_string(generated(root, "identityd"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cloud = generated(root, "edged")
+        .exists()
+        .then(|| Cloud::for_dps(work, &identityd_table))
+        .flatten();
+    let mut keyd_overrides = secret_overrides(root, &keyd_table);
+    if let Some(cloud) = &cloud {
+        keyd_overrides = format!("device-id = \"file://{}\"\n", cloud.key_file.display());
+    }
+    // The operator's own Edge CA files, when the set names them.
+    let mut certd_overrides = String::new();
+    if keyd_table
+        .get("preloaded_keys")
+        .and_then(|keys| keys.get("aziot-edged-ca"))
+        .is_some()
+    {
+        let (key, cert) = operator_edge_ca(work);
+        keyd_overrides.push_str(&format!("aziot-edged-ca = \"file://{}\"\n", key.display()));
+        certd_overrides = format!(
+            "[preloaded_certs]\naziot-edged-ca = \"file://{}\"\n",
+            cert.display()
+        );
+    }
+    if !keyd_overrides.is_empty() {
+        keyd_overrides.insert_str(0, "[preloaded_keys]\n");
+    }
     let (base, dropins) = test_config(
         work,
         root,
@@ -144,11 +195,11 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
             "[aziot_keys]\nhomedir_path = \"{}\"\n[endpoints]\naziot_keyd = \"unix://{}\"\n{}",
             work.join("keyd-home").display(),
             keyd_socket.display(),
-            secret_overrides(root, &keyd_table)
+            keyd_overrides
         ),
     );
     let keyd = Daemon::start(
-        &daemon_binary("keyd").expect("keyd is built"),
+        &daemon_binary("keyd").expect(BUILT),
         &base,
         &dropins,
         &keyd_socket,
@@ -191,14 +242,14 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
         root,
         "certd",
         &format!(
-            "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n",
+            "homedir_path = \"{}\"\n[endpoints]\naziot_certd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\n{certd_overrides}",
             work.join("certd-home").display(),
             certd_socket.display(),
             keyd_socket.display()
         ),
     );
     let certd = Daemon::start(
-        &daemon_binary("certd").expect("certd is built"),
+        &daemon_binary("certd").expect(BUILT),
         &base,
         &dropins,
         &certd_socket,
@@ -217,101 +268,228 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
         certd.log()
     );
 
-    let mut identityd_daemon = None;
-    if let Some(identityd) = daemon_with_config_flag("identityd") {
-        let identityd_table: toml::Table = std::fs::read_to_string(generated(root, "identityd"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut overrides = format!(
-            "homedir = \"{}\"\n[endpoints]\naziot_identityd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\naziot_certd = \"unix://{}\"\n",
-            work.join("identityd-home").display(),
-            identityd_socket.display(),
-            keyd_socket.display(),
-            certd_socket.display()
-        );
-        if identityd_table
-            .get("provisioning")
-            .and_then(|table| table.get("payload"))
-            .is_some()
-        {
-            // identityd reads the DPS payload file at startup; point it at a test copy.
-            let payload = work.join("payload.json");
-            std::fs::write(&payload, "{\"modelId\":\"dtmi:test;1\"}").unwrap();
-            overrides.push_str(&format!(
-                "[provisioning.payload]\nuri = \"file://{}\"\n",
-                payload.display()
-            ));
-        }
-        let (base, dropins) = test_config(work, root, "identityd", &overrides);
-        identityd_daemon = Some(
-            Daemon::start(&identityd, &base, &dropins, &identityd_socket, &[]).unwrap_or_else(
-                |error| panic!("{name}: identityd refused the generated config: {error}"),
+    let identityd = daemon_binary("identityd").expect(BUILT);
+    let mut overrides = format!(
+        "homedir = \"{}\"\n[endpoints]\naziot_identityd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\naziot_certd = \"unix://{}\"\n",
+        work.join("identityd-home").display(),
+        identityd_socket.display(),
+        keyd_socket.display(),
+        certd_socket.display()
+    );
+    let mut identityd_environment = Vec::new();
+    if let Some(cloud) = &cloud {
+        overrides.push_str(&format!(
+            "[provisioning]\nglobal_endpoint = \"{}\"\nscope_id = \"{}\"\n",
+            cloud.emulator.dps_endpoint(),
+            cloud.emulator.id_scope()
+        ));
+        identityd_environment.push((
+            "SSL_CERT_FILE",
+            cloud.emulator.ca_cert_path().display().to_string(),
+        ));
+    }
+    if identityd_table
+        .get("provisioning")
+        .and_then(|table| table.get("payload"))
+        .is_some()
+    {
+        // identityd reads the DPS payload file at startup; point it at a test copy.
+        let payload = work.join("payload.json");
+        std::fs::write(&payload, "{\"modelId\":\"dtmi:test;1\"}").unwrap();
+        overrides.push_str(&format!(
+            "[provisioning.payload]\nuri = \"file://{}\"\n",
+            payload.display()
+        ));
+    }
+    let (base, dropins) = test_config(work, root, "identityd", &overrides);
+    let identityd_environment: Vec<(&str, &str)> = identityd_environment
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let identityd_daemon = Daemon::start(
+        &identityd,
+        &base,
+        &dropins,
+        &identityd_socket,
+        &identityd_environment,
+    )
+    .unwrap_or_else(|error| panic!("{name}: identityd refused the generated config: {error}"));
+    if generated(root, "edged").exists() {
+        let edged = daemon_binary("edged").expect(BUILT);
+        // A Docker engine of the test's own: a fresh edged removes every edge-owned container on
+        // its engine, and this test only proves that edged serves on the generated config.
+        let engine = FakeEngine::start(&work.join("docker.sock"));
+        let mgmt = work.join("mgmt.sock");
+        let (base, dropins) = test_config(
+            work,
+            root,
+            "edged",
+            &format!(
+                "homedir = \"{}\"\n[listen]\nmanagement_uri = \"unix://{}\"\nworkload_uri = \"unix://{}\"\n\
+                 [moby_runtime]\nuri = \"unix://{}\"\n\
+                 [endpoints]\naziot_keyd_url = \"unix://{}\"\naziot_certd_url = \"unix://{}\"\naziot_identityd_url = \"unix://{}\"\n",
+                work.join("edged-home").display(),
+                mgmt.display(),
+                work.join("workload.sock").display(),
+                engine.socket.display(),
+                keyd_socket.display(),
+                certd_socket.display(),
+                identityd_socket.display()
             ),
         );
-    }
-    if generated(root, "edged").exists() {
-        if let Some(edged) = daemon_with_config_flag("edged") {
-            let mgmt = work.join("mgmt.sock");
-            let (base, dropins) = test_config(
-                work,
-                root,
-                "edged",
-                &format!(
-                    "homedir = \"{}\"\n[listen]\nmanagement_uri = \"unix://{}\"\nworkload_uri = \"unix://{}\"\n\
-                     [moby_runtime]\nuri = \"unix://{}\"\n\
-                     [endpoints]\naziot_keyd_url = \"unix://{}\"\naziot_certd_url = \"unix://{}\"\naziot_identityd_url = \"unix://{}\"\n",
-                    work.join("edged-home").display(),
-                    mgmt.display(),
-                    work.join("workload.sock").display(),
-                    // No Docker: these tests only prove that edged accepts the configuration,
-                    // and must not touch the machine's containers.
-                    work.join("no-docker.sock").display(),
-                    keyd_socket.display(),
-                    certd_socket.display(),
-                    identityd_socket.display()
-                ),
-            );
-            // edged binds its sockets only once identityd hands out the device identity and
-            // Docker answers; a config it refuses makes it exit at once with 153.
-            let daemon = Daemon::start_and_survive(
-                &edged,
-                &base,
-                &dropins,
-                &mgmt,
-                std::time::Duration::from_secs(3),
-            )
+        // Serving: device identity from identityd, the module network, the Edge CA from certd
+        // and keyd, then the management API answers a module list.
+        let daemon = Daemon::start(&edged, &base, &dropins, &mgmt, &[])
             .unwrap_or_else(|error| panic!("{name}: edged refused the generated config: {error}"));
-            drop(daemon);
+        let client = http_common::UdsClient::new(&mgmt);
+        let answer = runtime.block_on(client.send(
+            http::Method::GET,
+            "/modules?api-version=2020-07-07",
+            &[],
+            bytes::Bytes::new(),
+        ));
+        match answer {
+            Ok(response) if response.status == http::StatusCode::OK => {}
+            other => panic!(
+                "{name}: edged's management API did not list modules: {other:?}\n{}\nidentityd:\n{}",
+                daemon.log(),
+                identityd_daemon.log()
+            ),
         }
+        assert!(
+            engine.requests().iter().any(|request| request.starts_with("POST /networks/create")),
+            "{name}: edged did not create its module network: {:?}",
+            engine.requests()
+        );
+        drop(daemon);
     }
     drop(identityd_daemon);
     drop(certd);
     drop(keyd);
 }
 
-/// identityd / edged when built and taking `--config` (their `--help` says so); otherwise the
-/// test says what it skipped.
-fn daemon_with_config_flag(name: &str) -> Option<PathBuf> {
-    let Some(binary) = daemon_binary(name) else {
-        eprintln!(
-            "note: {name} is not built next to iotedge; its config is checked by golden files only"
+const BUILT: &str = "the daemons are built next to iotedge (cargo test --workspace builds them)";
+
+/// The DPS / IoT Hub emulator for a set that provisions with a DPS symmetric key: an
+/// individual enrollment for the set's registration ID, with a key the test writes for keyd.
+struct Cloud {
+    emulator: cloud_emulator::RunningEmulator,
+    key_file: PathBuf,
+    // Serves the emulator until the test ends.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Cloud {
+    fn for_dps(work: &Path, identityd: &toml::Table) -> Option<Cloud> {
+        let provisioning = identityd.get("provisioning")?;
+        if provisioning.get("source")?.as_str()? != "dps" {
+            return None;
+        }
+        let attestation = provisioning.get("attestation")?;
+        assert_eq!(
+            attestation.get("method").and_then(toml::Value::as_str),
+            Some("symmetric_key"),
+            "only DPS symmetric-key sets run edged here"
         );
-        return None;
-    };
-    let help = Command::new(&binary).arg("--help").output().ok()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&help.stdout),
-        String::from_utf8_lossy(&help.stderr)
-    );
-    if text.contains("--config") {
-        Some(binary)
-    } else {
-        eprintln!(
-            "note: {name} does not take --config yet; its config is checked by golden files only"
-        );
-        None
+        let registration_id = attestation.get("registration_id")?.as_str()?.to_owned();
+        let key = b"config apply test device key 32B";
+        let key_file = work.join("device-id.key");
+        std::fs::write(&key_file, key).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = cloud_emulator::Config {
+            individual_enrollments: vec![cloud_emulator::IndividualEnrollment {
+                registration_id,
+                device_id: None,
+                assigned_hub: None,
+                payload: None,
+                iot_edge: true,
+                attestation: cloud_emulator::Attestation::SymmetricKey {
+                    primary_key: base64::engine::general_purpose::STANDARD.encode(key),
+                    secondary_key: None,
+                },
+            }],
+            ..cloud_emulator::Config::default()
+        };
+        let emulator = runtime.block_on(cloud_emulator::start(config)).unwrap();
+        Some(Cloud {
+            emulator,
+            key_file,
+            _runtime: runtime,
+        })
+    }
+}
+
+/// A Docker engine of the test's own, enough for edged to start: no containers, and a module
+/// network that does not exist until edged creates it. Records the requests it was sent.
+struct FakeEngine {
+    socket: PathBuf,
+    engine: std::sync::Arc<EngineRouter>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+#[derive(Default)]
+struct EngineRouter {
+    requests: std::sync::Mutex<Vec<String>>,
+}
+
+impl http_common::Handler for EngineRouter {
+    async fn handle(&self, request: http_common::Request) -> http_common::Response {
+        let path = request.path.strip_prefix("/v1.41").unwrap_or(&request.path);
+        self.requests
+            .lock()
+            .unwrap()
+            .push(format!("{} {path}", request.method));
+        let (status, body) = match (&request.method, path) {
+            (&http::Method::GET, "/containers/json" | "/networks") => {
+                (http::StatusCode::OK, serde_json::json!([]))
+            }
+            (&http::Method::POST, "/networks/create") => {
+                (http::StatusCode::CREATED, serde_json::json!({"Id": "net"}))
+            }
+            (&http::Method::GET, "/version") => (
+                http::StatusCode::OK,
+                serde_json::json!({"Version": "27.0.0", "ApiVersion": "1.41"}),
+            ),
+            _ => (
+                http::StatusCode::NOT_FOUND,
+                serde_json::json!({"message": format!("no such object: {path}")}),
+            ),
+        };
+        http_common::json_response(status, &body)
+    }
+}
+
+impl FakeEngine {
+    fn start(socket: &Path) -> FakeEngine {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let engine = std::sync::Arc::new(EngineRouter::default());
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::UnixListener::bind(socket).unwrap()
+        };
+        runtime.spawn(http_common::serve(
+            listener,
+            std::sync::Arc::clone(&engine),
+            http_common::ServerOptions::default(),
+            std::future::pending(),
+        ));
+        FakeEngine {
+            socket: socket.to_owned(),
+            engine,
+            _runtime: runtime,
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.engine.requests.lock().unwrap().clone()
     }
 }
 
