@@ -277,40 +277,25 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
             source,
         }
     })?;
-    // Only fd-store sockets passed (no socket units): a `unix://` listener binds its path rather
-    // than taking a module's socket or failing over the missing unit name.
-    let only_stored = !passed_fd_names.is_empty()
-        && passed_fd_names
-            .iter()
-            .all(|name| name.starts_with(fdstore::PREFIX));
-    let no_fds = SystemdFds::default();
-    let socket_fds = if only_stored { &no_fds } else { &systemd };
-    let management = listen(
-        &management_uri,
-        socket_fds,
-        Some(config::MANAGEMENT_SOCKET_NAME),
-        0o660,
-    )
-    .map_err(|source| StartupError::Listen {
-        which: "management",
-        source,
-    })?;
+    // `fd://<name>` takes the socket unit's fd; a `unix://` listener takes a passed fd only when
+    // it is bound at that path (no name fallback: a custom path is bound here, never served on
+    // the unit's socket elsewhere), and each fd goes to one listener.
+    let management =
+        listen(&management_uri, &systemd, None, 0o660).map_err(|source| StartupError::Listen {
+            which: "management",
+            source,
+        })?;
     let workload_uri = ListenerUri::parse(&edged.config.listen.workload).map_err(|source| {
         StartupError::Listen {
             which: "workload",
             source,
         }
     })?;
-    let workload = listen(
-        &workload_uri,
-        socket_fds,
-        Some(config::WORKLOAD_SOCKET_NAME),
-        0o666,
-    )
-    .map_err(|source| StartupError::Listen {
-        which: "workload",
-        source,
-    })?;
+    let workload =
+        listen(&workload_uri, &systemd, None, 0o666).map_err(|source| StartupError::Listen {
+            which: "workload",
+            source,
+        })?;
     // Sockets edged bound itself go to the fd store too, so the agent's mounts stay valid.
     for (name, listener) in [
         (config::MANAGEMENT_SOCKET_NAME, &management),

@@ -89,7 +89,8 @@ where
         }
     };
     // Socket activation reads and clears the environment: before any thread starts.
-    let systemd = match SystemdFds::take() {
+    let unit = format!("aziot-{}.socket", info.name);
+    let systemd = match SystemdFds::take().map(|fds| fds.with_unit_name(unit)) {
         Ok(fds) => fds,
         Err(error) => {
             log::error!("{error}");
@@ -207,12 +208,13 @@ pub fn peer_endpoint(
 }
 
 /// Opens a daemon's one listening socket from its `[endpoints]` URI (mode 0660 when bound here).
+/// A `unix://` endpoint also takes the fd of the daemon's socket unit (`aziot-keyd.socket`).
 pub fn open_listener(
     endpoint: &str,
     systemd: &SystemdFds,
 ) -> Result<tokio::net::UnixListener, ListenError> {
     let uri = ListenerUri::parse(endpoint)?;
-    listen(&uri, systemd, None, 0o660)
+    listen(&uri, systemd, systemd.unit_name(), 0o660)
 }
 
 /// Serves a daemon's one socket: the per-uid connection budget from its `max_requests`, systemd

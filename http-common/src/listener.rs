@@ -1,12 +1,19 @@
 //! Listening sockets: `unix:///path` (bound here, or inherited from systemd) and `fd://name` /
 //! `fd://N` (inherited), following `sd_listen_fds` semantics.
 //!
+//! A `unix://` listener takes a passed fd only when that fd is its socket: bound at the very
+//! path (the same socket file), or carrying the listener's systemd name (the caller's
+//! `systemd_name`: a daemon's own socket unit, whose `ListenStream=` may have been moved).
+//! Otherwise it binds its path, removing only a stale socket or an empty directory there. Each
+//! passed fd is handed out at most once.
+//!
 //! [`SystemdFds::take`] must run before any thread is started (it reads and clears the
 //! `LISTEN_*` environment variables so children do not inherit them).
 
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Why a listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +35,36 @@ pub enum ListenError {
     /// A passed fd is not a listening Unix stream socket.
     #[error("file descriptor {0} is not a listening Unix stream socket")]
     NotUnixListener(RawFd),
+    /// Two listeners asked for the same passed fd.
+    #[error("file descriptor {0} is already used by another listener")]
+    AlreadyTaken(RawFd),
     /// Another process is already serving on the path.
     #[error("another process is already listening on {}", .0.display())]
     InUse(PathBuf),
+    /// Something other than a stale socket or an empty directory is at the socket path; it was
+    /// left untouched.
+    #[error(
+        "will not listen on {}: it is {what}, and only a stale socket or an empty directory is \
+         replaced (remove it or fix the socket path)",
+        path.display()
+    )]
+    Occupied {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there ("a regular file", "a symbolic link", ...).
+        what: &'static str,
+    },
+    /// A missing parent directory of the socket could not be created.
+    #[error("could not create {}, the directory of socket {}", dir.display(), path.display())]
+    Parent {
+        /// The directory.
+        dir: PathBuf,
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The socket could not be bound or prepared.
     #[error("could not listen on {}", path.display())]
     Io {
@@ -82,10 +116,15 @@ impl ListenerUri {
     }
 }
 
-/// The sockets systemd passed to this process (possibly none).
+/// The sockets systemd passed to this process (possibly none), and which of them a listener
+/// has taken already.
 #[derive(Debug, Default)]
 pub struct SystemdFds {
     fds: Vec<(RawFd, Option<String>)>,
+    /// The name this daemon's own socket unit gives its fd (`aziot-keyd.socket`).
+    unit_name: Option<String>,
+    /// The fds handed to a listener (each may be owned by one listener only).
+    taken: Mutex<Vec<RawFd>>,
 }
 
 const SD_LISTEN_FDS_START: RawFd = 3;
@@ -139,7 +178,30 @@ impl SystemdFds {
                 .and_then(|names| names.get(usize::try_from(index).unwrap_or(0)).cloned());
             fds.push((fd, name));
         }
-        Ok(SystemdFds { fds })
+        Ok(SystemdFds::passed(fds))
+    }
+
+    /// Sockets passed some other way than `LISTEN_*` (another supervisor, tests): each open fd
+    /// with its name, `None` for an unnamed one. A listener that takes an fd owns it from then
+    /// on (it closes it when dropped).
+    pub fn passed(fds: Vec<(RawFd, Option<String>)>) -> Self {
+        SystemdFds {
+            fds,
+            unit_name: None,
+            taken: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records the name systemd gives this daemon's own socket unit's fd (the unit's
+    /// `FileDescriptorName=`, by default the unit name, e.g. `aziot-keyd.socket`).
+    pub fn with_unit_name(mut self, name: impl Into<String>) -> Self {
+        self.unit_name = Some(name.into());
+        self
+    }
+
+    /// The name set by [`SystemdFds::with_unit_name`].
+    pub fn unit_name(&self) -> Option<&str> {
+        self.unit_name.as_deref()
     }
 
     /// Whether systemd passed any socket.
@@ -155,6 +217,22 @@ impl SystemdFds {
             .collect()
     }
 
+    fn taken(&self) -> std::sync::MutexGuard<'_, Vec<RawFd>> {
+        self.taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks `fd` as owned by a listener; an fd already handed out is refused.
+    fn claim(&self, fd: RawFd) -> Result<(), ListenError> {
+        let mut taken = self.taken();
+        if taken.contains(&fd) {
+            return Err(ListenError::AlreadyTaken(fd));
+        }
+        taken.push(fd);
+        Ok(())
+    }
+
     fn by_name(&self, name: &str) -> Option<RawFd> {
         self.fds
             .iter()
@@ -162,56 +240,70 @@ impl SystemdFds {
             .map(|(fd, _)| *fd)
     }
 
-    fn has_names(&self) -> bool {
-        self.fds.iter().any(|(_, name)| name.is_some())
+    /// The passed fd a `unix://path` listener named `name` is to use: one bound at `path`, else
+    /// one named `name`; fds other listeners took are skipped.
+    fn for_path(&self, path: &Path, name: Option<&str>) -> Option<RawFd> {
+        let taken = self.taken();
+        let free = || self.fds.iter().filter(|(fd, _)| !taken.contains(fd));
+        free()
+            .find(|(fd, _)| bound_path(*fd).is_some_and(|bound| same_socket(&bound, path)))
+            .or_else(|| {
+                let name = name?;
+                free().find(|(_, fd_name)| fd_name.as_deref() == Some(name))
+            })
+            .map(|(fd, _)| *fd)
     }
 }
 
 /// Opens the listener for `uri`.
 ///
-/// `systemd_name` is this listener's name among several passed fds (edged's
-/// `aziot-edged.mgmt.socket`); `mode` is applied to a socket this function binds itself.
+/// For `unix:///path`, a passed fd is used when it is bound at `path` (the same socket file) or,
+/// failing that, when its `LISTEN_FDNAMES` entry is `systemd_name` (a daemon's own socket unit,
+/// `aziot-keyd.socket`); otherwise the path is bound here, with `mode`. `fd://name` and
+/// `fd://N` always use the passed fd. A passed fd is handed to one listener only.
 pub fn listen(
     uri: &ListenerUri,
     systemd: &SystemdFds,
     systemd_name: Option<&str>,
     mode: u32,
 ) -> Result<tokio::net::UnixListener, ListenError> {
-    let inherited = match uri {
-        ListenerUri::FdNumber(fd) => Some(*fd),
-        ListenerUri::FdName(name) => Some(
-            systemd
-                .by_name(name)
-                .ok_or_else(|| ListenError::MissingName(name.clone()))?,
-        ),
-        ListenerUri::Unix(path) => match systemd.fds.as_slice() {
-            [] => None,
-            [(fd, _)] => Some(*fd),
-            _ if !systemd.has_names() => None,
-            _ => {
-                let name = systemd_name.ok_or_else(|| {
-                    ListenError::Activation(format!(
-                        "several sockets passed and no name known for {}",
-                        path.display()
-                    ))
-                })?;
-                Some(
-                    systemd
-                        .by_name(name)
-                        .ok_or_else(|| ListenError::MissingName(name.to_owned()))?,
-                )
-            }
+    let fd = match uri {
+        ListenerUri::FdNumber(fd) => *fd,
+        ListenerUri::FdName(name) => systemd
+            .by_name(name)
+            .ok_or_else(|| ListenError::MissingName(name.clone()))?,
+        ListenerUri::Unix(path) => match systemd.for_path(path, systemd_name) {
+            Some(fd) => fd,
+            None => return bind_path(path, mode),
         },
     };
-    match (inherited, uri) {
-        (Some(fd), _) => from_fd(fd),
-        (None, ListenerUri::Unix(path)) => bind_path(path, mode),
-        (None, _) => unreachable_listener(),
-    }
+    systemd.claim(fd)?;
+    from_fd(fd)
 }
 
-fn unreachable_listener() -> Result<tokio::net::UnixListener, ListenError> {
-    Err(ListenError::Activation("no socket to listen on".to_owned()))
+/// The path an fd's Unix socket is bound to, if it is one bound to a path.
+fn bound_path(fd: RawFd) -> Option<PathBuf> {
+    // SAFETY: the fd is open (checked when it was passed) and stays open: `ManuallyDrop` keeps
+    // this temporary wrapper from closing it; it is used only for getsockname, which fails
+    // harmlessly on an fd that is not a Unix socket.
+    let socket =
+        std::mem::ManuallyDrop::new(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) });
+    socket.local_addr().ok()?.as_pathname().map(Path::to_owned)
+}
+
+/// Whether the socket bound at `bound` is the one at `path`: the same path, or the same socket
+/// file reached another way (`/var/run` is usually a link to `/run`, and systemd rewrites
+/// `ListenStream=/var/run/...` to `/run/...`).
+fn same_socket(bound: &Path, path: &Path) -> bool {
+    if bound == path {
+        return true;
+    }
+    match (std::fs::metadata(bound), std::fs::metadata(path)) {
+        (Ok(bound), Ok(path)) => {
+            bound.file_type().is_socket() && bound.dev() == path.dev() && bound.ino() == path.ino()
+        }
+        _ => false,
+    }
 }
 
 fn from_fd(fd: RawFd) -> Result<tokio::net::UnixListener, ListenError> {
@@ -238,7 +330,8 @@ fn from_fd(fd: RawFd) -> Result<tokio::net::UnixListener, ListenError> {
         return Err(ListenError::NotUnixListener(fd));
     }
     // SAFETY: the fd was checked above to be an open, listening AF_UNIX stream socket, and it is
-    // ours by the activation protocol; nothing else in this process wraps it.
+    // ours by the activation protocol; `SystemdFds::claim` made sure no other listener in this
+    // process wraps it.
     let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
     let io_error = |source| ListenError::Io {
         path: PathBuf::from(format!("fd://{fd}")),
@@ -253,34 +346,100 @@ fn bind_path(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ListenE
         path: path.to_owned(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        if !parent.exists() {
-            std::fs::create_dir_all(parent).map_err(io_error)?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
-                .map_err(io_error)?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(metadata) => {
-            // A live socket belongs to a running instance: refuse to steal it.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ListenError::InUse(path.to_owned()));
-            }
-            if metadata.is_dir() {
-                // An empty folder is what Docker leaves at a bind-mounted socket path that did
-                // not exist yet; anything in it means the path is wrong, so it is not touched.
-                std::fs::remove_dir(path).map_err(io_error)?;
-            } else {
-                std::fs::remove_file(path).map_err(io_error)?;
-            }
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(io_error(source)),
-    }
+    create_parents(path)?;
+    clear_path(path)?;
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_error)?;
     listener.set_nonblocking(true).map_err(io_error)?;
     tokio::net::UnixListener::from_std(listener).map_err(io_error)
+}
+
+/// Creates the socket's missing parent directories, each mode 0755 whatever the umask.
+fn create_parents(path: &Path) -> Result<(), ListenError> {
+    let mut missing = Vec::new();
+    for dir in path.ancestors().skip(1) {
+        match std::fs::metadata(dir) {
+            Ok(_) => break,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => missing.push(dir),
+            // Not searchable, or a path component is a file: bind reports it.
+            Err(_) => break,
+        }
+    }
+    for dir in missing.into_iter().rev() {
+        let parent_error = |source| ListenError::Parent {
+            dir: dir.to_owned(),
+            path: path.to_owned(),
+            source,
+        };
+        match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(parent_error)?,
+            // Created meanwhile by someone else: theirs, left as it is.
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(parent_error(error)),
+        }
+    }
+    Ok(())
+}
+
+/// Makes room for the socket: removes a stale socket (nobody accepts on it) or an empty
+/// directory (what Docker leaves at a bind-mounted socket path that did not exist yet). Anything
+/// else is refused and left in place. `lstat` is used throughout: a symbolic link is never
+/// followed, so nothing outside the path itself can be removed.
+fn clear_path(path: &Path) -> Result<(), ListenError> {
+    let io_error = |source| ListenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let occupied = |what| ListenError::Occupied {
+        path: path.to_owned(),
+        what,
+    };
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(io_error(source)),
+    };
+    let file_type = metadata.file_type();
+    if file_type.is_dir() {
+        // rmdir removes only an empty directory, and never follows a link put there meanwhile.
+        return match std::fs::remove_dir(path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                Err(occupied("a directory that is not empty"))
+            }
+            Err(source) => Err(io_error(source)),
+        };
+    }
+    if !file_type.is_socket() {
+        return Err(occupied(if file_type.is_symlink() {
+            "a symbolic link"
+        } else if file_type.is_file() {
+            "a regular file"
+        } else if file_type.is_block_device() || file_type.is_char_device() {
+            "a device"
+        } else if file_type.is_fifo() {
+            "a FIFO"
+        } else {
+            "not a socket"
+        }));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        // A live socket belongs to a running instance: refuse to steal it.
+        Ok(_) => return Err(ListenError::InUse(path.to_owned())),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        // Not allowed to connect, or anything else: it cannot be shown to be stale.
+        Err(source) => return Err(io_error(source)),
+    }
+    // Remove it only if it is still the socket just found stale.
+    match std::fs::symlink_metadata(path) {
+        Ok(now) if now.dev() == metadata.dev() && now.ino() == metadata.ino() => {
+            std::fs::remove_file(path).map_err(io_error)
+        }
+        Ok(_) => Err(occupied("a file that changed while it was checked")),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(io_error(source)),
+    }
 }
 
 #[cfg(test)]
@@ -304,47 +463,6 @@ mod tests {
         assert!(ListenerUri::parse("unix://relative.sock").is_err());
         assert!(ListenerUri::parse("http://localhost").is_err());
         assert!(ListenerUri::parse("fd://").is_err());
-    }
-
-    #[tokio::test]
-    async fn binds_replacing_stale_files_and_refuses_live_sockets() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nested/dir/test.sock");
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, b"stale").unwrap();
-        let uri = ListenerUri::Unix(path.clone());
-        let listener = listen(&uri, &SystemdFds::default(), None, 0o660).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        // A second instance must not steal the live socket.
-        let error = listen(&uri, &SystemdFds::default(), None, 0o660).unwrap_err();
-        assert!(matches!(error, ListenError::InUse(_)), "{error}");
-        drop(listener);
-        // Once the first is gone the stale socket file is replaced.
-        listen(&uri, &SystemdFds::default(), None, 0o600).unwrap();
-    }
-
-    #[tokio::test]
-    async fn replaces_an_empty_folder_but_never_a_populated_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("module.sock");
-        std::fs::create_dir(&path).unwrap();
-        let uri = ListenerUri::Unix(path.clone());
-        drop(listen(&uri, &SystemdFds::default(), None, 0o660).unwrap());
-        assert!(!std::fs::symlink_metadata(&path).unwrap().is_dir());
-
-        let populated = dir.path().join("state");
-        std::fs::create_dir(&populated).unwrap();
-        std::fs::write(populated.join("keep"), b"data").unwrap();
-        let error = listen(
-            &ListenerUri::Unix(populated.clone()),
-            &SystemdFds::default(),
-            None,
-            0o660,
-        )
-        .unwrap_err();
-        assert!(matches!(error, ListenError::Io { .. }), "{error}");
-        assert_eq!(std::fs::read(populated.join("keep")).unwrap(), b"data");
     }
 
     #[test]

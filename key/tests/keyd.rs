@@ -1255,9 +1255,14 @@ fn serves_on_a_socket_passed_by_systemd_by_name() {
     socket_activated(|_| "fd://keyd.socket".to_owned(), "keyd.socket");
 }
 
+/// The fd of keyd's own socket unit (named `aziot-keyd.socket` by systemd) is used for a
+/// `unix://` endpoint even when the unit listens elsewhere.
 #[test]
-fn serves_on_the_single_passed_socket_for_a_unix_endpoint() {
-    socket_activated(|path| format!("unix://{}", path.display()), "anything");
+fn serves_on_its_socket_units_fd_for_a_unix_endpoint() {
+    socket_activated(
+        |path| format!("unix://{}", path.display()),
+        "aziot-keyd.socket",
+    );
 }
 
 #[test]
