@@ -6,7 +6,9 @@
 #           statically, see docs/install.md)
 #   tests:  softhsm2 (a real PKCS#11 token), opensc (pkcs11-tool), openssl (the CLI that
 #           verifies issued certificates), python3 (the other-uid client), curl, and
-#           busybox-static (edged's FROM-scratch test image)
+#           busybox-static (edged's FROM-scratch test image), systemd (systemd-analyze verify,
+#           systemd-sysusers and systemd-socket-activate run the units' checks; systemd need not
+#           run), util-linux (unshare)
 set -euo pipefail
 
 needed=()
@@ -21,6 +23,8 @@ if [ "${1:-all}" != build ]; then
   command -v openssl >/dev/null || needed+=(openssl)
   command -v python3 >/dev/null || needed+=(python3)
   command -v curl >/dev/null || needed+=(curl)
+  { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || needed+=(systemd)
+  command -v unshare >/dev/null || needed+=(util-linux)
 fi
 [ ${#needed[@]} -eq 0 ] && exit 0
 

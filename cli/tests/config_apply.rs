@@ -112,7 +112,14 @@ fn operator_edge_ca(work: &Path) -> (PathBuf, PathBuf) {
     let key = work.join("edge-ca.key.pem");
     let cert = work.join("edge-ca.pem");
     let output = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
         .args(["-nodes", "-days", "30", "-subj", "/CN=operator edge CA"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,digitalSignature"])
@@ -199,7 +206,7 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
         ),
     );
     let keyd = Daemon::start(
-        &daemon_binary("keyd").expect(BUILT),
+        &daemon_binary("keyd"),
         &base,
         &dropins,
         &keyd_socket,
@@ -248,14 +255,8 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
             keyd_socket.display()
         ),
     );
-    let certd = Daemon::start(
-        &daemon_binary("certd").expect(BUILT),
-        &base,
-        &dropins,
-        &certd_socket,
-        &[],
-    )
-    .unwrap_or_else(|error| panic!("{name}: certd refused the generated config: {error}"));
+    let certd = Daemon::start(&daemon_binary("certd"), &base, &dropins, &certd_socket, &[])
+        .unwrap_or_else(|error| panic!("{name}: certd refused the generated config: {error}"));
     let certs = cert_api::Client::new(http_common::UdsClient::new(&certd_socket));
     let answer = runtime.block_on(certs.get_cert("no-such-cert"));
     assert_eq!(
@@ -268,7 +269,7 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
         certd.log()
     );
 
-    let identityd = daemon_binary("identityd").expect(BUILT);
+    let identityd = daemon_binary("identityd");
     let mut overrides = format!(
         "homedir = \"{}\"\n[endpoints]\naziot_identityd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\naziot_certd = \"unix://{}\"\n",
         work.join("identityd-home").display(),
@@ -315,7 +316,7 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
     )
     .unwrap_or_else(|error| panic!("{name}: identityd refused the generated config: {error}"));
     if generated(root, "edged").exists() {
-        let edged = daemon_binary("edged").expect(BUILT);
+        let edged = daemon_binary("edged");
         // A Docker engine of the test's own: a fresh edged removes every edge-owned container on
         // its engine, and this test only proves that edged serves on the generated config.
         let engine = FakeEngine::start(&work.join("docker.sock"));
@@ -357,7 +358,10 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
             ),
         }
         assert!(
-            engine.requests().iter().any(|request| request.starts_with("POST /networks/create")),
+            engine
+                .requests()
+                .iter()
+                .any(|request| request.starts_with("POST /networks/create")),
             "{name}: edged did not create its module network: {:?}",
             engine.requests()
         );
@@ -367,8 +371,6 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
     drop(certd);
     drop(keyd);
 }
-
-const BUILT: &str = "the daemons are built next to iotedge (cargo test --workspace builds them)";
 
 /// The DPS / IoT Hub emulator for a set that provisions with a DPS symmetric key: an
 /// individual enrollment for the set's registration ID, with a key the test writes for keyd.

@@ -24,10 +24,16 @@ pub fn iotedge_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_iotedge"))
 }
 
-/// A daemon binary built next to `iotedge` (keyd, certd, identityd, edged), if it exists.
-pub fn daemon_binary(name: &str) -> Option<PathBuf> {
+/// A daemon binary built next to `iotedge` (keyd, certd, identityd, edged). `cargo test
+/// --workspace` (tools/test.sh) builds them; a test run without them fails here, saying so.
+pub fn daemon_binary(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_iotedge")).with_file_name(name);
-    path.is_file().then_some(path)
+    assert!(
+        path.is_file(),
+        "{} is not built: run the tests with `cargo test --workspace` (tools/test.sh)",
+        path.display()
+    );
+    path
 }
 
 /// Runs `iotedge` with these arguments.
