@@ -637,6 +637,111 @@ fn est_is_mapped_to_per_cert_ids() {
     golden("est");
 }
 
+/// The keys a daemon's `[[principal]]` with `uid` may use, from a generated keyd drop-in.
+fn keyd_grants(root: &Path, uid: i64) -> Vec<String> {
+    let keyd: toml::Table = std::fs::read_to_string(generated(root, "keyd"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    keyd["principal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|principal| principal["uid"].as_integer() == Some(uid))
+        .flat_map(|principal| principal["keys"].as_array().unwrap().clone())
+        .map(|key| key.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn identityd_value(root: &Path, path: &[&str]) -> toml::Value {
+    let identityd: toml::Value = std::fs::read_to_string(generated(root, "identityd"))
+        .unwrap()
+        .parse::<toml::Table>()
+        .unwrap()
+        .into();
+    path.iter().fold(identityd, |value, key| {
+        value
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("identityd's drop-in has no {}", path.join(".")))
+    })
+}
+
+fn dn(pairs: &[(&str, &str)]) -> toml::Value {
+    toml::Value::Table(
+        pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), toml::Value::String((*value).to_owned())))
+            .collect(),
+    )
+}
+
+const CERTD_UID: i64 = 5556;
+const IDENTITYD_UID: i64 = 5557;
+
+#[test]
+fn est_subject_dn_stays_a_dn_and_certd_may_rotate_est_identities() {
+    let root = golden("dps-x509-est-subject-dn");
+    // The DN subject is identityd's registration ID table (CN is the registration ID), as in
+    // the reference's output; it was flattened to the CN.
+    assert_eq!(
+        identityd_value(
+            root.path(),
+            &["provisioning", "attestation", "registration_id"]
+        ),
+        dn(&[
+            ("CN", "dn-device"),
+            ("L", "Reykjavik"),
+            ("O", "Contoso"),
+            ("ST", "Capital Region")
+        ])
+    );
+    // Identities enrolled with a bootstrap identity are renewed by certd under `<id>-temp`.
+    let certd = keyd_grants(root.path(), CERTD_UID);
+    for key in [
+        "est-id",
+        "est-id-temp",
+        "est-bootstrap-id",
+        "est-id-device-id",
+        "est-id-device-id-temp",
+        "est-bootstrap-id-device-id",
+    ] {
+        assert!(
+            certd.contains(&key.to_owned()),
+            "certd may not use {key}: {certd:?}"
+        );
+    }
+}
+
+#[test]
+fn manual_est_subject_dn_is_the_whole_csr_subject() {
+    let root = golden("manual-x509-est-subject-dn");
+    assert_eq!(
+        identityd_value(
+            root.path(),
+            &["provisioning", "authentication", "csr_subject"]
+        ),
+        dn(&[("C", "IS"), ("CN", "manual-dn"), ("OU", "Gateways")])
+    );
+    // An existing EST identity (no bootstrap, no renewal policy) is not rotated.
+    assert_eq!(keyd_grants(root.path(), CERTD_UID), ["est-id-device-id"]);
+}
+
+#[test]
+fn est_renewal_without_a_new_key_grants_only_what_it_uses() {
+    let root = golden("dps-x509-est-renew-same-key");
+    let identityd = keyd_grants(root.path(), IDENTITYD_UID);
+    assert!(
+        !identityd.contains(&"device-id-temp".to_owned()),
+        "rotate_key = false: identityd makes no temp key: {identityd:?}"
+    );
+    let certd = keyd_grants(root.path(), CERTD_UID);
+    assert!(
+        certd.contains(&"est-id-device-id-temp".to_owned()),
+        "{certd:?}"
+    );
+}
+
 #[test]
 fn refuses_an_invalid_super_config_naming_the_key() {
     let cases = [

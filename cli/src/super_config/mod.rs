@@ -618,7 +618,9 @@ impl Mapper {
             push_unique(&mut self.keyd_certd, &identity_id);
             push_unique(&mut self.keyd_certd, &bootstrap_id);
         }
-        if rotate_key {
+        // certd renews an identity it enrolled with a bootstrap identity under a new key
+        // `<id>-temp` (the reference grants it whether or not rotate_key is set).
+        if rotate_key || has_bootstrap {
             push_unique(&mut self.keyd_certd, format!("{identity_id}-temp"));
         }
         Ok(())

@@ -115,18 +115,24 @@ pub(super) fn map_provisioning(
                             &device_id,
                             false,
                         )?;
-                        if let Some(DeviceCertIssued { subject, .. }) = issued {
-                            // CN is always the device ID; the other DN fields go into the CSR.
-                            let others: Table = subject
-                                .into_iter()
-                                .filter(|(name, _)| name != "CN")
-                                .map(|(name, value)| (name.to_uppercase(), string(value)))
-                                .collect();
-                            if others.is_empty() {
-                                auth.insert("csr_subject".into(), string(&device_id));
-                            } else {
-                                auth.insert("csr_subject".into(), Value::Table(others));
+                        match issued {
+                            // A DN subject is kept whole, as the reference writes it (identityd
+                            // still forces CN to the device ID).
+                            Some(DeviceCertIssued {
+                                subject,
+                                subject_is_dn: true,
+                                ..
+                            }) => {
+                                let dn: Table = subject
+                                    .into_iter()
+                                    .map(|(name, value)| (name.to_uppercase(), string(value)))
+                                    .collect();
+                                auth.insert("csr_subject".into(), Value::Table(dn));
                             }
+                            Some(_) => {
+                                auth.insert("csr_subject".into(), string(&device_id));
+                            }
+                            None => {}
                         }
                     }
                     other => {
@@ -237,12 +243,11 @@ pub(super) fn map_provisioning(
                         default_cn.as_deref().unwrap_or(""),
                         true,
                     )?;
+                    // A DN subject becomes the registration ID table (its CN is the ID), as
+                    // the reference writes it; otherwise the ID, or the cert's common name.
                     match (&attestation.registration_id, &issued) {
-                        (Some(registration_id), _) => {
-                            att.insert("registration_id".into(), string(registration_id));
-                        }
                         (
-                            None,
+                            _,
                             Some(DeviceCertIssued {
                                 subject,
                                 subject_is_dn: true,
@@ -254,6 +259,9 @@ pub(super) fn map_provisioning(
                                 .map(|(name, value)| (name.clone(), string(value)))
                                 .collect();
                             att.insert("registration_id".into(), Value::Table(dn));
+                        }
+                        (Some(registration_id), _) => {
+                            att.insert("registration_id".into(), string(registration_id));
                         }
                         (
                             None,
@@ -428,8 +436,12 @@ pub(super) fn device_cert(
                 None => None,
             };
             push_unique(&mut mapper.certd_identityd, "device-id");
-            if auto_renew.is_some() {
-                push_unique(&mut mapper.keyd_identityd, "device-id-temp");
+            if let Some(renew) = &auto_renew {
+                // identityd makes a new key `device-id-temp` only when renewal rotates the key;
+                // the new cert is always issued under `device-id-temp` first (as the reference).
+                if renew.rotate_key {
+                    push_unique(&mut mapper.keyd_identityd, "device-id-temp");
+                }
                 push_unique(&mut mapper.certd_identityd, "device-id-temp");
                 mapper
                     .certd_issuance
