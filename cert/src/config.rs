@@ -24,6 +24,9 @@ pub const DEFAULT_CONFIG_DIR: &str = "/etc/aziot/certd/config.d";
 pub const DEFAULT_KEY_ALGORITHMS: &str = "ec-p256:rsa-2048";
 /// Validity of issued certificates when `expiry_days` is not set.
 pub const DEFAULT_EXPIRY_DAYS: u32 = 30;
+/// The Edge CA's cert IDs (edged's Edge CA and its renewal temp), which may be issued as CAs by
+/// an implicit issuer unless their `[cert_issuance.<id>]` says `ca = false`.
+pub const EDGE_CA_CERT_IDS: [&str; 2] = ["aziot-edged-ca", "aziot-edged-ca-temp"];
 
 /// The validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +54,26 @@ pub struct Policy {
     pub issuance: BTreeMap<String, IssuanceOptions>,
     /// Preloaded certs, by cert ID.
     pub preloaded: BTreeMap<String, Preloaded>,
+}
+
+impl Policy {
+    /// Whether cert `id` may be issued as a CA (CSR asking for basicConstraints CA:TRUE,
+    /// keyUsage keyCertSign, ...) when the caller names no issuer. `[cert_issuance.<id>] ca`
+    /// decides when set; otherwise only the local CA's own cert ID and the Edge CA IDs
+    /// ([`EDGE_CA_CERT_IDS`]) may, so reference configs, which have no `ca` key, keep issuing
+    /// the Edge CA.
+    pub fn may_be_ca(&self, id: &str) -> bool {
+        match self.issuance.get(id).and_then(|options| options.ca) {
+            Some(ca) => ca,
+            None => {
+                EDGE_CA_CERT_IDS.contains(&id)
+                    || self
+                        .local_ca
+                        .as_ref()
+                        .is_some_and(|local_ca| local_ca.cert == id)
+            }
+        }
+    }
 }
 
 /// `[[principal]] uid = N, certs = ["glob", ...]`: write access.
@@ -105,6 +128,9 @@ pub struct IssuanceOptions {
     pub expiry_days: Option<u32>,
     /// keyd algorithm preference for draft-route key pairs.
     pub key_algorithms: Option<String>,
+    /// `ca`: whether an implicit issuer (self-signed, local CA) may issue this cert ID as a CA;
+    /// unset means the default of [`Policy::may_be_ca`].
+    pub ca: Option<bool>,
 }
 
 /// A preloaded cert.
@@ -160,6 +186,7 @@ struct RawIssuance {
     subject: Option<BTreeMap<String, String>>,
     expiry_days: Option<i64>,
     key_algorithms: Option<String>,
+    ca: Option<bool>,
     cert: Option<String>,
     pk: Option<String>,
     // EST settings (per-cert or in `[cert_issuance.est]`): accepted by the parser so the error
@@ -455,6 +482,7 @@ fn parse_local_ca(loaded: &Loaded, key: &str, raw: RawIssuance) -> Result<LocalC
         ("subject", raw.subject.is_some()),
         ("expiry_days", raw.expiry_days.is_some()),
         ("key_algorithms", raw.key_algorithms.is_some()),
+        ("ca", raw.ca.is_some()),
     ];
     if let Some((field, _)) = extra.iter().find(|(_, present)| *present) {
         return Err(ConfigError::invalid(
@@ -571,6 +599,7 @@ fn parse_options(
         subject,
         expiry_days,
         key_algorithms: raw.key_algorithms,
+        ca: raw.ca,
     })
 }
 
@@ -651,6 +680,7 @@ mod tests {
                 subject: Some(SubjectSpec::CommonName("my-device".into())),
                 expiry_days: Some(365),
                 key_algorithms: None,
+                ca: None,
             }
         );
         assert_eq!(
@@ -661,6 +691,52 @@ mod tests {
                 ("CN".into(), "edge ca".into()),
             ]))
         );
+    }
+
+    #[test]
+    fn ca_rule_defaults_and_key() {
+        let config = parse(
+            r#"
+            homedir_path = "/h"
+            [cert_issuance.local_ca]
+            cert = "my-root"
+            pk = "my-root-key"
+            [cert_issuance.my-root]
+            method = "self_signed"
+            [cert_issuance.aziot-edged-ca]
+            method = "self_signed"
+            [cert_issuance.aziot-edged-ca-temp]
+            method = "self_signed"
+            ca = false
+            [cert_issuance.sub-ca]
+            method = "local_ca"
+            ca = true
+            [cert_issuance.leaf]
+            method = "local_ca"
+            "#,
+        )
+        .unwrap();
+        let policy = &config.policy;
+        assert_eq!(policy.issuance["sub-ca"].ca, Some(true));
+        assert!(policy.may_be_ca("my-root"), "the local CA's own cert ID");
+        assert!(policy.may_be_ca("aziot-edged-ca"), "the Edge CA by default");
+        assert!(!policy.may_be_ca("aziot-edged-ca-temp"), "ca = false wins");
+        assert!(policy.may_be_ca("sub-ca"));
+        assert!(!policy.may_be_ca("leaf"));
+        assert!(!policy.may_be_ca("unconfigured"));
+        assert!(!policy.may_be_ca("my-root-key"));
+        // Without a local CA, only the Edge CA IDs default to CA-allowed.
+        let policy = Policy::default();
+        assert!(policy.may_be_ca("aziot-edged-ca-temp"));
+        assert!(!policy.may_be_ca("local-ca"));
+
+        let error = parse(
+            "homedir_path = \"/h\"\n[cert_issuance.local_ca]\ncert = \"a\"\npk = \"a\"\nca = true",
+        )
+        .unwrap_err();
+        assert!(error.contains("cert_issuance.local_ca.ca"), "{error}");
+        let error = parse("homedir_path = \"/h\"\n[cert_issuance.x]\nca = \"yes\"").unwrap_err();
+        assert!(error.contains("cert_issuance.x.ca"), "{error}");
     }
 
     #[test]

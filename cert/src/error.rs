@@ -30,6 +30,18 @@ pub enum CertError {
         /// The cert ID.
         id: String,
     },
+    /// An implicit issuer (self-signed, local CA) was asked for a CA certificate for a cert ID
+    /// that may not be a CA.
+    #[error(
+        "cert {id:?} may not be issued as a CA certificate without an issuer: the CSR requests \
+         {extension} (allow it with `ca = true` in [cert_issuance.\"{id}\"], or name an issuer)"
+    )]
+    CaNotAllowed {
+        /// The cert ID.
+        id: String,
+        /// What the CSR asked for, e.g. `basicConstraints CA:TRUE`.
+        extension: String,
+    },
     /// No such cert.
     #[error("cert {0:?} not found")]
     NotFound(String),
@@ -124,7 +136,7 @@ impl http_common::ApiError for CertError {
             | CertError::KeyPairNotFound(_)
             | CertError::UnusableIssuer { .. } => StatusCode::BAD_REQUEST,
             CertError::IssuerHandle { status, .. } => *status,
-            CertError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            CertError::Forbidden { .. } | CertError::CaNotAllowed { .. } => StatusCode::FORBIDDEN,
             CertError::NotFound(_) => StatusCode::NOT_FOUND,
             CertError::Preloaded(_) => StatusCode::CONFLICT,
             CertError::KeydUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -184,6 +196,16 @@ mod tests {
                 },
                 403,
                 "user 1000 is not authorized to modify the cert x",
+            ),
+            (
+                CertError::CaNotAllowed {
+                    id: "mod-a".into(),
+                    extension: "basicConstraints CA:TRUE".into(),
+                },
+                403,
+                "cert \"mod-a\" may not be issued as a CA certificate without an issuer: the CSR \
+                 requests basicConstraints CA:TRUE (allow it with `ca = true` in \
+                 [cert_issuance.\"mod-a\"], or name an issuer)",
             ),
             (CertError::NotFound("x".into()), 404, "cert \"x\" not found"),
             (

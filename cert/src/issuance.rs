@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use der::asn1::{
     Any, BitString, GeneralizedTime, ObjectIdentifier, OctetString, SetOfVec, UtcTime,
 };
-use der::{Decode, Encode, Tag, Tagged};
+use der::{Decode, Encode, Reader, Tag, Tagged};
 use openssl::pkey::{PKey, Public};
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
@@ -271,6 +271,90 @@ pub fn parse_csr(text: &str) -> Result<Csr, CertError> {
         extensions,
         public_key,
     })
+}
+
+const OID_BASIC_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.19");
+const OID_KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.15");
+const OID_NAME_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.30");
+const OID_POLICY_MAPPINGS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.33");
+const OID_POLICY_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.36");
+const OID_INHIBIT_ANY_POLICY: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.54");
+/// Netscape certificate type: OpenSSL still treats a certificate without basicConstraints whose
+/// nsCertType has a CA bit as a CA.
+const OID_NETSCAPE_CERT_TYPE: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("2.16.840.1.113730.1.1");
+
+/// keyUsage bits (RFC 5280 §4.2.1.3) only a CA may have.
+const KEY_USAGE_CA_BITS: [(usize, &str); 2] = [(5, "keyCertSign"), (6, "cRLSign")];
+/// nsCertType bits that mark a CA (SSL CA, S/MIME CA, object-signing CA).
+const NETSCAPE_CA_BITS: [(usize, &str); 3] =
+    [(5, "SSL CA"), (6, "S/MIME CA"), (7, "object-signing CA")];
+
+/// Whether bit `index` (0 = most significant bit of the first octet) of a BIT STRING is set.
+/// Unused trailing bits do not count (OpenSSL clears them when it decodes).
+fn bit_set(bits: &BitString, index: usize) -> bool {
+    bits.bits().nth(index).unwrap_or(false)
+}
+
+/// `basicConstraints`, decoded leniently (an explicit `cA FALSE` is accepted): whether cA is
+/// asserted and whether a pathLenConstraint is present.
+fn basic_constraints(value: &[u8]) -> der::Result<(bool, bool)> {
+    let mut reader = der::SliceReader::new(value)?;
+    let parsed = reader.sequence(|sequence| {
+        let ca = sequence.decode::<Option<bool>>()?.unwrap_or(false);
+        let path_len = sequence.decode::<Option<der::asn1::Int>>()?.is_some();
+        Ok((ca, path_len))
+    })?;
+    reader.finish(parsed)
+}
+
+/// The first thing in `extensions` that only a CA certificate may carry, described for an error
+/// message (`basicConstraints CA:TRUE`, `keyUsage keyCertSign`, `nameConstraints`, ...), or
+/// `None` for a leaf request. An extension certd must inspect but cannot decode is a 400: it is
+/// never passed on unexamined.
+///
+/// CA-only: basicConstraints with cA or a pathLenConstraint; keyUsage keyCertSign or cRLSign
+/// (OpenSSL accepts a certificate with keyCertSign and no basicConstraints as a CA); nsCertType
+/// with a CA bit (likewise); nameConstraints, policyMappings, policyConstraints and
+/// inhibitAnyPolicy (RFC 5280 defines them for CA certificates only).
+pub fn ca_only_request(extensions: &[Extension]) -> Result<Option<String>, CertError> {
+    let malformed =
+        |name: &str| CertError::invalid("csr", format!("has a malformed {name} extension"));
+    for extension in extensions {
+        let value = extension.extn_value.as_bytes();
+        let id = extension.extn_id;
+        if id == OID_BASIC_CONSTRAINTS {
+            let (ca, path_len) =
+                basic_constraints(value).map_err(|_| malformed("basicConstraints"))?;
+            if ca {
+                return Ok(Some("basicConstraints CA:TRUE".to_owned()));
+            }
+            if path_len {
+                return Ok(Some("basicConstraints pathLenConstraint".to_owned()));
+            }
+        } else if id == OID_KEY_USAGE || id == OID_NETSCAPE_CERT_TYPE {
+            let (name, ca_bits): (&str, &[(usize, &str)]) = if id == OID_KEY_USAGE {
+                ("keyUsage", &KEY_USAGE_CA_BITS)
+            } else {
+                ("nsCertType", &NETSCAPE_CA_BITS)
+            };
+            let bits = BitString::from_der(value).map_err(|_| malformed(name))?;
+            if let Some((_, bit_name)) = ca_bits.iter().find(|(index, _)| bit_set(&bits, *index)) {
+                return Ok(Some(format!("{name} {bit_name}")));
+            }
+        } else {
+            let ca_only = [
+                (OID_NAME_CONSTRAINTS, "nameConstraints"),
+                (OID_POLICY_MAPPINGS, "policyMappings"),
+                (OID_POLICY_CONSTRAINTS, "policyConstraints"),
+                (OID_INHIBIT_ANY_POLICY, "inhibitAnyPolicy"),
+            ];
+            if let Some((_, name)) = ca_only.iter().find(|(oid, _)| *oid == id) {
+                return Ok(Some((*name).to_owned()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// An issuer certificate, read from its stored PEM chain.
@@ -854,6 +938,92 @@ mod tests {
         ] {
             let error = parse_csr(garbage).unwrap_err();
             assert!(error.to_string().starts_with("csr"), "{error}");
+        }
+    }
+
+    #[test]
+    fn ca_only_requests_are_recognized() {
+        let ext = |oid: &str, der: &[u8]| Extension {
+            extn_id: ObjectIdentifier::new_unwrap(oid),
+            critical: true,
+            extn_value: OctetString::new(der.to_vec()).unwrap(),
+        };
+        let basic = "2.5.29.19";
+        let key_usage = "2.5.29.15";
+        let netscape = "2.16.840.1.113730.1.1";
+        let cases: [(&str, &[u8], Option<&str>); 13] = [
+            (basic, &[0x30, 0x00], None),
+            (basic, &[0x30, 0x03, 0x01, 0x01, 0x00], None),
+            (
+                basic,
+                &[0x30, 0x03, 0x01, 0x01, 0xff],
+                Some("basicConstraints CA:TRUE"),
+            ),
+            (
+                basic,
+                &[0x30, 0x06, 0x01, 0x01, 0xff, 0x02, 0x01, 0x00],
+                Some("basicConstraints CA:TRUE"),
+            ),
+            (
+                basic,
+                &[0x30, 0x03, 0x02, 0x01, 0x00],
+                Some("basicConstraints pathLenConstraint"),
+            ),
+            // digitalSignature, keyEncipherment.
+            (key_usage, &[0x03, 0x02, 0x05, 0xa0], None),
+            (
+                key_usage,
+                &[0x03, 0x02, 0x02, 0x04],
+                Some("keyUsage keyCertSign"),
+            ),
+            (
+                key_usage,
+                &[0x03, 0x02, 0x01, 0x02],
+                Some("keyUsage cRLSign"),
+            ),
+            (
+                key_usage,
+                &[0x03, 0x02, 0x01, 0x86],
+                Some("keyUsage keyCertSign"),
+            ),
+            // SSL server only, then SSL CA.
+            (netscape, &[0x03, 0x02, 0x06, 0x40], None),
+            (
+                netscape,
+                &[0x03, 0x02, 0x02, 0x04],
+                Some("nsCertType SSL CA"),
+            ),
+            ("2.5.29.30", &[0x30, 0x00], Some("nameConstraints")),
+            // extendedKeyUsage anyExtendedKeyUsage: not a CA right.
+            (
+                "2.5.29.37",
+                &[0x30, 0x06, 0x06, 0x04, 0x55, 0x1d, 0x25, 0x00],
+                None,
+            ),
+        ];
+        for (oid, der, expected) in cases {
+            let found = ca_only_request(&[ext(oid, der)]).unwrap();
+            assert_eq!(found.as_deref(), expected, "{oid} {der:02x?}");
+        }
+        // The first CA-only request is named, after leaf extensions.
+        let found = ca_only_request(&[
+            ext(key_usage, &[0x03, 0x02, 0x07, 0x80]),
+            ext("2.5.29.36", &[0x30, 0x03, 0x80, 0x01, 0x00]),
+        ])
+        .unwrap();
+        assert_eq!(found.as_deref(), Some("policyConstraints"));
+        for (oid, der) in [
+            (basic, &[0x30, 0x05][..]),
+            (basic, &[0x30, 0x03, 0x01, 0x01, 0xff, 0x00][..]),
+            (basic, &[0x04, 0x00][..]),
+            (key_usage, &[0x30, 0x00][..]),
+            (netscape, &[][..]),
+        ] {
+            let error = ca_only_request(&[ext(oid, der)]).unwrap_err();
+            assert!(
+                error.to_string().starts_with("csr: has a malformed"),
+                "{oid} {der:02x?}: {error}"
+            );
         }
     }
 

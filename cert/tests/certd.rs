@@ -7,11 +7,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 
 use common::{
-    csr_pem, ec_key, now_seconds, openssl_ca, parse_chain, rsa_key, unix_seconds, verify,
-    verify_with_cli, Pair, Profile,
+    csr_pem, ec_key, now_seconds, openssl_ca, parse_chain, request_as_nobody, rsa_key,
+    unix_seconds, verify, verify_with_cli, Pair, Profile,
 };
 use http::{Method, StatusCode};
 use openssl::x509::X509;
@@ -126,8 +125,8 @@ async fn issuer_signed_certs_verify_for_ec_and_rsa_issuers() {
     pair.add_key("ca-ec", &ec_issuer_key);
     pair.add_key("ca-rsa", &rsa_issuer_key);
     pair.start(
-        "[cert_issuance.ca-ec]\nmethod = \"self_signed\"\nexpiry_days = 10\n\
-         [cert_issuance.ca-rsa]\nmethod = \"self_signed\"\nexpiry_days = 10\n",
+        "[cert_issuance.ca-ec]\nmethod = \"self_signed\"\nexpiry_days = 10\nca = true\n\
+         [cert_issuance.ca-rsa]\nmethod = \"self_signed\"\nexpiry_days = 10\nca = true\n",
     );
     let client = pair.certd_client();
     let keyd = pair.keyd_client();
@@ -376,7 +375,7 @@ async fn certs_survive_a_restart_in_the_reference_layout() {
     let mut pair = Pair::new();
     let key = ec_key();
     pair.add_key("edge", &key);
-    pair.start("[cert_issuance.edge]\nmethod = \"self_signed\"\n");
+    pair.start("[cert_issuance.edge]\nmethod = \"self_signed\"\nca = true\n");
     let client = pair.certd_client();
     let issued = client
         .create_cert("edge", &csr_pem(&key, "edge", Profile::Ca), None)
@@ -437,41 +436,6 @@ async fn certs_survive_a_restart_in_the_reference_layout() {
             .status(),
         Some(StatusCode::NOT_FOUND)
     );
-}
-
-/// Runs one request against certd as uid 65534 (gid 0, so the 0750 test folder and the 0660
-/// socket are reachable) with the repository's stand-alone client `tools/uds-request.py`;
-/// returns (status, body).
-fn request_as_nobody(
-    socket: &std::path::Path,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    let output = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tools/uds-request.py"
-        ))
-        .arg(socket)
-        .args([method, path, body])
-        .uid(65534)
-        .gid(0)
-        .output()
-        .expect("python3 is needed to act as another uid");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).unwrap();
-    let (status, body) = text.split_once('\n').unwrap();
-    let value = if body.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(body).unwrap()
-    };
-    (status.parse().unwrap(), value)
 }
 
 /// A real unprivileged caller (uid 65534) may write only the IDs its `[[principal]]` globs name

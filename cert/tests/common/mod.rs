@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -355,4 +356,39 @@ pub fn now_seconds() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// Runs one request against certd as uid 65534 (gid 0, so the 0750 test folder and the 0660
+/// socket are reachable) with the repository's stand-alone client `tools/uds-request.py`;
+/// returns (status, body).
+pub fn request_as_nobody(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let output = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tools/uds-request.py"
+        ))
+        .arg(socket)
+        .args([method, path, body])
+        .uid(65534)
+        .gid(0)
+        .output()
+        .expect("python3 is needed to act as another uid");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (status, body) = text.split_once('\n').unwrap();
+    let value = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap()
+    };
+    (status.parse().unwrap(), value)
 }

@@ -43,7 +43,9 @@ pub(super) fn map_edge_ca(mapper: &mut Mapper, raw: RawEdgeCa) -> Result<Table, 
                 "only for the quickstart Edge CA; use expiry_days with method",
             ));
         }
-        let options = mapper.issuance("aziot-edged-ca", issuance, key, None)?;
+        let mut options = mapper.issuance("aziot-edged-ca", issuance, key, None)?;
+        // certd issues a CA without an issuer only for IDs allowed to be one.
+        options.insert("ca".into(), Value::Boolean(true));
         mapper
             .certd_issuance
             .insert("aziot-edged-ca".into(), Value::Table(options.clone()));
@@ -113,6 +115,7 @@ pub(super) fn map_edge_ca(mapper: &mut Mapper, raw: RawEdgeCa) -> Result<Table, 
     let mut options = Table::new();
     options.insert("method".into(), string("self_signed"));
     options.insert("expiry_days".into(), Value::Integer(days));
+    options.insert("ca".into(), Value::Boolean(true));
     mapper
         .certd_issuance
         .insert("aziot-edged-ca".into(), Value::Table(options.clone()));

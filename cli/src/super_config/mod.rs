@@ -1283,7 +1283,10 @@ fn issue_local_ca(mapper: &mut Mapper, options: &RawIssuance, key: &str) -> Resu
             "the local CA is not renewed automatically",
         ));
     }
-    mapper.issuance("local-ca", &options, key, None)
+    let mut issued = mapper.issuance("local-ca", &options, key, None)?;
+    // certd issues a CA without an issuer only for IDs allowed to be one.
+    issued.insert("ca".into(), Value::Boolean(true));
+    Ok(issued)
 }
 
 /// Serializes a drop-in with the generated-file header.
