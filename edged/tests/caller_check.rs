@@ -177,6 +177,9 @@ async fn a_reused_pid_does_not_inherit_a_cached_answer() {
     edged.authorize(&caller(pid), "other").await.unwrap_err();
 
     // It exits; its pid goes to a process of module `other`, well within the cache's lifetime.
+    // Start times count clock ticks (10 ms): let one pass, as any real reuse of a pid takes far
+    // longer than that (the kernel hands out every other pid first).
+    std::thread::sleep(std::time::Duration::from_millis(30));
     engine.pids.lock().unwrap().remove("trusted");
     end(first);
     let second = sleeper_with_pid(pid);
