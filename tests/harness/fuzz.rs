@@ -131,8 +131,8 @@ fn path_segment(known: Vec<String>) -> impl Strategy<Value = String> {
         known
     };
     prop_oneof![
-        2 => proptest::sample::select(known),
-        5 => odd_id(),
+        4 => proptest::sample::select(known),
+        4 => odd_id(),
     ]
     .prop_flat_map(|id| (Just(id), any::<bool>()))
     .prop_map(|(id, keep_slash)| percent_encode(&id, keep_slash))
@@ -164,7 +164,7 @@ fn query(
         extra.to_vec()
     };
     prop_oneof![
-        6 => good.clone(),
+        14 => good.clone(),
         1 => Just(String::new()),
         1 => Just("api-version=".to_owned()),
         1 => "[ -~]{0,30}".prop_map(|v| format!("api-version={}", percent_encode(&v, false))),
@@ -271,7 +271,7 @@ fn good_json(field: Field, target: &Target) -> BoxedStrategy<String> {
         Field::Text(_) => proptest::sample::select(strings)
             .prop_map(|text| json_string(&text))
             .boxed(),
-        Field::Nested(fields) => object_of(fields, target),
+        Field::Nested(fields) => object_of(fields, target, false),
         Field::Object => json_value()
             .prop_map(|value| match value {
                 serde_json::Value::Object(_) => value.to_string(),
@@ -285,21 +285,31 @@ fn good_json(field: Field, target: &Target) -> BoxedStrategy<String> {
 }
 
 /// The route's fields, each right, wrong, or left out, plus sometimes an unknown field.
-fn structured_body(route: &Route, target: &Target) -> BoxedStrategy<Vec<u8>> {
-    object_of(route.fields, target)
+fn structured_body(route: &Route, target: &Target, all_good: bool) -> BoxedStrategy<Vec<u8>> {
+    object_of(route.fields, target, all_good)
         .prop_map(String::into_bytes)
         .boxed()
 }
 
 /// A JSON object (raw text) of `fields`, each right, wrong or left out, sometimes with an
-/// unknown member.
-fn object_of(fields: &'static [(&'static str, Field)], target: &Target) -> BoxedStrategy<String> {
+/// unknown member; with `all_good`, every field present with a plausible value (the requests
+/// that get past parsing into the service).
+fn object_of(
+    fields: &'static [(&'static str, Field)],
+    target: &Target,
+    all_good: bool,
+) -> BoxedStrategy<String> {
     let fields: Vec<BoxedStrategy<Option<(String, String)>>> = fields
         .iter()
         .map(|&(name, field)| {
+            if all_good {
+                return good_json(field, target)
+                    .prop_map(move |value| Some((name.to_owned(), value)))
+                    .boxed();
+            }
             prop_oneof![
-                4 => good_json(field, target).prop_map(move |value| Some((name.to_owned(), value))),
-                3 => nasty_json().prop_map(move |value| Some((name.to_owned(), value))),
+                7 => good_json(field, target).prop_map(move |value| Some((name.to_owned(), value))),
+                2 => nasty_json().prop_map(move |value| Some((name.to_owned(), value))),
                 1 => Just(None),
             ]
             .boxed()
@@ -326,7 +336,8 @@ fn body(route: &Route, target: &Target) -> BoxedStrategy<Vec<u8>> {
         2 => proptest::collection::vec(any::<u8>(), 0..300),
         2 => json_value().prop_map(|value| value.to_string().into_bytes()),
         1 => nasty_json().prop_map(String::into_bytes),
-        6 => structured_body(route, target),
+        6 => structured_body(route, target, false),
+        5 => structured_body(route, target, true),
     ]
     .boxed()
 }
