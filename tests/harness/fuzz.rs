@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+/// The proptest crate, for tests that combine these strategies (no dependency of their own).
+pub use proptest;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
@@ -450,10 +452,10 @@ pub fn check_answer(case: &Case, status: u16, body: &[u8], allow_503: bool) -> R
 
 /// Runs `cases` requests drawn from `strategy` through `check` with a fixed seed and no
 /// regression files; panics with the (shrunk) failing request.
-pub fn run(
+pub fn run<T: fmt::Debug>(
     cases: u32,
-    strategy: &BoxedStrategy<Case>,
-    check: impl Fn(&Case) -> Result<(), String>,
+    strategy: &BoxedStrategy<T>,
+    check: impl Fn(&T) -> Result<(), String>,
 ) {
     let config = Config {
         cases,
