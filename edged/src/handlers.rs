@@ -119,6 +119,14 @@ pub(crate) async fn update_module<R: ModuleRuntime, I: IdentityClient>(
     name: &str,
 ) -> Result {
     edged.authorize_agent(&request.caller).await?;
+    // A missing path module is fine (the body's module is created), but a name no container can
+    // have is a mistake, not an absent module.
+    if existing_module_name(name).is_err() {
+        return Err(EdgedError::invalid(
+            "name",
+            format!("{name:?} is not a valid module (container) name"),
+        ));
+    }
     let start = parse_bool(request, "start")?.unwrap_or(false);
     let spec: ModuleSpec = request.json()?;
     let details = edged

@@ -305,10 +305,11 @@ fn no_request_gets_a_5xx_and_modules_survive() {
 }
 
 /// `.` and `..` as module names (even percent-encoded) are 404 on every route that looks a module
-/// up, not the 500 "301 Moved Permanently" Docker's redirect used to become (found by the fuzz
-/// test above); other names that no container can have are 404 too.
+/// up and 400 as the module a PUT replaces, not the 500 "301 Moved Permanently" Docker's
+/// redirect used to become (found by the fuzz test above); other names that no container can
+/// have are 404 too.
 #[test]
-fn module_names_no_container_can_have_are_404() {
+fn module_names_no_container_can_have_are_404_or_400() {
     let _docker = common::docker_lock();
     let mut harness = Harness::new();
     harness.start_edged();
@@ -331,6 +332,24 @@ fn module_names_no_container_can_have_are_404() {
                 assert!(message.contains("not found"), "{method} {path}: {message}");
             }
         }
+    }
+
+    // The agent replacing module "." (a name no container can have): 400, not 500.
+    let agent = harness.agent.clone();
+    harness.wait_for("the agent to run", Duration::from_secs(30), || {
+        harness.container_state(&agent).as_deref() == Some("running")
+    });
+    let mgmt = harness.mgmt.display().to_string();
+    let spec = serde_json::json!({
+        "name": harness.module_name("dot"), "type": "docker", "imagePullPolicy": "never",
+        "config": {"settings": {"image": harness.image.tag}}
+    })
+    .to_string();
+    for name in [".", "%2E%2E"] {
+        let (status, body) =
+            harness.exec_call(&agent, &mgmt, "PUT", &format!("/modules/{name}?{V}"), &spec);
+        assert_eq!(status, 400, "PUT /modules/{name}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("name"), "{body}");
     }
     alive(&harness).unwrap();
 }
