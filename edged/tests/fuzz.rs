@@ -132,9 +132,13 @@ const WORKLOAD: &[Route] = &[
 ];
 
 /// Requests per run from the host (about 50 ms each with the liveness check, a Docker list) and
-/// from the agent (a `docker exec` each, about 0.1 s): about 25 s together.
+/// from the agent and a module (a `docker exec` each, about 0.1 s): about 30 s together.
 const HOST_CASES: u32 = 300;
 const AGENT_CASES: u32 = 60;
+const MODULE_CASES: u32 = 60;
+
+/// Where the kept module's workload socket is mounted.
+const MODULE_SOCKET: &str = "/var/run/iotedge/workload.sock";
 
 fn send(
     harness: &Harness,
@@ -164,21 +168,20 @@ fn send(
         .map_err(|error| format!("no answer (dropped connection or hang): {error}"))
 }
 
-/// The same request made by a process in the agent's container.
-fn send_as_agent(harness: &Harness, case: &fuzz::Case) -> Result<(u16, Bytes), String> {
+/// The same request made by a process in `container` to `socket` (a path inside it).
+fn send_from(container: &str, socket: &str, case: &fuzz::Case) -> Result<(u16, Bytes), String> {
     let body = String::from_utf8(case.body.clone()).unwrap();
-    let mgmt = harness.mgmt.display().to_string();
     let (ok, stdout, stderr) = docker(&[
         "exec",
-        &harness.agent,
+        container,
         "/bin/uds-client",
-        &mgmt,
+        socket,
         &case.method,
         &case.path_and_query,
         &body,
     ]);
     if !ok {
-        return Err(format!("no answer inside the agent: {stderr}"));
+        return Err(format!("no answer inside {container}: {stderr}"));
     }
     let (status, body) = parse_http(stdout.as_bytes());
     Ok((status, Bytes::from(body)))
@@ -213,21 +216,25 @@ fn no_request_gets_a_5xx_and_modules_survive() {
 
     // A module made before fuzzing; the fuzzer is never told its name.
     let kept = harness.module_name("kept");
-    let spec = |name: &str| {
-        serde_json::json!({
-            "name": name, "type": "docker", "imagePullPolicy": "never",
-            "config": {"settings": {"image": harness.image.tag, "createOptions": {
-                "Cmd": ["/bin/sh", "-c", LOOP_COMMAND]}}}
-        })
-        .to_string()
-    };
     let (status, body) = harness.exec_call(
         &agent,
         &mgmt,
         "POST",
-        &format!("/modules?{V}"),
-        &spec(&kept),
+        &format!("/identities?{V}"),
+        &serde_json::json!({ "moduleId": kept }).to_string(),
     );
+    assert_eq!(status, 200, "{body}");
+    let spec = serde_json::json!({
+        "name": kept, "type": "docker", "imagePullPolicy": "never",
+        "config": {"settings": {"image": harness.image.tag, "createOptions": {
+            "Cmd": ["/bin/sh", "-c", LOOP_COMMAND],
+            "HostConfig": {"Binds": [format!(
+                "{}/mnt/{kept}.sock:{MODULE_SOCKET}",
+                harness.homedir.display()
+            )]}}}}
+    })
+    .to_string();
+    let (status, body) = harness.exec_call(&agent, &mgmt, "POST", &format!("/modules?{V}"), &spec);
     assert_eq!(status, 201, "{body}");
     let (status, body) = harness.exec_call(
         &agent,
@@ -288,13 +295,33 @@ fn no_request_gets_a_5xx_and_modules_survive() {
         })
         .boxed();
     fuzz::run(AGENT_CASES, &agent_cases, |case| {
-        let (status, body) = send_as_agent(&harness, case)?;
+        let (status, body) = send_from(&harness.agent, &mgmt, case)?;
+        fuzz::check_answer(case, status, &body, false)?;
+        alive(&harness)
+    });
+    let agent_time = started.elapsed() - host_time;
+
+    // From inside the kept module over its own workload socket: the caller whose sign,
+    // encrypt, decrypt and certificate requests edged performs.
+    let module_target = Target {
+        known_ids: vec![kept.clone(), harness.identity.gen_id(&kept).unwrap()],
+        ..target.clone()
+    };
+    let module_cases = fuzz::table_cases(WORKLOAD, &module_target)
+        .prop_filter("argv-safe body", |case| {
+            std::str::from_utf8(&case.body).is_ok_and(|body| !body.contains('\0'))
+                && case.body.len() < 100_000
+        })
+        .boxed();
+    fuzz::run(MODULE_CASES, &module_cases, |case| {
+        let (status, body) = send_from(&kept, MODULE_SOCKET, case)?;
         fuzz::check_answer(case, status, &body, false)?;
         alive(&harness)
     });
     eprintln!(
-        "{HOST_CASES} host cases in {host_time:?}, {AGENT_CASES} agent cases in {:?}",
-        started.elapsed() - host_time
+        "{HOST_CASES} host cases in {host_time:?}, {AGENT_CASES} agent cases in {agent_time:?}, \
+         {MODULE_CASES} module cases in {:?}",
+        started.elapsed() - host_time - agent_time
     );
 
     // The module made before the run still runs and is listed.
