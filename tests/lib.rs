@@ -2,7 +2,7 @@
 //!
 //! - As a library it is the one test harness the daemons' own tests share (a dev-dependency):
 //!   [`daemon::Daemon`] runs a real daemon binary in a temporary folder, [`softhsm::SoftHsm`]
-//!   makes a private SoftHSM2 token.
+//!   makes a private SoftHSM2 token, [`fuzz`] turns a route table into fuzzed requests.
 //! - Its tests check the invariants ARCHITECTURE.md states (`architecture.rs`) and run the
 //!   quickstart end to end (`quickstart.rs`).
 
@@ -10,6 +10,8 @@
 
 #[path = "harness/daemon.rs"]
 pub mod daemon;
+#[path = "harness/fuzz.rs"]
+pub mod fuzz;
 #[path = "harness/softhsm.rs"]
 pub mod softhsm;
 

@@ -242,12 +242,25 @@ pub struct CertService {
     issuers: Mutex<HashMap<String, Arc<IssuerCert>>>,
 }
 
-/// Checks a cert ID field.
+/// The most ASCII letters and digits a cert ID named through the API may contain. The file
+/// store names a cert `<the ID's letters and digits>-<64 hex digits>.cer` (the reference layout,
+/// 69 bytes besides the letters and digits) and writes it through a temporary
+/// `.<name>.tmp-<pid>-<counter>` (at most 34 bytes more); a file name may be 255 bytes long:
+/// 255 − 34 − 69 = 152. The same limit as keyd's key IDs.
+pub const MAX_CERT_ID_ALPHANUMERICS: usize = 152;
+
+/// Checks a cert ID field of a request (the contract's rules, then the file store's limit).
 pub fn validate_cert_id(id: &str, field: &'static str) -> Result<(), CertError> {
-    match cert_id_problem(id) {
-        None => Ok(()),
-        Some(reason) => Err(CertError::invalid(field, reason)),
+    if let Some(reason) = cert_id_problem(id) {
+        return Err(CertError::invalid(field, reason));
     }
+    if id.bytes().filter(u8::is_ascii_alphanumeric).count() > MAX_CERT_ID_ALPHANUMERICS {
+        return Err(CertError::invalid(
+            field,
+            "must contain at most 152 ASCII letters and digits (the file store's file name limit)",
+        ));
+    }
+    Ok(())
 }
 
 impl CertService {

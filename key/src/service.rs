@@ -229,20 +229,37 @@ async fn maybe_blocking<T: Send + 'static>(
     }
 }
 
-/// Checks a key ID: 1–512 bytes of UTF-8 without control characters.
+/// The longest key ID, in bytes (the contract's limit).
+pub const MAX_KEY_ID_BYTES: usize = 512;
+
+/// The most ASCII letters and digits a key ID may contain. The file store names a key
+/// `<the ID's letters and digits>-<64 hex digits>.key` (the reference layout) and writes it
+/// through a temporary `.<name>.tmp-<pid>-<counter>` (at most 34 bytes more), and a file name
+/// may be 255 bytes long: 255 − 34 − 69 = 152. Checked for every store, so a key ID means the
+/// same on a token (where it is the object label) as in files, and moving a key between them
+/// never meets an ID one of them cannot hold.
+pub const MAX_KEY_ID_ALPHANUMERICS: usize = 152;
+
+/// Checks a key ID before any store sees it: 1–512 bytes of UTF-8, no control characters, at
+/// most [`MAX_KEY_ID_ALPHANUMERICS`] ASCII letters and digits.
 pub fn validate_key_id(id: &str, field: &'static str) -> Result<(), KeyError> {
     let reason = if id.is_empty() {
-        "must not be empty"
-    } else if id.len() > 512 {
-        "must be at most 512 bytes"
+        "must not be empty".to_owned()
+    } else if id.len() > MAX_KEY_ID_BYTES {
+        format!("must be at most {MAX_KEY_ID_BYTES} bytes")
     } else if id.chars().any(|character| character.is_ascii_control()) {
-        "must not contain control characters"
+        "must not contain control characters".to_owned()
+    } else if id.bytes().filter(u8::is_ascii_alphanumeric).count() > MAX_KEY_ID_ALPHANUMERICS {
+        format!(
+            "must contain at most {MAX_KEY_ID_ALPHANUMERICS} ASCII letters and digits \
+             (the file store's file name limit)"
+        )
     } else {
         return Ok(());
     };
     Err(KeyError::InvalidParameter {
         name: field,
-        reason: reason.to_owned(),
+        reason,
     })
 }
 
