@@ -24,7 +24,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::time::{Instant, Sleep};
 
@@ -242,7 +242,11 @@ const BURST_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// read the 503 instead of seeing a reset; beyond this, refused connections close at once.
 const MAX_LINGERING: usize = 64;
 
-/// How long a refused connection is kept at most.
+/// How long a refused connection waits for its caller to start the request before it is
+/// answered anyway.
+const REFUSAL_GRACE: Duration = Duration::from_millis(200);
+
+/// How long a refused connection is kept at most once answered.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// How much of a refused caller's request is read (and discarded) at most.
@@ -357,38 +361,66 @@ fn raw_answer(status: StatusCode, message: &str, retry_after: Option<u32>) -> Ve
     bytes
 }
 
-/// Answers a refused connection 503 with `Retry-After: 1` without waiting for its request, and
-/// closes it. The answer is written without blocking (it fits an empty socket buffer); if
-/// `linger` and fewer than [`MAX_LINGERING`] refused connections are open, the connection is
-/// kept for at most [`REFUSAL_LINGER`] to read what the caller sends, so it reads the answer
-/// rather than a reset; otherwise it is closed at once.
+/// Answers a refused connection 503 with `Retry-After: 1` and closes it, never parking it.
+///
+/// The answer goes out as soon as the caller has started sending its request, or after
+/// [`REFUSAL_GRACE`] if it sends nothing: a client that finds an answer on a connection before
+/// it has sent its request (hyper's does) takes the connection for broken and reports a
+/// transport error instead of the 503. Then what the caller sends is read and discarded for at
+/// most [`REFUSAL_LINGER`], so it reads the answer rather than a reset. At most
+/// [`MAX_LINGERING`] refused connections are handled that way at a time (daemon-wide); beyond
+/// that, or without `linger`, the answer is written at once without blocking (it fits an empty
+/// socket buffer) and the connection closed.
 fn refuse(stream: UnixStream, message: &str, linger: bool) {
     let answer = raw_answer(StatusCode::SERVICE_UNAVAILABLE, message, Some(1));
-    let written = stream.try_write(&answer).unwrap_or(0);
-    drain_ready(&stream);
-    if !linger || written < answer.len() {
+    let slot = linger.then(LingerSlot::take).flatten();
+    let Some(slot) = slot else {
+        let _ = stream.try_write(&answer);
+        drain_ready(&stream);
         return;
-    }
-    if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
-        LINGERING.fetch_sub(1, Ordering::AcqRel);
-        return;
-    }
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         let mut stream = stream;
         let mut buffer = [0_u8; 4096];
-        let mut drained = 0;
+        // The first bytes of the request (discarded), EOF (the caller left), or the grace.
+        match tokio::time::timeout(REFUSAL_GRACE, stream.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(_)) | Err(_) => {}
+        }
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(&answer).await?;
+            let mut drained = 0;
             while drained < REFUSAL_DRAIN_BYTES {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(read) => drained += read,
+                match stream.read(&mut buffer).await? {
+                    0 => break,
+                    read => drained += read,
                 }
             }
+            Ok::<_, std::io::Error>(())
         })
         .await;
-        drop(stream);
-        LINGERING.fetch_sub(1, Ordering::AcqRel);
     });
+}
+
+/// One of the [`MAX_LINGERING`] refused connections handled in a task.
+struct LingerSlot;
+
+impl LingerSlot {
+    fn take() -> Option<LingerSlot> {
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < MAX_LINGERING).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| LingerSlot)
+    }
+}
+
+impl Drop for LingerSlot {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Reads (and discards) what the caller has already sent, without blocking.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use http_common::server::ConnectionCap;
-use http_common::{json_response, Handler, Request, Response, ServerOptions};
+use http_common::{json_response, Handler, Request, Response, ServerOptions, UdsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -259,8 +259,9 @@ async fn held(socket: &Path) -> UnixStream {
     stream
 }
 
-/// A connection that sends nothing gets a 503 at once, and the server closes it within about a
-/// second although the caller keeps its end open.
+/// A connection that sends nothing gets a 503 at once (within the server's 200 ms grace for a
+/// caller to start its request), and the server closes it within about a second although the
+/// caller keeps its end open.
 async fn refused_at_once(socket: &Path, message: &str) {
     let started = Instant::now();
     let mut stream = UnixStream::connect(socket).await.unwrap();
@@ -294,12 +295,22 @@ async fn over_the_uid_budget_the_next_connection_gets_503_at_once() {
     let uid = unsafe { libc::getuid() };
     let message = format!("too many concurrent connections for uid {uid} (limit 2)");
     refused_at_once(&socket, &message).await;
+    // A caller that sends its request at once (hyper's client) reads the 503, not a broken
+    // connection.
+    for _ in 0..20 {
+        let response = UdsClient::new(&socket)
+            .send(http::Method::GET, "/x", &[], bytes::Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers["retry-after"], "1");
+    }
     // Many refused callers that never read nor close do not hold the server's descriptors.
     let mut ignored = Vec::new();
     for _ in 0..200 {
         ignored.push(UnixStream::connect(&socket).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     for stream in &mut ignored {
         let seen = read_to_close(stream, Duration::from_millis(500)).await;
         assert_eq!(parse(&seen).unwrap().0.status, 503);
