@@ -384,9 +384,9 @@ fn refuse(stream: UnixStream, message: &str, linger: bool) {
         let mut stream = stream;
         let mut buffer = [0_u8; 4096];
         // The first bytes of the request (discarded), EOF (the caller left), or the grace.
-        match tokio::time::timeout(REFUSAL_GRACE, stream.read(&mut buffer)).await {
-            Ok(Ok(0) | Err(_)) => return,
-            Ok(Ok(_)) | Err(_) => {}
+        let first = tokio::time::timeout(REFUSAL_GRACE, stream.read(&mut buffer)).await;
+        if let Ok(Ok(0) | Err(_)) = first {
+            return;
         }
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
             stream.write_all(&answer).await?;
