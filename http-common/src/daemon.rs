@@ -211,7 +211,7 @@ pub fn connection_limits_from(
 }
 
 /// Descriptors a daemon needs besides its connections (listeners, files, peers, Docker).
-const DESCRIPTOR_HEADROOM: u64 = 256;
+pub const DESCRIPTOR_HEADROOM: u64 = 256;
 
 /// The cap only protects the daemon if it is reached before the descriptor limit is: say so
 /// when it is not.
