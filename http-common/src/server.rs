@@ -459,6 +459,9 @@ struct Phase {
     busy: usize,
     waiting: Waiting,
     deadline: Instant,
+    /// The task reading the socket, woken when a response ends so the idle deadline is armed
+    /// (its last read may have found the connection busy, with no timer to wake it).
+    reader: Option<std::task::Waker>,
 }
 
 /// The request/response phase of one connection, shared by its I/O, its service and its
@@ -477,6 +480,7 @@ impl Tracker {
                 busy: 0,
                 waiting: Waiting::Head,
                 deadline: Instant::now() + options.header_timeout,
+                reader: None,
             }),
             header_timeout: options.header_timeout,
             idle_timeout: options.idle_timeout,
@@ -501,6 +505,9 @@ impl Tracker {
         if phase.busy == 0 {
             phase.waiting = Waiting::Idle;
             phase.deadline = Instant::now() + self.idle_timeout;
+            if let Some(reader) = phase.reader.take() {
+                reader.wake();
+            }
         }
     }
 
@@ -513,10 +520,17 @@ impl Tracker {
         }
     }
 
-    /// The read deadline in force, if any.
-    fn deadline(&self) -> Option<(Instant, Waiting)> {
-        let phase = self.phase();
-        (phase.busy == 0).then_some((phase.deadline, phase.waiting))
+    /// The read deadline in force, if any; while busy, remembers `reader` to wake at the end.
+    fn deadline(&self, reader: &std::task::Waker) -> Option<(Instant, Waiting)> {
+        let mut phase = self.phase();
+        if phase.busy > 0 {
+            match &phase.reader {
+                Some(known) if known.will_wake(reader) => {}
+                _ => phase.reader = Some(reader.clone()),
+            }
+            return None;
+        }
+        Some((phase.deadline, phase.waiting))
     }
 }
 
@@ -669,7 +683,7 @@ impl AsyncRead for Watched {
             Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
             Poll::Pending => {}
         }
-        if let Some((deadline, waiting)) = this.tracker.deadline() {
+        if let Some((deadline, waiting)) = this.tracker.deadline(context.waker()) {
             if this.read_timer.deadline() != deadline {
                 this.read_timer.as_mut().reset(deadline);
             }
