@@ -15,6 +15,7 @@ use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 use config_common::{ConfigError, ConfigPaths, Loaded, EXIT_CODE_INVALID_CONFIG};
 
 use crate::listener::{listen, ListenError, ListenerUri, SystemdFds};
+use crate::server::DaemonLimits;
 
 /// How a daemon is named and where its configuration lives by default.
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +64,9 @@ pub struct Startup {
 pub type ServeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs a daemon: parses `--config FILE` / `--config-dir DIR` (else the environment, else the
-/// defaults), sets up logging, validates the configuration with `load` (exit 153 on error), takes
+/// defaults), sets up logging, validates the configuration with `load` (exit 153 on error),
+/// reads the connection limits from the environment (exit 153 on a bad value) for every
+/// listener's [`crate::ServerOptions::default`], takes
 /// the systemd sockets, and runs `serve` on a multi-threaded runtime. `serve` returns the exit
 /// code (0, or e.g. edged's 154).
 pub fn main<C, Serve, Running>(
@@ -88,6 +91,16 @@ where
             return invalid_config();
         }
     };
+    match connection_limits_from_env() {
+        Ok(limits) => {
+            crate::server::set_daemon_limits(limits);
+            warn_if_over_descriptor_limit(&limits);
+        }
+        Err(error) => {
+            log::error!("invalid environment: {error}");
+            return invalid_config();
+        }
+    }
     // Socket activation reads and clears the environment: before any thread starts.
     let unit = format!("aziot-{}.socket", info.name);
     let systemd = match SystemdFds::take().map(|fds| fds.with_unit_name(unit)) {
@@ -130,6 +143,96 @@ where
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The environment variable for [`DaemonLimits::header_timeout`] (whole seconds).
+pub const HEADER_TIMEOUT_ENV: &str = "AZIOT_HTTP_HEADER_TIMEOUT_SECS";
+/// The environment variable for [`DaemonLimits::idle_timeout`] (whole seconds).
+pub const IDLE_TIMEOUT_ENV: &str = "AZIOT_HTTP_IDLE_TIMEOUT_SECS";
+/// The environment variable for [`DaemonLimits::max_connections`].
+pub const MAX_CONNECTIONS_ENV: &str = "AZIOT_HTTP_MAX_CONNECTIONS";
+
+/// A connection limit in the environment that is not a valid value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}={value:?} is invalid: expected {expected}")]
+pub struct LimitsError {
+    /// The variable.
+    pub variable: &'static str,
+    /// What it held.
+    pub value: String,
+    /// What it must hold.
+    pub expected: &'static str,
+}
+
+/// Reads the daemon-wide connection limits from [`HEADER_TIMEOUT_ENV`], [`IDLE_TIMEOUT_ENV`]
+/// and [`MAX_CONNECTIONS_ENV`]; an unset (or empty) variable keeps the built-in value.
+pub fn connection_limits_from_env() -> Result<DaemonLimits, LimitsError> {
+    connection_limits_from(|name| std::env::var_os(name))
+}
+
+/// [`connection_limits_from_env`] over any variable lookup.
+pub fn connection_limits_from(
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<DaemonLimits, LimitsError> {
+    let number = |variable: &'static str, range: std::ops::RangeInclusive<u64>, expected| {
+        let Some(raw) = lookup(variable).filter(|raw| !raw.is_empty()) else {
+            return Ok(None);
+        };
+        let invalid = || LimitsError {
+            variable,
+            value: raw.to_string_lossy().into_owned(),
+            expected,
+        };
+        let value = raw
+            .to_str()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .ok_or_else(invalid)?;
+        if range.contains(&value) {
+            Ok(Some(value))
+        } else {
+            Err(invalid())
+        }
+    };
+    let defaults = DaemonLimits::DEFAULT;
+    let header_timeout = number(HEADER_TIMEOUT_ENV, 1..=3600, "whole seconds from 1 to 3600")?;
+    let idle_timeout = number(IDLE_TIMEOUT_ENV, 1..=86400, "whole seconds from 1 to 86400")?;
+    let max_connections = number(
+        MAX_CONNECTIONS_ENV,
+        1..=1_000_000,
+        "a count from 1 to 1000000",
+    )?;
+    Ok(DaemonLimits {
+        header_timeout: header_timeout.map_or(defaults.header_timeout, Duration::from_secs),
+        idle_timeout: idle_timeout.map_or(defaults.idle_timeout, Duration::from_secs),
+        max_connections: max_connections
+            .and_then(|count| usize::try_from(count).ok())
+            .unwrap_or(defaults.max_connections),
+    })
+}
+
+/// Descriptors a daemon needs besides its connections (listeners, files, peers, Docker).
+pub const DESCRIPTOR_HEADROOM: u64 = 256;
+
+/// The cap only protects the daemon if it is reached before the descriptor limit is: say so
+/// when it is not.
+fn warn_if_over_descriptor_limit(limits: &DaemonLimits) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let needed = limits.max_connections as u64 + DESCRIPTOR_HEADROOM;
+    if limit.rlim_cur != libc::RLIM_INFINITY && needed > limit.rlim_cur {
+        log::warn!(
+            "{MAX_CONNECTIONS_ENV} ({}) plus {DESCRIPTOR_HEADROOM} descriptors of headroom exceeds \
+             the open-file limit ({}); raise LimitNOFILE or lower the cap",
+            limits.max_connections,
+            limit.rlim_cur
+        );
     }
 }
 
@@ -217,7 +320,8 @@ pub fn open_listener(
     listen(&uri, systemd, systemd.unit_name(), 0o660)
 }
 
-/// Serves a daemon's one socket: the per-uid connection budget from its `max_requests`, systemd
+/// Serves a daemon's one socket: the per-uid connection budget from its `max_requests` (the
+/// daemon-wide limits from [`connection_limits_from_env`]), systemd
 /// readiness, then requests until `shutdown` resolves and in-flight requests have drained.
 pub async fn serve_socket<H: crate::Handler>(
     name: &str,
@@ -390,4 +494,60 @@ fn add_watches(stream: &EventStream<Vec<u8>>, paths: &ConfigPaths) -> Option<Wat
         }
     }
     dropins
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(pairs: &[(&str, &str)]) -> Result<DaemonLimits, LimitsError> {
+        connection_limits_from(|name| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.into())
+        })
+    }
+
+    #[test]
+    fn unset_variables_keep_the_defaults_set_ones_apply() {
+        assert_eq!(limits(&[]), Ok(DaemonLimits::DEFAULT));
+        assert_eq!(
+            limits(&[(HEADER_TIMEOUT_ENV, "")]),
+            Ok(DaemonLimits::DEFAULT)
+        );
+        assert_eq!(
+            limits(&[
+                (HEADER_TIMEOUT_ENV, "3"),
+                (IDLE_TIMEOUT_ENV, " 120 "),
+                (MAX_CONNECTIONS_ENV, "500"),
+            ]),
+            Ok(DaemonLimits {
+                header_timeout: Duration::from_secs(3),
+                idle_timeout: Duration::from_secs(120),
+                max_connections: 500,
+            })
+        );
+    }
+
+    #[test]
+    fn a_bad_value_is_an_error_naming_the_variable() {
+        for (variable, value) in [
+            (HEADER_TIMEOUT_ENV, "0"),
+            (HEADER_TIMEOUT_ENV, "ten"),
+            (HEADER_TIMEOUT_ENV, "1.5"),
+            (IDLE_TIMEOUT_ENV, "-1"),
+            (IDLE_TIMEOUT_ENV, "100000"),
+            (MAX_CONNECTIONS_ENV, "0"),
+            (MAX_CONNECTIONS_ENV, "lots"),
+        ] {
+            let error = limits(&[(variable, value)]).unwrap_err();
+            assert_eq!(error.variable, variable);
+            let text = error.to_string();
+            assert!(
+                text.starts_with(&format!("{variable}={value:?} is invalid: expected ")),
+                "{text}"
+            );
+        }
+    }
 }

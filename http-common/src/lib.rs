@@ -1,15 +1,16 @@
 //! HTTP/1.1 over Unix sockets, shared by every daemon.
 //!
 //! - [`listener`]: bind `unix:///path` or take a systemd-passed socket (`fd://name`).
-//! - [`server`]: the accept loop with peer credentials, per-uid connection budget, body limits,
-//!   request logging and graceful shutdown; daemons plug in a [`server::Handler`].
+//! - [`server`]: the accept loop with peer credentials, per-uid connection budget, daemon-wide
+//!   connection cap, request-head and idle deadlines, body limits, request logging and graceful
+//!   shutdown; daemons plug in a [`server::Handler`].
 //! - [`request`]: the received request and the shared parsing rules (`api-version`, query,
 //!   JSON bodies).
 //! - [`error`]: the `{"message": ...}` error body and the [`error::ApiError`] trait through
 //!   which each daemon maps its errors to statuses in one place.
 //! - [`client`]: the one pooled async client over a Unix socket.
-//! - [`daemon`]: the start-up every daemon binary shares (arguments, config, exit codes) and the
-//!   configuration watcher.
+//! - [`daemon`]: the start-up every daemon binary shares (arguments, config, connection limits
+//!   from the environment, exit codes) and the configuration watcher.
 //!
 //! This crate knows nothing about keys, certificates, identities or modules.
 

@@ -1,27 +1,36 @@
 //! The HTTP/1.1 server loop over a Unix listener.
 //!
 //! For every connection it reads the peer's credentials once, enforces the per-uid connection
-//! budget (answering 503 rather than dropping), receives each request body within the size limit
-//! and deadline, hands a complete [`Request`] to the daemon's [`Handler`], logs one line per
-//! request, and drains in-flight requests on shutdown. It knows nothing about keys, certificates
-//! or modules.
+//! budget and the daemon-wide connection cap (answering 503 at once rather than dropping or
+//! parking the connection), bounds how long a request head may take to arrive and how long a
+//! kept-alive connection may sit idle, receives each request body within the size limit and
+//! deadline, hands a complete [`Request`] to the daemon's [`Handler`], logs one line per request,
+//! and drains in-flight requests on shutdown. When the process runs out of file descriptors the
+//! accept loop backs off instead of spinning and answers waiting callers 503 with a spare
+//! descriptor kept for that. It knows nothing about keys, certificates or modules.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::UnixStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::error::{error_response, HttpError};
 use crate::request::{Caller, Request};
-use crate::Response;
+use crate::{Body, Response};
 
 /// A daemon's request handler: its route table.
 pub trait Handler: Send + Sync + 'static {
@@ -29,8 +38,118 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> impl Future<Output = Response> + Send;
 }
 
+/// The limits every listener of a daemon shares. The daemon reads them once at start from the
+/// environment ([`crate::daemon::connection_limits_from_env`]) and installs them with
+/// [`set_daemon_limits`]; [`ServerOptions::default`] uses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DaemonLimits {
+    /// Deadline for a complete request head: from accepting the connection for the first
+    /// request, from its first byte for later ones (408 and close beyond it).
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may wait for the next request, and how long a client
+    /// may leave a response unread, before it is closed.
+    pub idle_timeout: Duration,
+    /// Open connections allowed across all of the daemon's listeners (503 beyond it).
+    pub max_connections: usize,
+}
+
+impl DaemonLimits {
+    /// The built-in limits: 10 s for a request head, 60 s idle, 1000 connections (the units
+    /// run the daemons with `LimitNOFILE=4096`, leaving room for files, peers and Docker).
+    pub const DEFAULT: DaemonLimits = DaemonLimits {
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 1000,
+    };
+}
+
+impl Default for DaemonLimits {
+    fn default() -> Self {
+        DaemonLimits::DEFAULT
+    }
+}
+
+static DAEMON_LIMITS: OnceLock<DaemonLimits> = OnceLock::new();
+static DAEMON_CONNECTIONS: OnceLock<ConnectionCap> = OnceLock::new();
+
+/// Installs the daemon's limits; the first call wins (false when they were already fixed, by an
+/// earlier call or by a [`ServerOptions::default`] made before it).
+pub fn set_daemon_limits(limits: DaemonLimits) -> bool {
+    DAEMON_LIMITS.set(limits).is_ok()
+}
+
+/// The daemon's limits: those installed with [`set_daemon_limits`], else the built-in ones.
+pub fn daemon_limits() -> DaemonLimits {
+    *DAEMON_LIMITS.get_or_init(DaemonLimits::default)
+}
+
+/// A count of open connections with a cap, shared by every listener holding a clone of it.
+#[derive(Clone, Debug)]
+pub struct ConnectionCap {
+    inner: Arc<CapInner>,
+}
+
+#[derive(Debug)]
+struct CapInner {
+    limit: usize,
+    open: AtomicUsize,
+}
+
+/// One open connection counted against a [`ConnectionCap`]; released on drop.
+struct CapSlot {
+    cap: Arc<CapInner>,
+}
+
+impl ConnectionCap {
+    /// A new, separate cap of `limit` open connections.
+    pub fn new(limit: usize) -> Self {
+        ConnectionCap {
+            inner: Arc::new(CapInner {
+                limit,
+                open: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The daemon-wide cap ([`DaemonLimits::max_connections`]): the same count for every
+    /// listener of the process.
+    pub fn daemon() -> Self {
+        DAEMON_CONNECTIONS
+            .get_or_init(|| ConnectionCap::new(daemon_limits().max_connections))
+            .clone()
+    }
+
+    /// The cap.
+    pub fn limit(&self) -> usize {
+        self.inner.limit
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.inner.open.load(Ordering::Relaxed)
+    }
+
+    fn acquire(&self) -> Option<CapSlot> {
+        let taken = self
+            .inner
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.inner.limit).then_some(open + 1)
+            });
+        taken.ok().map(|_| CapSlot {
+            cap: Arc::clone(&self.inner),
+        })
+    }
+}
+
+impl Drop for CapSlot {
+    fn drop(&mut self) {
+        self.cap.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Limits that apply to one listening socket.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ServerOptions {
     /// Maximum request body size in bytes (413 beyond it).
     pub max_body_bytes: usize,
@@ -40,15 +159,26 @@ pub struct ServerOptions {
     pub max_connections_per_uid: usize,
     /// How long in-flight requests may run after shutdown is requested.
     pub drain_timeout: Duration,
+    /// See [`DaemonLimits::header_timeout`].
+    pub header_timeout: Duration,
+    /// See [`DaemonLimits::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// The open-connection cap this listener counts against (daemon-wide by default).
+    pub connections: ConnectionCap,
 }
 
 impl Default for ServerOptions {
+    /// The usual body limits with the daemon's [`DaemonLimits`] and its shared [`ConnectionCap`].
     fn default() -> Self {
+        let limits = daemon_limits();
         ServerOptions {
             max_body_bytes: 1024 * 1024,
             body_timeout: Duration::from_secs(5),
             max_connections_per_uid: 10,
             drain_timeout: Duration::from_secs(10),
+            header_timeout: limits.header_timeout,
+            idle_timeout: limits.idle_timeout,
+            connections: ConnectionCap::daemon(),
         }
     }
 }
@@ -101,6 +231,504 @@ impl Drop for BudgetSlot {
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(1);
 
+/// How long the accept loop waits before retrying when the process or system is out of file
+/// descriptors (or accept fails otherwise).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A repeated condition is logged when it starts and then at most once per this interval.
+const BURST_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Refused connections kept open (daemon-wide) so their callers can send their request and
+/// read the 503 instead of seeing a reset; beyond this, refused connections close at once.
+const MAX_LINGERING: usize = 64;
+
+/// How long a refused connection waits for its caller to start the request before it is
+/// answered anyway.
+const REFUSAL_GRACE: Duration = Duration::from_millis(200);
+
+/// How long a refused connection is kept at most once answered.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// How much of a refused caller's request is read (and discarded) at most.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// Rate limit for a log line about a condition that may repeat many times a second.
+#[derive(Debug, Default)]
+struct BurstLog {
+    last_logged: Option<Instant>,
+    /// Events since the burst began.
+    total: u64,
+    /// Events not logged since the last line.
+    suppressed: u64,
+}
+
+impl BurstLog {
+    /// Counts one event; `Some(events not logged since the last line)` when this one is logged.
+    fn hit(&mut self) -> Option<u64> {
+        self.total += 1;
+        let now = Instant::now();
+        match self.last_logged {
+            Some(last) if now.duration_since(last) < BURST_LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last_logged = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    /// Ends a burst; the number of events in it, if there was one.
+    fn end(&mut self) -> Option<u64> {
+        let total = std::mem::take(&mut self.total);
+        self.last_logged = None;
+        self.suppressed = 0;
+        (total > 0).then_some(total)
+    }
+}
+
+/// A descriptor held in reserve: when accept fails for lack of descriptors it is closed, the
+/// waiting caller accepted on it and answered 503 at once, and the reserve reopened.
+#[derive(Debug)]
+struct SpareDescriptor(Option<std::fs::File>);
+
+impl SpareDescriptor {
+    fn open() -> Self {
+        SpareDescriptor(std::fs::File::open("/dev/null").ok())
+    }
+
+    fn refill(&mut self) {
+        if self.0.is_none() {
+            *self = SpareDescriptor::open();
+        }
+    }
+
+    /// Answers one waiting caller 503 on the spare descriptor; false when there is none (it
+    /// could not be reopened yet) or no caller was taken.
+    fn refuse_one(&mut self, listener: &tokio::net::UnixListener, message: &str) -> bool {
+        let Some(spare) = self.0.take() else {
+            self.refill();
+            return false;
+        };
+        drop(spare);
+        let refused = match listener.accept().now_or_never() {
+            Some(Ok((stream, _))) => {
+                // No lingering: the descriptor is needed back as the spare.
+                refuse(stream, message, false);
+                true
+            }
+            _ => false,
+        };
+        self.refill();
+        refused
+    }
+}
+
+fn is_out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Errors that concern only the one connection being accepted: retry at once.
+fn is_per_connection(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
+    )
+}
+
+/// A complete `{"message": ...}` answer that closes the connection, as raw HTTP/1.1 bytes (for
+/// connections that never reach hyper).
+fn raw_answer(status: StatusCode, message: &str, retry_after: Option<u32>) -> Vec<u8> {
+    let body = serde_json::json!({ "message": message }).to_string();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if let Some(seconds) = retry_after {
+        head.push_str(&format!("retry-after: {seconds}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body.as_bytes());
+    bytes
+}
+
+/// Answers a refused connection 503 with `Retry-After: 1` and closes it, never parking it.
+///
+/// The answer goes out as soon as the caller has started sending its request, or after
+/// [`REFUSAL_GRACE`] if it sends nothing: a client that finds an answer on a connection before
+/// it has sent its request (hyper's does) takes the connection for broken and reports a
+/// transport error instead of the 503. Then what the caller sends is read and discarded for at
+/// most [`REFUSAL_LINGER`], so it reads the answer rather than a reset. At most
+/// [`MAX_LINGERING`] refused connections are handled that way at a time (daemon-wide); beyond
+/// that, or without `linger`, the answer is written at once without blocking (it fits an empty
+/// socket buffer) and the connection closed.
+fn refuse(stream: UnixStream, message: &str, linger: bool) {
+    let answer = raw_answer(StatusCode::SERVICE_UNAVAILABLE, message, Some(1));
+    let slot = linger.then(LingerSlot::take).flatten();
+    let Some(slot) = slot else {
+        let _ = stream.try_write(&answer);
+        drain_ready(&stream);
+        return;
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut stream = stream;
+        let mut buffer = [0_u8; 4096];
+        // The first bytes of the request (discarded), EOF (the caller left), or the grace.
+        let first = tokio::time::timeout(REFUSAL_GRACE, stream.read(&mut buffer)).await;
+        if let Ok(Ok(0) | Err(_)) = first {
+            return;
+        }
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(&answer).await?;
+            let mut drained = 0;
+            while drained < REFUSAL_DRAIN_BYTES {
+                match stream.read(&mut buffer).await? {
+                    0 => break,
+                    read => drained += read,
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+/// One of the [`MAX_LINGERING`] refused connections handled in a task.
+struct LingerSlot;
+
+impl LingerSlot {
+    fn take() -> Option<LingerSlot> {
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < MAX_LINGERING).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| LingerSlot)
+    }
+}
+
+impl Drop for LingerSlot {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads (and discards) what the caller has already sent, without blocking.
+fn drain_ready(stream: &UnixStream) {
+    let mut buffer = [0_u8; 4096];
+    let mut drained = 0;
+    while drained < REFUSAL_DRAIN_BYTES {
+        match stream.try_read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => drained += read,
+        }
+    }
+}
+
+/// `10 s`, or `250 ms` for limits that are not whole seconds.
+fn describe(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{} s", duration.as_secs())
+    } else {
+        format!("{} ms", duration.as_millis())
+    }
+}
+
+/// What a connection is waiting for, which decides the deadline that applies to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// The first request's head (since accept), or a later head whose first byte has arrived.
+    Head,
+    /// The next request on a kept-alive connection (no byte of it yet).
+    Idle,
+}
+
+#[derive(Debug)]
+struct Phase {
+    /// Requests whose response has not been sent completely (no deadline while one is).
+    busy: usize,
+    waiting: Waiting,
+    deadline: Instant,
+    /// The task reading the socket, woken when a response ends so the idle deadline is armed
+    /// (its last read may have found the connection busy, with no timer to wake it).
+    reader: Option<std::task::Waker>,
+}
+
+/// The request/response phase of one connection, shared by its I/O, its service and its
+/// response bodies.
+#[derive(Debug)]
+struct Tracker {
+    phase: Mutex<Phase>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Tracker {
+    fn new(options: &ServerOptions) -> Arc<Self> {
+        Arc::new(Tracker {
+            phase: Mutex::new(Phase {
+                busy: 0,
+                waiting: Waiting::Head,
+                deadline: Instant::now() + options.header_timeout,
+                reader: None,
+            }),
+            header_timeout: options.header_timeout,
+            idle_timeout: options.idle_timeout,
+        })
+    }
+
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// A request head was received: no deadline until its response is sent.
+    fn begin(self: &Arc<Self>) -> BusyGuard {
+        self.phase().busy += 1;
+        BusyGuard(Some(Arc::clone(self)))
+    }
+
+    fn end(&self) {
+        let mut phase = self.phase();
+        phase.busy = phase.busy.saturating_sub(1);
+        if phase.busy == 0 {
+            phase.waiting = Waiting::Idle;
+            phase.deadline = Instant::now() + self.idle_timeout;
+            if let Some(reader) = phase.reader.take() {
+                reader.wake();
+            }
+        }
+    }
+
+    /// Bytes arrived: on an idle connection the next head has begun.
+    fn received(&self) {
+        let mut phase = self.phase();
+        if phase.busy == 0 && phase.waiting == Waiting::Idle {
+            phase.waiting = Waiting::Head;
+            phase.deadline = Instant::now() + self.header_timeout;
+        }
+    }
+
+    /// The read deadline in force, if any; while busy, remembers `reader` to wake at the end.
+    fn deadline(&self, reader: &std::task::Waker) -> Option<(Instant, Waiting)> {
+        let mut phase = self.phase();
+        if phase.busy > 0 {
+            match &phase.reader {
+                Some(known) if known.will_wake(reader) => {}
+                _ => phase.reader = Some(reader.clone()),
+            }
+            return None;
+        }
+        Some((phase.deadline, phase.waiting))
+    }
+}
+
+/// Marks a request as answered when its response body is finished or dropped.
+#[derive(Debug)]
+struct BusyGuard(Option<Arc<Tracker>>);
+
+impl BusyGuard {
+    fn release(&mut self) {
+        if let Some(tracker) = self.0.take() {
+            tracker.end();
+        }
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A response body that ends its request's busy phase when it ends.
+struct TrackedBody {
+    body: Body,
+    busy: BusyGuard,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(context);
+        if let Poll::Ready(None) = frame {
+            this.busy.release();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection's socket with its deadlines: while no request is being answered a read fails
+/// once the head or idle deadline passes (answering 408 first if no response was ever sent on
+/// the connection), and a write fails once the client has not taken any bytes for the idle
+/// timeout.
+struct Watched {
+    stream: UnixStream,
+    tracker: Arc<Tracker>,
+    read_timer: Pin<Box<Sleep>>,
+    write_timer: Pin<Box<Sleep>>,
+    write_stalled_until: Option<Instant>,
+    wrote_any: bool,
+}
+
+impl Watched {
+    fn new(stream: UnixStream, tracker: Arc<Tracker>) -> Self {
+        let now = Instant::now();
+        Watched {
+            stream,
+            tracker,
+            read_timer: Box::pin(tokio::time::sleep_until(now)),
+            write_timer: Box::pin(tokio::time::sleep_until(now)),
+            write_stalled_until: None,
+            wrote_any: false,
+        }
+    }
+
+    fn expired(&mut self, waiting: Waiting) -> std::io::Error {
+        let message = match waiting {
+            Waiting::Head => format!(
+                "request head not received within {}",
+                describe(self.tracker.header_timeout)
+            ),
+            Waiting::Idle => format!(
+                "no request within the idle timeout of {}",
+                describe(self.tracker.idle_timeout)
+            ),
+        };
+        if waiting == Waiting::Head && !self.wrote_any {
+            // Best effort and without blocking: the caller learns why, nothing waits on it.
+            let answer = raw_answer(StatusCode::REQUEST_TIMEOUT, &message, None);
+            let _ = self.stream.try_write(&answer);
+            self.wrote_any = true;
+        }
+        std::io::Error::new(std::io::ErrorKind::TimedOut, message)
+    }
+
+    fn written(
+        &mut self,
+        context: &mut Context<'_>,
+        result: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        match result {
+            Poll::Ready(result) => {
+                self.write_stalled_until = None;
+                if matches!(result, Ok(written) if written > 0) {
+                    self.wrote_any = true;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let idle_timeout = self.tracker.idle_timeout;
+                let deadline = *self
+                    .write_stalled_until
+                    .get_or_insert_with(|| Instant::now() + idle_timeout);
+                if self.write_timer.deadline() != deadline {
+                    self.write_timer.as_mut().reset(deadline);
+                }
+                if self.write_timer.as_mut().poll(context).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the client read nothing for {}",
+                            describe(self.tracker.idle_timeout)
+                        ),
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buffer.filled().len();
+        match Pin::new(&mut this.stream).poll_read(context, buffer) {
+            Poll::Ready(Ok(())) => {
+                if buffer.filled().len() > before {
+                    this.tracker.received();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => {}
+        }
+        if let Some((deadline, waiting)) = this.tracker.deadline(context.waker()) {
+            if this.read_timer.deadline() != deadline {
+                this.read_timer.as_mut().reset(deadline);
+            }
+            if this.read_timer.as_mut().poll(context).is_ready() {
+                return Poll::Ready(Err(this.expired(waiting)));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(context, buffer);
+        this.written(context, result)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(context, buffers);
+        this.written(context, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(context)
+    }
+}
+
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains in-flight requests for
 /// at most `options.drain_timeout`.
 pub async fn serve<H: Handler>(
@@ -112,17 +740,46 @@ pub async fn serve<H: Handler>(
     let budget = Arc::new(ConnectionBudget::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
+    // The head and idle deadlines are enforced by `Watched` (hyper's header timer also runs
+    // while a kept-alive connection is idle, so it cannot tell the two apart); no timer is set,
+    // so hyper's own stays off.
     builder.keep_alive(true);
+    let mut spare = SpareDescriptor::open();
+    let mut accept_failures = BurstLog::default();
+    let mut refusals = BurstLog::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if let Some(failures) = accept_failures.end() {
+                        log::info!("accepting connections again (after {failures} failed accepts)");
+                    }
+                    spare.refill();
+                    stream
+                }
+                Err(error) if is_per_connection(&error) => {
+                    log::debug!("accept failed for one connection: {error}");
+                    continue;
+                }
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    log::warn!("accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let out_of_descriptors = is_out_of_descriptors(&error);
+                    if let Some(suppressed) = accept_failures.hit() {
+                        log::warn!(
+                            "cannot accept connections: {error} ({} connections open; {suppressed} \
+                             more failures since the last message); retrying every {} ms",
+                            options.connections.open(),
+                            ACCEPT_BACKOFF.as_millis()
+                        );
+                    }
+                    if out_of_descriptors
+                        && spare.refuse_one(&listener, "the service is out of file descriptors")
+                    {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
                     continue;
                 }
             },
@@ -138,27 +795,60 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
-        let slot = budget.acquire(caller.uid, options.max_connections_per_uid);
-        if slot.is_none() {
-            log::warn!(
-                "uid {} is over its connection budget ({}); answering 503",
-                caller.uid,
-                options.max_connections_per_uid
-            );
-        }
-        let handler = Arc::clone(&handler);
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let handler = Arc::clone(&handler);
-            let over_budget = slot.is_none();
-            async move {
-                Ok::<_, Infallible>(
-                    answer(request, caller, over_budget, &options, handler.as_ref()).await,
+        let slots = budget
+            .acquire(caller.uid, options.max_connections_per_uid)
+            .ok_or_else(|| {
+                format!(
+                    "too many concurrent connections for uid {} (limit {})",
+                    caller.uid, options.max_connections_per_uid
                 )
+            })
+            .and_then(|uid_slot| {
+                options
+                    .connections
+                    .acquire()
+                    .map(|cap_slot| (uid_slot, cap_slot))
+                    .ok_or_else(|| {
+                        format!(
+                            "too many open connections (limit {})",
+                            options.connections.limit()
+                        )
+                    })
+            });
+        let slots = match slots {
+            Ok(slots) => slots,
+            Err(message) => {
+                if let Some(suppressed) = refusals.hit() {
+                    log::warn!(
+                        "{message}: answering 503 to pid {} ({suppressed} more refused since \
+                         the last message)",
+                        caller.pid
+                    );
+                }
+                refuse(stream, &message, true);
+                continue;
             }
-        });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        };
+        let tracker = Tracker::new(&options);
+        let service = {
+            let handler = Arc::clone(&handler);
+            let tracker = Arc::clone(&tracker);
+            let options = options.clone();
+            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let busy = tracker.begin();
+                let handler = Arc::clone(&handler);
+                let options = options.clone();
+                async move {
+                    let response = answer(request, caller, &options, handler.as_ref()).await;
+                    Ok::<_, Infallible>(response.map(|body| TrackedBody { body, busy }))
+                }
+            })
+        };
+        let connection =
+            builder.serve_connection(TokioIo::new(Watched::new(stream, tracker)), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            let _slots = slots;
             if let Err(error) = connection.await {
                 log::debug!("connection from pid {} ended: {error}", caller.pid);
             }
@@ -176,7 +866,6 @@ pub async fn serve<H: Handler>(
 async fn answer<H: Handler>(
     request: hyper::Request<Incoming>,
     caller: Caller,
-    over_budget: bool,
     options: &ServerOptions,
     handler: &H,
 ) -> Response {
@@ -188,21 +877,9 @@ async fn answer<H: Handler>(
             .path_and_query()
             .map_or_else(|| request.uri().path().to_owned(), ToString::to_string)
     });
-    let response = if over_budget {
-        let mut error = HttpError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "too many concurrent connections for uid {} (limit {})",
-                caller.uid, options.max_connections_per_uid
-            ),
-        );
-        error.retry_after = Some(1);
-        close_after(error_response(&error))
-    } else {
-        match receive(request, caller, request_id, options).await {
-            Ok(request) => handler.handle(request).await,
-            Err(error) => close_after(error_response(&error)),
-        }
+    let response = match receive(request, caller, request_id, options).await {
+        Ok(request) => handler.handle(request).await,
+        Err(error) => close_after(error_response(&error)),
     };
     if let Some(path_and_query) = path_and_query {
         log::info!(
