@@ -31,6 +31,9 @@ use crate::state::{DeviceInfo, StateStore};
 
 /// How long a request waits for provisioning in flight.
 pub const DEVICE_WAIT: Duration = Duration::from_secs(25);
+/// How long a module identity read waits, from its arrival, for the device and for the module
+/// reconciliation of the provisioning round in flight (see [`IdentityService::reconciled`]).
+pub const MODULE_WAIT: Duration = Duration::from_secs(30);
 /// The keyd key modules' SAS keys are derived from.
 pub const MASTER_KEY_ID: &str = "aziot_identityd_master_id";
 /// First and longest pause between failed startup provisioning attempts.
@@ -122,6 +125,19 @@ pub enum DeviceState {
     Failed(Arc<IdentityError>),
 }
 
+/// Where the module reconciliation of the current provisioning round stands. Every round
+/// (startup, reprovision, provisioning change, principal change, identity-cert renewal) sets
+/// `Running` before it changes anything and its outcome when it ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reconciliation {
+    /// The round (provisioning, then reconciliation) is in flight.
+    Running,
+    /// The modules match the principals (or there is nothing to reconcile).
+    Done,
+    /// The round ended without reconciling: the error chain.
+    Failed(String),
+}
+
 /// Who the caller is (spec section 2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallerKind {
@@ -161,6 +177,7 @@ pub struct IdentityService {
     cloud: CloudClient,
     store: StateStore,
     device: watch::Sender<DeviceState>,
+    reconciliation: watch::Sender<Reconciliation>,
     round_lock: tokio::sync::Mutex<()>,
     reprovision_in_flight: Mutex<Option<watch::Receiver<Option<RoundResult>>>>,
     master_key: tokio::sync::OnceCell<KeyHandle>,
@@ -187,6 +204,7 @@ impl IdentityService {
         store: StateStore,
     ) -> Self {
         let (device, _) = watch::channel(DeviceState::Starting);
+        let (reconciliation, _) = watch::channel(Reconciliation::Running);
         IdentityService {
             settings: RwLock::new(Arc::new(settings)),
             fixed,
@@ -195,6 +213,7 @@ impl IdentityService {
             cloud,
             store,
             device,
+            reconciliation,
             round_lock: tokio::sync::Mutex::new(()),
             reprovision_in_flight: Mutex::new(None),
             master_key: tokio::sync::OnceCell::new(),
@@ -216,6 +235,34 @@ impl IdentityService {
     /// The current provisioning state.
     pub fn device_state(&self) -> DeviceState {
         self.device.borrow().clone()
+    }
+
+    /// Where the current round's module reconciliation stands, right now.
+    pub fn reconciliation_state(&self) -> Reconciliation {
+        self.reconciliation.borrow().clone()
+    }
+
+    /// Waits until the current round's module reconciliation has ended (done or failed), at
+    /// most until `deadline`; returns the state then (`Running` when the bound passed). Module
+    /// reads call this so that a principal asking right after start-up or during a
+    /// reprovisioning gets its module once it exists, instead of a 404.
+    pub(super) async fn reconciled(&self, deadline: tokio::time::Instant) -> Reconciliation {
+        let mut receiver = self.reconciliation.subscribe();
+        let state = match tokio::time::timeout_at(
+            deadline,
+            receiver.wait_for(|state| *state != Reconciliation::Running),
+        )
+        .await
+        {
+            Ok(Ok(state)) => state.clone(),
+            Ok(Err(_)) | Err(_) => Reconciliation::Running,
+        };
+        state
+    }
+
+    /// Records the outcome of a round's reconciliation.
+    pub(super) fn set_reconciliation(&self, state: Reconciliation) {
+        self.reconciliation.send_replace(state);
     }
 
     /// Starts background provisioning: retried with back-off (5 s doubling to 5 min) until a

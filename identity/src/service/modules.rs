@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use identity_api::{AuthInfo, AziotSpec, Identity, KeyHandle, LocalSpec};
 
-use super::{b64, lock, CallerKind, Device, IdentityService, MASTER_KEY_ID};
+use super::{
+    b64, lock, CallerKind, Device, IdentityService, Reconciliation, MASTER_KEY_ID, MODULE_WAIT,
+};
 use crate::cloud::hub::{self, HubModule, HubTarget};
 use crate::cloud::CloudError;
 use crate::config::IdType;
@@ -218,7 +220,7 @@ impl IdentityService {
                 })
                 .collect());
         }
-        let device = self.device().await?;
+        let (device, _) = self.device_for_module_read().await?;
         let listed = match self.hub_target(&device).await {
             Ok(target) => hub::list_modules(&self.cloud, &target).await,
             Err(error) => Err(error),
@@ -315,9 +317,47 @@ impl IdentityService {
                 .unwrap_or_else(|| "client".to_owned());
             return self.local_identity(module_id, &attributes).await;
         }
-        let device = self.device().await?;
-        let module = self.observe_hub(self.read_module(&device, module_id).await)?;
+        let (device, reconciliation) = self.device_for_module_read().await?;
+        let module = match self.observe_hub(self.read_module(&device, module_id).await) {
+            Err(IdentityError::ModuleNotFound(_))
+                if reconciliation != Reconciliation::Done
+                    && self.is_module_principal(module_id) =>
+            {
+                let reason = match reconciliation {
+                    Reconciliation::Failed(reason) => reason,
+                    _ => format!(
+                        "module reconciliation is still running after {} s",
+                        MODULE_WAIT.as_secs()
+                    ),
+                };
+                return Err(IdentityError::ModuleNotReconciled {
+                    module: module_id.to_owned(),
+                    reason,
+                });
+            }
+            result => result?,
+        };
         self.module_identity(&device, &module).await
+    }
+
+    /// The device for a module read, after waiting (bounded by [`MODULE_WAIT`] from now, the
+    /// device wait included) for the current round's module reconciliation, with where that
+    /// reconciliation stands. The device is read again after the wait: the round may have moved
+    /// it.
+    async fn device_for_module_read(&self) -> Result<(Arc<Device>, Reconciliation), IdentityError> {
+        let deadline = tokio::time::Instant::now() + MODULE_WAIT;
+        self.device().await?;
+        let reconciliation = self.reconciled(deadline).await;
+        Ok((self.device().await?, reconciliation))
+    }
+
+    /// Whether `module_id` is a configured principal with a module identity (reconciliation
+    /// creates those).
+    fn is_module_principal(&self, module_id: &str) -> bool {
+        self.settings()
+            .principals
+            .iter()
+            .any(|principal| principal.name == module_id && principal.has(IdType::Module))
     }
 
     /// `PUT /identities/modules/{m}`: re-derives and re-sends the keys.

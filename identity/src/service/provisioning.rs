@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{
-    lock, Device, DeviceCredentials, DeviceState, IdentityService, RoundResult, Settings,
-    REJECTION_REPROVISION_INTERVAL,
+    lock, Device, DeviceCredentials, DeviceState, IdentityService, Reconciliation, RoundResult,
+    Settings, REJECTION_REPROVISION_INTERVAL,
 };
 use crate::cloud::hub::HubTarget;
 use crate::cloud::{dps, tls, CloudError, RequestAuth};
@@ -37,8 +37,12 @@ impl IdentityService {
 
     /// One provisioning round (startup, reprovision, reload), then reconciliation. A Hub
     /// rejection of a DPS device during reconciliation triggers one DPS registration.
+    /// Module reads wait for the round's reconciliation (see [`IdentityService::reconciled`]);
+    /// a round that fails but keeps the current device restores the previous outcome.
     pub(super) async fn provision_round(self: &Arc<Self>, force: bool) -> RoundResult {
         let _round = self.round_lock.lock().await;
+        let before = self.reconciliation_state();
+        self.set_reconciliation(Reconciliation::Running);
         let mut force = force;
         let mut retried = false;
         loop {
@@ -52,15 +56,22 @@ impl IdentityService {
                         log::warn!("{}", http_common::error::error_chain(&error));
                     }
                     self.device.send_replace(DeviceState::NotProvisioned);
+                    self.set_reconciliation(Reconciliation::Done);
                     return Ok(());
                 }
                 Err(error) => {
                     let error = Arc::new(error);
                     let keep_current = error.is_cloud_network()
                         && matches!(self.device_state(), DeviceState::Ready(_));
-                    if !keep_current {
+                    if keep_current {
+                        self.set_reconciliation(before);
+                    } else {
                         self.device
                             .send_replace(DeviceState::Failed(Arc::clone(&error)));
+                        self.set_reconciliation(Reconciliation::Failed(format!(
+                            "device provisioning failed: {}",
+                            http_common::error::error_chain(error.as_ref())
+                        )));
                     }
                     return Err(error);
                 }
@@ -92,7 +103,10 @@ impl IdentityService {
             self.device
                 .send_replace(DeviceState::Ready(Arc::clone(&device)));
             match self.reconcile(&settings, &device, same_place).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.set_reconciliation(Reconciliation::Done);
+                    return Ok(());
+                }
                 Err(error)
                     if !retried
                         && matches!(settings.provisioning, Provisioning::Dps { .. })
@@ -103,12 +117,36 @@ impl IdentityService {
                     force = true;
                 }
                 Err(error) => {
+                    let reason = http_common::error::error_chain(&error);
                     log::warn!(
-                        "module reconciliation failed (cached module data stays in use): {}",
-                        http_common::error::error_chain(&error)
+                        "module reconciliation failed (cached module data stays in use): {reason}"
                     );
+                    self.set_reconciliation(Reconciliation::Failed(format!(
+                        "module reconciliation failed: {reason}"
+                    )));
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// Reconciles outside a provisioning round (principal change, renewal) and records the
+    /// outcome for module reads; failures are logged (cached module data stays in use).
+    pub(super) async fn reconcile_and_record(
+        &self,
+        settings: &Settings,
+        device: &Device,
+        same_place: bool,
+        after: &str,
+    ) {
+        match self.reconcile(settings, device, same_place).await {
+            Ok(()) => self.set_reconciliation(Reconciliation::Done),
+            Err(error) => {
+                let reason = http_common::error::error_chain(&error);
+                log::warn!("module reconciliation after {after} failed: {reason}");
+                self.set_reconciliation(Reconciliation::Failed(format!(
+                    "module reconciliation failed: {reason}"
+                )));
             }
         }
     }
@@ -399,12 +437,9 @@ impl IdentityService {
         let _round = self.round_lock.lock().await;
         if let DeviceState::Ready(device) = self.device_state() {
             let settings = self.settings();
-            if let Err(error) = self.reconcile(&settings, &device, true).await {
-                log::warn!(
-                    "module reconciliation after the configuration change failed: {}",
-                    http_common::error::error_chain(&error)
-                );
-            }
+            self.set_reconciliation(Reconciliation::Running);
+            self.reconcile_and_record(&settings, &device, true, "the configuration change")
+                .await;
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use identity_api::KeyHandle;
 
-use super::{Device, DeviceCredentials, DeviceState, IdentityService};
+use super::{Device, DeviceCredentials, DeviceState, IdentityService, Reconciliation};
 use crate::cloud::{dps, tls, RequestAuth};
 use crate::config::{DpsAttestation, Provisioning};
 use crate::error::IdentityError;
@@ -193,14 +193,11 @@ impl IdentityService {
             self.store.clear_modules();
         }
         self.store.set_device_info(Some(&device.info()))?;
+        self.set_reconciliation(Reconciliation::Running);
         self.device
             .send_replace(DeviceState::Ready(Arc::clone(&device)));
-        if let Err(error) = self.reconcile(&settings, &device, same_place).await {
-            log::warn!(
-                "module reconciliation after the renewal failed: {}",
-                http_common::error::error_chain(&error)
-            );
-        }
+        self.reconcile_and_record(&settings, &device, same_place, "the renewal")
+            .await;
         Ok(())
     }
 
