@@ -63,16 +63,20 @@ impl IdentityService {
                     let error = Arc::new(error);
                     let keep_current = error.is_cloud_network()
                         && matches!(self.device_state(), DeviceState::Ready(_));
-                    if keep_current {
-                        self.set_reconciliation(before);
-                    } else {
+                    if !keep_current {
                         self.device
                             .send_replace(DeviceState::Failed(Arc::clone(&error)));
-                        self.set_reconciliation(Reconciliation::Failed(format!(
+                    }
+                    // The current device keeps its last outcome, unless this round is the
+                    // first to reconcile it (a backup device Hub rejected at startup).
+                    self.set_reconciliation(if keep_current && before != Reconciliation::Running {
+                        before
+                    } else {
+                        Reconciliation::Failed(format!(
                             "device provisioning failed: {}",
                             http_common::error::error_chain(error.as_ref())
-                        )));
-                    }
+                        ))
+                    });
                     return Err(error);
                 }
             };
