@@ -1931,3 +1931,58 @@ async fn failed_reconciliation_is_a_503_until_a_round_reconciles() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["spec"]["moduleId"], "hostmodule1");
 }
+
+/// A module read that arrives while a reprovisioning is registering with DPS waits for that
+/// round's reconciliation: it gets the module in the newly assigned hub, not the old hub's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_read_during_a_reprovision_gets_the_new_hubs_module() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("hopping-device", &key));
+    })
+    .await;
+    let first_hub = emu.hub_hostname().to_owned();
+    let second_hub = format!("127.0.0.1:{}", emu.https_addr().port());
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "hopping-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    assert_module_principal_works(&stack, &emu, &first_hub, "hopping-device").await;
+
+    // The registration takes a few seconds (every DPS answer delayed 500 ms); the read is sent
+    // 200 ms after the reprovision request, so it arrives while the round is in flight.
+    emu.control()
+        .patch_settings(cloud_emulator::SettingsPatch {
+            assigned_hub: Some(second_hub.clone()),
+            dps_delay_ms: Some(500),
+            ..Default::default()
+        })
+        .unwrap();
+    let client = stack.client();
+    let (reprovisioned, module) = tokio::join!(client.reprovision(), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.get_module("hostmodule1", "aziot").await
+    });
+    reprovisioned.unwrap();
+    let module = module.unwrap();
+    assert_eq!(aziot(&module).hub_name, second_hub);
+    let in_second_hub = emu
+        .control()
+        .modules(Some(&second_hub), "hopping-device")
+        .unwrap();
+    let created = in_second_hub
+        .iter()
+        .find(|module| module["moduleId"] == "hostmodule1")
+        .expect("the reprovision's reconciliation created the module in the new hub");
+    assert_eq!(
+        aziot(&module).gen_id.as_deref(),
+        created["generationId"].as_str()
+    );
+}
