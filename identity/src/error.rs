@@ -25,6 +25,15 @@ pub enum IdentityError {
     /// No such module identity.
     #[error("module {0:?} not found")]
     ModuleNotFound(String),
+    /// A module principal's identity is not (yet) in Hub because the module reconciliation of
+    /// the current provisioning round is still running after the wait, or failed.
+    #[error("module {module:?} is not reconciled yet: {reason}")]
+    ModuleNotReconciled {
+        /// The module ID.
+        module: String,
+        /// Why: still running, or the reconciliation's error.
+        reason: String,
+    },
     /// The module identity exists already.
     #[error("module {0:?} already exists")]
     ModuleExists(String),
@@ -128,7 +137,9 @@ impl http_common::ApiError for IdentityError {
                 StatusCode::NOT_FOUND
             }
             IdentityError::ModuleExists(_) => StatusCode::CONFLICT,
-            IdentityError::ProvisioningInProgress => StatusCode::SERVICE_UNAVAILABLE,
+            IdentityError::ProvisioningInProgress | IdentityError::ModuleNotReconciled { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             IdentityError::Provisioning(inner) => inner.status(),
             IdentityError::Cloud(error) => error.status(),
             IdentityError::Keyd { .. }
@@ -142,7 +153,9 @@ impl http_common::ApiError for IdentityError {
     fn server_message(&self) -> String {
         match self {
             IdentityError::Http(error) => error.message.clone(),
-            IdentityError::ProvisioningInProgress => self.to_string(),
+            IdentityError::ProvisioningInProgress | IdentityError::ModuleNotReconciled { .. } => {
+                self.to_string()
+            }
             IdentityError::Provisioning(inner) => {
                 format!("device provisioning failed: {}", inner.server_message())
             }
@@ -163,7 +176,9 @@ impl http_common::ApiError for IdentityError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             IdentityError::Http(error) => error.retry_after,
-            IdentityError::ProvisioningInProgress => Some(5),
+            IdentityError::ProvisioningInProgress | IdentityError::ModuleNotReconciled { .. } => {
+                Some(5)
+            }
             IdentityError::Provisioning(inner) => inner.retry_after(),
             IdentityError::Cloud(error) => error.retry_after(),
             _ => None,
@@ -198,6 +213,16 @@ mod tests {
             .server_message()
             .contains("cloud error: 401 bad token"));
         assert_eq!(IdentityError::ProvisioningInProgress.retry_after(), Some(5));
+        let pending = IdentityError::ModuleNotReconciled {
+            module: "m".into(),
+            reason: "module reconciliation is still running".into(),
+        };
+        assert_eq!(pending.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(pending.retry_after(), Some(5));
+        assert_eq!(
+            pending.server_message(),
+            "module \"m\" is not reconciled yet: module reconciliation is still running"
+        );
         let keyd = IdentityError::Keyd {
             step: "loading key".into(),
             source: ClientError::Status {

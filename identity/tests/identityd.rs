@@ -1808,3 +1808,181 @@ async fn identity_certificate_is_renewed_with_a_rotated_key() {
     let created = stack.client().create_module("after-renewal").await.unwrap();
     assert_eq!(aziot(&created).module_id.as_deref(), Some("after-renewal"));
 }
+
+/// A manual-SAS device `device_id` in the emulator and a stack whose identityd has the module
+/// principal `hostmodule1` as uid 65534; identityd is started and its socket opened to all.
+async fn module_principal_stack(
+    emu: &cloud_emulator::RunningEmulator,
+    device_id: &str,
+    key: &str,
+) -> Stack {
+    let hub = emu.hub_hostname().to_owned();
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName={hub};DeviceId={device_id};SharedAccessKey={key}\"\n\
+         [[principal]]\nuid = 65534\nname = \"hostmodule1\"\nidtype = [\"module\"]\n"
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        &stack.identityd.socket,
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    stack
+}
+
+fn manual_device(device_id: &str, key: &str) -> cloud_emulator::DeviceSpec {
+    cloud_emulator::DeviceSpec {
+        device_id: device_id.into(),
+        hub: None,
+        iot_edge: false,
+        authentication: cloud_emulator::DeviceAuthSpec::Sas {
+            primary_key: Some(key.to_owned()),
+            secondary_key: None,
+        },
+    }
+}
+
+/// `GET /identities/identity` as the module principal (uid 65534), off the runtime's threads.
+async fn identity_as_module_principal(stack: &Stack) -> (u16, serde_json::Value) {
+    let socket = stack.identityd.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        request_as(
+            65534,
+            &socket,
+            "GET",
+            "/identities/identity?api-version=2020-09-01",
+            "",
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Issue 11.4: the device is usable before the first module reconciliation has created the
+/// principal's module. With every Hub answer slowed down, the principal asks the moment the
+/// socket answers (no sleep, no retry) and must get its module — with keys Hub has — not a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_principal_asking_at_startup_waits_for_reconciliation() {
+    let key = random_key_b64();
+    let emu = emulator(|config| config.devices.push(manual_device("early-device", &key))).await;
+    emu.control()
+        .patch_settings(cloud_emulator::SettingsPatch {
+            hub_delay_ms: Some(800),
+            ..Default::default()
+        })
+        .unwrap();
+    let hub = emu.hub_hostname().to_owned();
+    let stack = module_principal_stack(&emu, "early-device", &key).await;
+
+    let (status, body) = identity_as_module_principal(&stack).await;
+    assert_eq!(status, 200, "{body}\n{}", stack.identityd.log());
+    assert_eq!(body["spec"]["moduleId"], "hostmodule1");
+    assert_eq!(body["spec"]["deviceId"], "early-device");
+    let modules = emu.control().modules(None, "early-device").unwrap();
+    let module = modules
+        .iter()
+        .find(|module| module["moduleId"] == "hostmodule1")
+        .expect("reconciliation created the module");
+    assert_eq!(body["spec"]["genId"], module["generationId"]);
+    let handle: key_api::KeyHandle =
+        serde_json::from_value(body["spec"]["auth"]["keyHandle"].clone()).unwrap();
+    assert_module_token_accepted(&stack, &emu, &hub, "early-device", "hostmodule1", &handle).await;
+}
+
+/// A failed first reconciliation leaves the principal's module missing in Hub: its read is a
+/// 503 naming the reconciliation failure (not a 404), and a reprovision (which reconciles
+/// again) brings the module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reconciliation_is_a_503_until_a_round_reconciles() {
+    let key = random_key_b64();
+    let emu = emulator(|config| config.devices.push(manual_device("unlucky-device", &key))).await;
+    // The first Hub request is the reconciliation's module listing.
+    emu.control()
+        .add_fault(cloud_emulator::FaultSpec {
+            target: cloud_emulator::Target::Hub,
+            status: 403,
+            count: 1,
+            retry_after_secs: None,
+        })
+        .unwrap();
+    let stack = module_principal_stack(&emu, "unlucky-device", &key).await;
+
+    let (status, body) = identity_as_module_principal(&stack).await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("module \"hostmodule1\" is not reconciled yet: module reconciliation failed: cloud error: 403"),
+        "{message}"
+    );
+    assert!(emu.control().faults().is_empty());
+
+    let (status, body, _) = stack
+        .request(
+            Method::POST,
+            "/identities/device/reprovision?api-version=2020-09-01",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = identity_as_module_principal(&stack).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["spec"]["moduleId"], "hostmodule1");
+}
+
+/// A module read that arrives while a reprovisioning is registering with DPS waits for that
+/// round's reconciliation: it gets the module in the newly assigned hub, not the old hub's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_read_during_a_reprovision_gets_the_new_hubs_module() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(individual_sas("hopping-device", &key));
+    })
+    .await;
+    let first_hub = emu.hub_hostname().to_owned();
+    let second_hub = format!("127.0.0.1:{}", emu.https_addr().port());
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&dps_symmetric_config(&emu, "hopping-device"));
+    stack.start_identityd(emu.ca_cert_path());
+    assert_module_principal_works(&stack, &emu, &first_hub, "hopping-device").await;
+
+    // The registration takes a few seconds (every DPS answer delayed 500 ms); the read is sent
+    // 200 ms after the reprovision request, so it arrives while the round is in flight.
+    emu.control()
+        .patch_settings(cloud_emulator::SettingsPatch {
+            assigned_hub: Some(second_hub.clone()),
+            dps_delay_ms: Some(500),
+            ..Default::default()
+        })
+        .unwrap();
+    let client = stack.client();
+    let (reprovisioned, module) = tokio::join!(client.reprovision(), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.get_module("hostmodule1", "aziot").await
+    });
+    reprovisioned.unwrap();
+    let module = module.unwrap();
+    assert_eq!(aziot(&module).hub_name, second_hub);
+    let in_second_hub = emu
+        .control()
+        .modules(Some(&second_hub), "hopping-device")
+        .unwrap();
+    let created = in_second_hub
+        .iter()
+        .find(|module| module["moduleId"] == "hostmodule1")
+        .expect("the reprovision's reconciliation created the module in the new hub");
+    assert_eq!(
+        aziot(&module).gen_id.as_deref(),
+        created["generationId"].as_str()
+    );
+}

@@ -1,0 +1,303 @@
+//! Renewal of the DPS X.509 identity certificate (spec 6.6).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use identity_api::KeyHandle;
+
+use super::{Device, DeviceCredentials, DeviceState, IdentityService, Reconciliation};
+use crate::cloud::{dps, tls, RequestAuth};
+use crate::config::{DpsAttestation, Provisioning};
+use crate::error::IdentityError;
+
+impl IdentityService {
+    /// Renews the DPS X.509 identity certificate when its `identity_auto_renew` policy says so
+    /// (spec 6.6); failures are retried after the policy's `retry` period.
+    pub(super) async fn renew_identity_cert_when_due(self: Arc<Self>) {
+        const IDLE: Duration = Duration::from_secs(60);
+        loop {
+            let settings = self.settings();
+            let Provisioning::Dps {
+                attestation:
+                    DpsAttestation::X509 {
+                        cert_id,
+                        key_id,
+                        auto_renew: Some(auto_renew),
+                        ..
+                    },
+                ..
+            } = &settings.provisioning
+            else {
+                tokio::time::sleep(IDLE).await;
+                continue;
+            };
+            let (Some(threshold), Some(retry)) = (
+                crate::renewal::Policy::parse(&auto_renew.threshold),
+                crate::renewal::Policy::parse(&auto_renew.retry),
+            ) else {
+                tokio::time::sleep(IDLE).await;
+                continue;
+            };
+            let validity = match self.certd.get_cert(cert_id).await {
+                Ok(pem) => crate::renewal::validity(&pem),
+                Err(error) => Err(http_common::error::error_chain(&error)),
+            };
+            let (not_before, not_after) = match validity {
+                Ok(validity) => validity,
+                Err(reason) => {
+                    log::warn!(
+                        "cannot read identity certificate {cert_id:?} for renewal: {reason}"
+                    );
+                    tokio::time::sleep(IDLE).await;
+                    continue;
+                }
+            };
+            let now = i64::try_from(crate::util::unix_now()).unwrap_or(i64::MAX);
+            let due = threshold.renew_at(not_before, not_after);
+            if now < due {
+                let wait = u64::try_from(due - now).unwrap_or(0).min(3600);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            log::info!("renewing identity certificate {cert_id:?}");
+            match self
+                .renew_identity_cert(cert_id, key_id, auto_renew.rotate_key)
+                .await
+            {
+                Ok(()) => log::info!("identity certificate {cert_id:?} renewed"),
+                Err(error) => {
+                    let delay = retry.retry_delay(not_before, not_after);
+                    log::error!(
+                        "renewing identity certificate {cert_id:?} failed, retrying in {} s: {}",
+                        delay.as_secs(),
+                        http_common::error::error_chain(&error)
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// One renewal: key (new `<pk>-temp` when rotating), CSR with the old subject signed by
+    /// keyd, certd issues `<cert>-temp`, DPS registration with the new credentials, then the new
+    /// chain replaces `<cert>`, the temp key replaces `<pk>` and the temp cert is deleted (those
+    /// local steps are retried: DPS already accepted the new credentials).
+    async fn renew_identity_cert(
+        self: &Arc<Self>,
+        cert_id: &str,
+        key_id: &str,
+        rotate_key: bool,
+    ) -> Result<(), IdentityError> {
+        let _round = self.round_lock.lock().await;
+        let settings = self.settings();
+        let Provisioning::Dps {
+            global_endpoint,
+            scope_id,
+            payload,
+            attestation: DpsAttestation::X509 {
+                registration_id, ..
+            },
+        } = &settings.provisioning
+        else {
+            return Ok(());
+        };
+        let temp_cert = format!("{cert_id}-temp");
+        let temp_key = format!("{key_id}-temp");
+        let old_pem = self
+            .certd
+            .get_cert(cert_id)
+            .await
+            .map_err(IdentityError::certd(format!(
+                "loading identity certificate {cert_id:?}"
+            )))?;
+        let handle = if rotate_key {
+            self.keyd
+                .create_key_pair_if_not_exists(&temp_key, Some("rsa-2048:*"))
+                .await
+                .map_err(IdentityError::keyd(format!(
+                    "creating key pair {temp_key:?}"
+                )))?
+        } else {
+            self.keyd
+                .load_key_pair(key_id)
+                .await
+                .map_err(IdentityError::keyd(format!("loading key pair {key_id:?}")))?
+        };
+        let csr = self.keyd_signed_csr(&old_pem, &handle).await?;
+        let new_chain = self
+            .certd
+            .create_cert(&temp_cert, &csr, None)
+            .await
+            .map_err(IdentityError::certd(format!(
+                "issuing certificate {temp_cert:?}"
+            )))?;
+        let chain = tls::chain_from_pem(&new_chain).map_err(IdentityError::Credentials)?;
+        let identity = tls::client_identity(chain, &self.fixed.keyd_uri, handle)
+            .map_err(IdentityError::Credentials)?;
+        let registration_id = match registration_id {
+            Some(id) => id.clone(),
+            None => tls::leaf_common_name(&new_chain).ok_or_else(|| {
+                IdentityError::Credentials("the renewed certificate has no subject CN".to_owned())
+            })?,
+        };
+        let authority = global_endpoint
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
+        let assignment = dps::register(
+            &self.cloud,
+            dps::Registration {
+                authority: &authority,
+                scope_id,
+                registration_id: &registration_id,
+                payload: payload.as_ref(),
+                auth: RequestAuth::X509(identity),
+            },
+        )
+        .await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .install_renewed(
+                    cert_id, key_id, &temp_cert, &temp_key, &new_chain, rotate_key,
+                )
+                .await
+            {
+                Ok(()) => break,
+                Err(error) if attempt < 5 => {
+                    log::warn!(
+                        "installing the renewed credentials failed (attempt {attempt}), retrying: {}",
+                        http_common::error::error_chain(&error)
+                    );
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let device = Arc::new(Device {
+            hub_name: assignment.assigned_hub.clone(),
+            device_id: assignment.device_id,
+            gateway_host: assignment.assigned_hub,
+            local_gateway_hostname: None,
+            credentials: DeviceCredentials::X509 {
+                cert_id: cert_id.to_owned(),
+                key_id: key_id.to_owned(),
+            },
+        });
+        let previous = self.store.device_info();
+        let same_place = previous
+            .as_ref()
+            .is_some_and(|previous| device.same_place(previous));
+        if !same_place {
+            self.store.clear_modules();
+        }
+        self.store.set_device_info(Some(&device.info()))?;
+        self.set_reconciliation(Reconciliation::Running);
+        self.device
+            .send_replace(DeviceState::Ready(Arc::clone(&device)));
+        self.reconcile_and_record(&settings, &device, same_place, "the renewal")
+            .await;
+        Ok(())
+    }
+
+    async fn install_renewed(
+        &self,
+        cert_id: &str,
+        key_id: &str,
+        temp_cert: &str,
+        temp_key: &str,
+        new_chain: &str,
+        rotate_key: bool,
+    ) -> Result<(), IdentityError> {
+        self.certd
+            .import_cert(cert_id, new_chain)
+            .await
+            .map_err(IdentityError::certd(format!(
+                "storing the renewed certificate as {cert_id:?}"
+            )))?;
+        if rotate_key {
+            match self.keyd.move_key_pair(temp_key, key_id).await {
+                Ok(()) => {}
+                // Already moved by an earlier attempt.
+                Err(error) if error.is_not_found() => {}
+                Err(error) => {
+                    return Err(IdentityError::keyd(format!(
+                        "moving key pair {temp_key:?} to {key_id:?}"
+                    ))(error))
+                }
+            }
+        }
+        self.certd
+            .delete_cert(temp_cert)
+            .await
+            .map_err(IdentityError::certd(format!("deleting {temp_cert:?}")))
+    }
+
+    /// A CSR for `old_pem`'s subject and the public key behind `handle`, signed by keyd.
+    async fn keyd_signed_csr(
+        &self,
+        old_pem: &str,
+        handle: &KeyHandle,
+    ) -> Result<String, IdentityError> {
+        use base64::Engine as _;
+        let parameter = |name: &'static str| async move {
+            self.keyd
+                .get_key_pair_public_parameter(handle, name)
+                .await
+                .map_err(IdentityError::keyd(format!("reading the key's {name}")))
+        };
+        let decode = |text: String| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| IdentityError::Credentials("keyd sent invalid base64".to_owned()))
+        };
+        let algorithm = parameter("algorithm").await?;
+        let (public_key, kind) = match algorithm.as_str() {
+            "ECDSA" => (
+                crate::renewal::ec_public_key_der(
+                    &decode(parameter("ec-curve-oid").await?)?,
+                    &decode(parameter("ec-point").await?)?,
+                ),
+                crate::renewal::CsrSignature::EcdsaSha256,
+            ),
+            "RSA" => (
+                crate::renewal::rsa_public_key_der(
+                    &decode(parameter("rsa-modulus").await?)?,
+                    &decode(parameter("rsa-exponent").await?)?,
+                ),
+                crate::renewal::CsrSignature::RsaSha256,
+            ),
+            other => {
+                return Err(IdentityError::Credentials(format!(
+                    "keyd reports an unknown key algorithm {other:?}"
+                )))
+            }
+        };
+        let public_key = public_key.map_err(IdentityError::Credentials)?;
+        let subject = crate::renewal::subject_der(old_pem).map_err(IdentityError::Credentials)?;
+        let unsigned = crate::renewal::unsigned_csr(&subject, &public_key)
+            .map_err(IdentityError::Credentials)?;
+        let digest = openssl::sha::sha256(&unsigned.to_be_signed);
+        let signature = match kind {
+            crate::renewal::CsrSignature::EcdsaSha256 => {
+                self.keyd
+                    .sign(handle, key_api::SignMechanism::Ecdsa { digest: &digest })
+                    .await
+            }
+            crate::renewal::CsrSignature::RsaSha256 => {
+                const SHA256_DIGEST_INFO: &[u8] = &[
+                    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04,
+                    0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
+                ];
+                let mut input = SHA256_DIGEST_INFO.to_vec();
+                input.extend_from_slice(&digest);
+                self.keyd
+                    .encrypt(handle, key_api::EncryptMechanism::RsaPkcs1, &input)
+                    .await
+            }
+        }
+        .map_err(IdentityError::keyd("signing the renewal CSR"))?;
+        crate::renewal::signed_csr(unsigned, kind, &signature).map_err(IdentityError::Credentials)
+    }
+}
