@@ -105,7 +105,7 @@ fn no_request_gets_a_5xx_and_stored_certs_survive() {
     std::fs::write(pair.path("preloaded.pem"), &preloaded).unwrap();
     pair.start(
         "[preloaded_certs]\npreloaded = \"file://{dir}/preloaded.pem\"\n\
-         [cert_issuance.fuzz-ca]\nmethod = \"self_signed\"\n",
+         [cert_issuance.fuzz-ca]\nmethod = \"self_signed\"\nca = true\n",
     );
     let client = pair.certd_client();
     let keyd = pair.keyd_client();
