@@ -317,6 +317,25 @@ fn basic_constraints(value: &[u8]) -> der::Result<(bool, bool)> {
 /// (OpenSSL accepts a certificate with keyCertSign and no basicConstraints as a CA); nsCertType
 /// with a CA bit (likewise); nameConstraints, policyMappings, policyConstraints and
 /// inhibitAnyPolicy (RFC 5280 defines them for CA certificates only).
+/// The extensions of a local CA certd makes itself: basicConstraints CA:TRUE and keyUsage
+/// digitalSignature, keyCertSign, cRLSign, both critical.
+pub fn local_ca_extensions() -> Result<Vec<Extension>, CertError> {
+    let extension = |extn_id, value: &[u8]| -> Result<Extension, CertError> {
+        Ok(Extension {
+            extn_id,
+            critical: true,
+            extn_value: OctetString::new(value.to_vec())
+                .map_err(|error| CertError::Encoding(format!("extension: {error}")))?,
+        })
+    };
+    Ok(vec![
+        // SEQUENCE { BOOLEAN TRUE }
+        extension(OID_BASIC_CONSTRAINTS, &[0x30, 0x03, 0x01, 0x01, 0xff])?,
+        // BIT STRING, 1 unused bit: bits 0 (digitalSignature), 5 (keyCertSign), 6 (cRLSign)
+        extension(OID_KEY_USAGE, &[0x03, 0x02, 0x01, 0x86])?,
+    ])
+}
+
 pub fn ca_only_request(extensions: &[Extension]) -> Result<Option<String>, CertError> {
     let malformed =
         |name: &str| CertError::invalid("csr", format!("has a malformed {name} extension"));

@@ -16,8 +16,8 @@ use key_api::KeyHandle;
 use openssl::pkey::{PKey, Public};
 
 use crate::config::{
-    cert_id_problem, glob_matches, IssuanceOptions, Method, Policy, Preloaded, DEFAULT_EXPIRY_DAYS,
-    DEFAULT_KEY_ALGORITHMS,
+    cert_id_problem, glob_matches, IssuanceOptions, LocalCa, Method, Policy, Preloaded,
+    DEFAULT_EXPIRY_DAYS, DEFAULT_KEY_ALGORITHMS,
 };
 use crate::error::CertError;
 use crate::issuance::{self, IssuedBy, IssuerCert, PublicKey, Template};
@@ -464,7 +464,13 @@ impl CertService {
         let local_ca = policy.local_ca.as_ref().ok_or_else(|| {
             CertError::BadRequest("no [cert_issuance.local_ca] is configured".to_owned())
         })?;
-        let issuer = self.issuer_cert(policy, &local_ca.cert).await?;
+        let issuer = match self.issuer_cert(policy, &local_ca.cert).await {
+            Err(CertError::NotFound(_)) if Self::makes_local_ca(policy, local_ca) => {
+                self.make_local_ca(policy, local_ca).await?;
+                self.issuer_cert(policy, &local_ca.cert).await?
+            }
+            other => other?,
+        };
         Ok(Plan::by_issuer(
             issuer,
             SigningKey::Certd(&local_ca.pk),
@@ -475,6 +481,64 @@ impl CertService {
                 ))
             }),
         ))
+    }
+
+    /// Whether certd makes the local CA itself: its cert ID is not preloaded and its own
+    /// `[cert_issuance.<id>]` says `method = "self_signed"` (what `iotedge config apply` writes
+    /// for an issued `[cert_issuance.local_ca]`).
+    fn makes_local_ca(policy: &Policy, local_ca: &LocalCa) -> bool {
+        !policy.preloaded.contains_key(&local_ca.cert)
+            && policy
+                .issuance
+                .get(&local_ca.cert)
+                .is_some_and(|options| options.method == Some(Method::SelfSigned))
+    }
+
+    /// Creates the local CA: key pair `pk` in keyd (if it does not exist) and a self-signed CA
+    /// certificate for it under `cert`, with its configured subject and expiry.
+    async fn make_local_ca(&self, policy: &Policy, local_ca: &LocalCa) -> Result<(), CertError> {
+        let id = local_ca.cert.as_str();
+        let slot = self.slots.get(id);
+        let _guard = slot.lock.lock().await;
+        if self.load(policy, id).await?.is_some() {
+            return Ok(());
+        }
+        let options = policy.issuance.get(id);
+        let algorithms = options
+            .and_then(|options| options.key_algorithms.as_deref())
+            .unwrap_or(DEFAULT_KEY_ALGORITHMS);
+        self.keys.create_key_pair(&local_ca.pk, algorithms).await?;
+        let key = self
+            .keys
+            .public_key(SigningKey::Certd(&local_ca.pk), false)
+            .await?;
+        let public_key = key.to_pkey()?.ok_or_else(|| {
+            CertError::BadRequest(format!(
+                "key pair {:?} in keyd has an unsupported curve",
+                local_ca.pk
+            ))
+        })?;
+        let template = Template {
+            subject: Self::template_subject(options, || issuance::common_name_subject(id))?,
+            spki: issuance::spki_of(&public_key)?,
+            extensions: issuance::local_ca_extensions()?,
+        };
+        let pk = local_ca.pk.as_str();
+        let plan = Plan::self_signed(
+            public_key,
+            SigningKey::Certd(pk),
+            Box::new(move || {
+                CertError::BadRequest(format!("key pair {pk:?} changed during issuance"))
+            }),
+        )?;
+        let expiry_days = options
+            .and_then(|options| options.expiry_days)
+            .unwrap_or(DEFAULT_EXPIRY_DAYS);
+        let chain = self.sign(&template, &plan, expiry_days).await?;
+        drop(plan);
+        self.apply(id, Write::Store(chain.as_str().into())).await?;
+        log::info!("created the local CA certificate {id:?}");
+        Ok(())
     }
 
     /// Signs `template` according to `plan` and returns the new certificate followed by the

@@ -106,6 +106,68 @@ fn secret_overrides(root: &Path, keyd: &toml::Table) -> String {
     text
 }
 
+/// identityd's device cert `device-id` appears in certd with every attribute of `subject`, and
+/// the openssl CLI verifies it against the rest of its chain (the local CA certd made).
+fn device_cert_is_issued(
+    name: &str,
+    work: &Path,
+    runtime: &tokio::runtime::Runtime,
+    certs: &cert_api::Client,
+    subject: &toml::Table,
+    identityd: &Daemon,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let chain = loop {
+        match runtime.block_on(certs.get_cert("device-id")) {
+            Ok(chain) => break chain,
+            Err(error) if std::time::Instant::now() > deadline => panic!(
+                "{name}: identityd did not get its device cert issued: {error}\n{}",
+                identityd.log()
+            ),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    };
+    let blocks: Vec<&str> = chain
+        .split_inclusive("-----END CERTIFICATE-----")
+        .filter(|block| block.contains("BEGIN CERTIFICATE"))
+        .collect();
+    assert!(
+        blocks.len() >= 2,
+        "{name}: leaf and issuer expected: {chain}"
+    );
+    let leaf = work.join("device-id.pem");
+    let issuers = work.join("device-id-issuers.pem");
+    std::fs::write(&leaf, blocks[0]).unwrap();
+    std::fs::write(&issuers, blocks[1..].concat()).unwrap();
+    let verified = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-CAfile"])
+        .arg(&issuers)
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{name}: {}", describe(&verified));
+    let text = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-nameopt",
+            "sep_multiline",
+            "-in",
+        ])
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    for (attribute, value) in subject {
+        let line = format!("{attribute}={}", value.as_str().unwrap());
+        assert!(
+            text.lines().any(|candidate| candidate.trim() == line),
+            "{name}: the device cert's subject lacks {line}: {text}"
+        );
+    }
+}
+
 /// An operator's Edge CA (EC P-256, CA:TRUE, keyCertSign) made by the openssl CLI, for sets
 /// whose super-config names the operator's own files: (key file, cert file).
 fn operator_edge_ca(work: &Path) -> (PathBuf, PathBuf) {
@@ -315,6 +377,14 @@ fn daemons_accept(name: &str, root: &Path, expect: Expect) {
         &identityd_environment,
     )
     .unwrap_or_else(|error| panic!("{name}: identityd refused the generated config: {error}"));
+    // A device cert issued on the device: identityd makes the key and CSR, certd issues it.
+    let csr_subject = identityd_table
+        .get("provisioning")
+        .and_then(|provisioning| provisioning.get("authentication"))
+        .and_then(|authentication| authentication.get("csr_subject"));
+    if let Some(toml::Value::Table(subject)) = csr_subject {
+        device_cert_is_issued(name, work, &runtime, &certs, subject, &identityd_daemon);
+    }
     if generated(root, "edged").exists() {
         let edged = daemon_binary("edged");
         // A Docker engine of the test's own: a fresh edged removes every edge-owned container on

@@ -127,6 +127,11 @@ pub enum ManualAuth {
         cert_id: String,
         /// keyd key pair ID.
         key_id: String,
+        /// The subject of the CSR identityd sends certd when the cert does not exist yet: CN is
+        /// the device ID, then the other attributes of `csr_subject`. Not part of the
+        /// provisioning digest.
+        #[serde(skip)]
+        csr_subject: Vec<(String, String)>,
     },
 }
 
@@ -138,10 +143,15 @@ impl std::fmt::Debug for ManualAuth {
                 .field("key_id", key_id)
                 .field("import", &import.as_ref().map(|_| "<redacted>"))
                 .finish(),
-            ManualAuth::X509 { cert_id, key_id } => formatter
+            ManualAuth::X509 {
+                cert_id,
+                key_id,
+                csr_subject,
+            } => formatter
                 .debug_struct("X509")
                 .field("cert_id", cert_id)
                 .field("key_id", key_id)
+                .field("csr_subject", csr_subject)
                 .finish(),
         }
     }
@@ -168,6 +178,11 @@ pub enum DpsAttestation {
         key_id: String,
         /// Renewal policy of the identity certificate.
         auto_renew: Option<AutoRenew>,
+        /// The subject of the CSR identityd sends certd when the cert does not exist yet, from
+        /// `registration_id` (a string is the CN; a DN table is kept whole); `None` without a
+        /// registration ID. Not part of the provisioning digest.
+        #[serde(skip)]
+        csr_subject: Option<Vec<(String, String)>>,
     },
 }
 
@@ -430,6 +445,38 @@ fn parse_connection_string(text: &str) -> Result<ConnectionString, String> {
     })
 }
 
+/// A DN table as (attribute, value) pairs, CN first: `cn` replaces the table's CN when given.
+fn dn_subject(
+    loaded: &Loaded,
+    key: &str,
+    table: &toml::Table,
+    cn: Option<&str>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut subject = Vec::with_capacity(table.len() + 1);
+    let mut others = Vec::with_capacity(table.len());
+    for (name, value) in table {
+        let toml::Value::String(value) = value else {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.{name}"),
+                "expected a string",
+            ));
+        };
+        if name.eq_ignore_ascii_case("CN") {
+            if cn.is_none() {
+                subject.push(("CN".to_owned(), value.clone()));
+            }
+        } else {
+            others.push((name.to_uppercase(), value.clone()));
+        }
+    }
+    if let Some(cn) = cn {
+        subject.push(("CN".to_owned(), cn.to_owned()));
+    }
+    subject.extend(others);
+    Ok(subject)
+}
+
 fn registration_id_value(
     loaded: &Loaded,
     key: &str,
@@ -604,8 +651,17 @@ fn provisioning_from_raw(
                         auth.device_id_pk.is_some(),
                         "method = \"x509\"",
                     )?;
-                    match &auth.csr_subject {
-                        None | Some(toml::Value::String(_)) | Some(toml::Value::Table(_)) => {}
+                    // CN is always the device ID; a DN table adds its other attributes.
+                    let csr_subject = match &auth.csr_subject {
+                        None | Some(toml::Value::String(_)) => {
+                            vec![("CN".to_owned(), device_id.clone())]
+                        }
+                        Some(toml::Value::Table(table)) => dn_subject(
+                            loaded,
+                            "provisioning.authentication.csr_subject",
+                            table,
+                            Some(&device_id),
+                        )?,
                         Some(_) => {
                             return Err(ConfigError::invalid(
                                 loaded,
@@ -613,8 +669,9 @@ fn provisioning_from_raw(
                                 "expected a CN string or a DN table",
                             ))
                         }
-                    }
+                    };
                     ManualAuth::X509 {
+                        csr_subject,
                         cert_id: credential_id(
                             loaded,
                             "provisioning.authentication.identity_cert",
@@ -717,6 +774,17 @@ fn provisioning_from_raw(
                 "provisioning.attestation.registration_id",
                 attestation.registration_id.as_ref(),
             )?;
+            let csr_subject = match &attestation.registration_id {
+                Some(toml::Value::Table(table)) => Some(dn_subject(
+                    loaded,
+                    "provisioning.attestation.registration_id",
+                    table,
+                    None,
+                )?),
+                _ => registration_id
+                    .as_ref()
+                    .map(|id| vec![("CN".to_owned(), id.clone())]),
+            };
             let attestation = match attestation.method.as_str() {
                 "symmetric_key" => {
                     for (key, present) in [
@@ -784,6 +852,7 @@ fn provisioning_from_raw(
                             "key://",
                         )?,
                         auto_renew: attestation.identity_auto_renew,
+                        csr_subject,
                     }
                 }
                 "tpm" => {
@@ -1073,6 +1142,7 @@ mod tests {
                     cert_id: "device-id".to_owned(),
                     key_id: "device-id".to_owned(),
                     auto_renew: None,
+                    csr_subject: None,
                 },
             }
         );

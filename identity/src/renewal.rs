@@ -171,6 +171,16 @@ pub fn validity(pem: &str) -> Result<(i64, i64), String> {
 }
 
 /// The DER subject of the first certificate of a PEM chain.
+/// The DER subject name of (attribute, value) pairs in order, e.g. `[("CN", "dev1"), ("O", "Contoso")]`.
+pub fn subject_from_pairs(pairs: &[(String, String)]) -> Result<Vec<u8>, String> {
+    let mut name = openssl::x509::X509NameBuilder::new().map_err(|error| error.to_string())?;
+    for (attribute, value) in pairs {
+        name.append_entry_by_text(attribute, value)
+            .map_err(|_| format!("subject attribute {attribute:?} is not a known DN attribute"))?;
+    }
+    name.build().to_der().map_err(|error| error.to_string())
+}
+
 pub fn subject_der(pem: &str) -> Result<Vec<u8>, String> {
     leaf(pem)?
         .subject_name()

@@ -183,10 +183,18 @@ impl IdentityService {
                             key_id: key_id.clone(),
                         }
                     }
-                    ManualAuth::X509 { cert_id, key_id } => DeviceCredentials::X509 {
-                        cert_id: cert_id.clone(),
-                        key_id: key_id.clone(),
-                    },
+                    ManualAuth::X509 {
+                        cert_id,
+                        key_id,
+                        csr_subject,
+                    } => {
+                        self.ensure_identity_cert(cert_id, key_id, csr_subject)
+                            .await?;
+                        DeviceCredentials::X509 {
+                            cert_id: cert_id.clone(),
+                            key_id: key_id.clone(),
+                        }
+                    }
                 };
                 Ok(Some(Device {
                     hub_name: iothub_hostname.clone(),
@@ -300,8 +308,12 @@ impl IdentityService {
                 registration_id,
                 cert_id,
                 key_id,
+                csr_subject,
                 ..
             } => {
+                if let Some(subject) = csr_subject {
+                    self.ensure_identity_cert(cert_id, key_id, subject).await?;
+                }
                 let (identity, pem) = self.x509_identity(cert_id, key_id).await?;
                 let registration_id = match registration_id {
                     Some(id) => id.clone(),

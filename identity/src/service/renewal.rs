@@ -123,7 +123,8 @@ impl IdentityService {
                 .await
                 .map_err(IdentityError::keyd(format!("loading key pair {key_id:?}")))?
         };
-        let csr = self.keyd_signed_csr(&old_pem, &handle).await?;
+        let subject = crate::renewal::subject_der(&old_pem).map_err(IdentityError::Credentials)?;
+        let csr = self.keyd_signed_csr(&subject, &handle).await?;
         let new_chain = self
             .certd
             .create_cert(&temp_cert, &csr, None)
@@ -235,9 +236,47 @@ impl IdentityService {
     }
 
     /// A CSR for `old_pem`'s subject and the public key behind `handle`, signed by keyd.
+    /// Makes sure the device identity cert `cert_id` exists: when certd has none (404), key pair
+    /// `key_id` is made in keyd if it does not exist yet (RSA 2048 preferred, as the reference),
+    /// and certd issues the cert from a CSR with `subject`, signed by keyd (the key never
+    /// leaves keyd). An existing cert, or key, is never replaced here.
+    pub(super) async fn ensure_identity_cert(
+        &self,
+        cert_id: &str,
+        key_id: &str,
+        subject: &[(String, String)],
+    ) -> Result<(), IdentityError> {
+        match self.certd.get_cert(cert_id).await {
+            Ok(_) => return Ok(()),
+            Err(error) if error.is_not_found() => {}
+            Err(error) => {
+                return Err(IdentityError::certd(format!(
+                    "loading identity certificate {cert_id:?}"
+                ))(error))
+            }
+        }
+        log::info!("identity certificate {cert_id:?} does not exist; asking certd to issue it");
+        let handle = self
+            .keyd
+            .create_key_pair_if_not_exists(key_id, Some("rsa-2048:*"))
+            .await
+            .map_err(IdentityError::keyd(format!("creating key pair {key_id:?}")))?;
+        let subject =
+            crate::renewal::subject_from_pairs(subject).map_err(IdentityError::Credentials)?;
+        let csr = self.keyd_signed_csr(&subject, &handle).await?;
+        self.certd
+            .create_cert(cert_id, &csr, None)
+            .await
+            .map_err(IdentityError::certd(format!(
+                "issuing identity certificate {cert_id:?}"
+            )))?;
+        Ok(())
+    }
+
+    /// A CSR for `subject` (DER) and the key pair behind `handle`, signed by keyd.
     async fn keyd_signed_csr(
         &self,
-        old_pem: &str,
+        subject: &[u8],
         handle: &KeyHandle,
     ) -> Result<String, IdentityError> {
         use base64::Engine as _;
@@ -275,8 +314,7 @@ impl IdentityService {
             }
         };
         let public_key = public_key.map_err(IdentityError::Credentials)?;
-        let subject = crate::renewal::subject_der(old_pem).map_err(IdentityError::Credentials)?;
-        let unsigned = crate::renewal::unsigned_csr(&subject, &public_key)
+        let unsigned = crate::renewal::unsigned_csr(subject, &public_key)
             .map_err(IdentityError::Credentials)?;
         let digest = openssl::sha::sha256(&unsigned.to_be_signed);
         let signature = match kind {
@@ -297,7 +335,7 @@ impl IdentityService {
                     .await
             }
         }
-        .map_err(IdentityError::keyd("signing the renewal CSR"))?;
+        .map_err(IdentityError::keyd("signing the CSR"))?;
         crate::renewal::signed_csr(unsigned, kind, &signature).map_err(IdentityError::Credentials)
     }
 }
