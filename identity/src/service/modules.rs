@@ -14,6 +14,11 @@ use crate::config::IdType;
 use crate::error::IdentityError;
 use crate::state::CachedModule;
 
+/// The longest module ID IoT Hub accepts.
+const MODULE_ID_MAX: usize = 128;
+/// The characters besides ASCII letters and digits IoT Hub accepts in a module ID.
+const MODULE_ID_SPECIALS: &str = "-:.+%_#*?!(),=@;$'";
+
 impl IdentityService {
     async fn master_key(&self) -> Result<KeyHandle, IdentityError> {
         self.master_key
@@ -190,11 +195,28 @@ impl IdentityService {
         Ok(self.module_spec(device, module, Some(AuthInfo::Sas { key_handle: handle })))
     }
 
+    /// IoT Hub's rule for module IDs: 1 to 128 ASCII letters, digits and `-:.+%_#*?!(),=@;$'`.
+    /// Checked here so a bad ID is a 400 from identityd rather than a 502 from the hub, and so
+    /// every module ID can also name its cache file.
     fn check_module_id(module_id: &str) -> Result<(), IdentityError> {
         if module_id.is_empty() {
             return Err(IdentityError::BadRequest(
                 "parameter \"moduleId\" must not be empty".to_owned(),
             ));
+        }
+        if module_id.len() > MODULE_ID_MAX {
+            return Err(IdentityError::BadRequest(format!(
+                "parameter \"moduleId\" is longer than {MODULE_ID_MAX} characters"
+            )));
+        }
+        if let Some(bad) = module_id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || MODULE_ID_SPECIALS.contains(*c)))
+        {
+            return Err(IdentityError::BadRequest(format!(
+                "parameter \"moduleId\" has the character {bad:?}; IoT Hub allows ASCII letters, \
+                 digits and {MODULE_ID_SPECIALS}"
+            )));
         }
         Ok(())
     }
@@ -429,5 +451,39 @@ impl IdentityService {
                 expiration,
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Service = IdentityService;
+
+    #[test]
+    fn module_ids_follow_iot_hubs_rule() {
+        for good in [
+            "m",
+            "$edgeAgent",
+            "a-b:c.d+e%f_g#h*i?j!k(l)m,n=o@p;q$r's",
+            &"x".repeat(128),
+        ] {
+            assert!(Service::check_module_id(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(129),
+            "a/b",
+            "a b",
+            "mödule",
+            "a\u{0}b",
+            "a\"b",
+        ] {
+            let error = Service::check_module_id(bad).unwrap_err();
+            assert!(
+                matches!(error, IdentityError::BadRequest(_)),
+                "{bad}: {error:?}"
+            );
+        }
     }
 }
