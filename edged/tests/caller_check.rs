@@ -7,15 +7,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod fake_identity;
+
 use std::collections::HashMap;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 
-use edged::identity::{DeviceIdentity, IdentityClient, ModuleIdentity};
+use edged::identity::IdentityClient as _;
 use edged::runtime::docker::DockerRuntime;
 use edged::Edged;
+use fake_identity::FakeIdentity;
 use http::{Method, StatusCode};
-use http_common::{Caller, ClientError, Request, Response};
+use http_common::{Caller, Request, Response};
 
 /// A Docker engine that only answers `GET /containers/<name>/top`, from a table the test sets.
 #[derive(Default)]
@@ -53,41 +56,6 @@ impl http_common::Handler for TopRouter {
                 &serde_json::json!({"message": format!("No such container: {path}")}),
             ),
         }
-    }
-}
-
-struct NoIdentity;
-
-impl IdentityClient for NoIdentity {
-    async fn get_device(&self) -> Result<DeviceIdentity, ClientError> {
-        Ok(DeviceIdentity {
-            hub_name: "hub".into(),
-            gateway_host: "hub".into(),
-            device_id: "device".into(),
-        })
-    }
-    async fn reprovision(&self) -> Result<(), ClientError> {
-        Ok(())
-    }
-    async fn list_modules(&self) -> Result<Vec<ModuleIdentity>, ClientError> {
-        Ok(Vec::new())
-    }
-    async fn create_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
-        self.get_module(module_id).await
-    }
-    async fn get_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
-        Ok(ModuleIdentity {
-            module_id: module_id.into(),
-            gen_id: "1".into(),
-            key_handle: None,
-            local: false,
-        })
-    }
-    async fn update_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
-        self.get_module(module_id).await
-    }
-    async fn delete_module(&self, _: &str) -> Result<(), ClientError> {
-        Ok(())
     }
 }
 
@@ -157,11 +125,11 @@ async fn a_reused_pid_does_not_inherit_a_cached_answer() {
     let edged = Edged::new(
         config,
         runtime,
-        NoIdentity,
+        FakeIdentity,
         key_api::Client::from_uri("unix:///nonexistent/keyd.sock").unwrap(),
         cert_api::Client::from_uri("unix:///nonexistent/certd.sock").unwrap(),
         homedir,
-        NoIdentity.get_device().await.unwrap(),
+        FakeIdentity.get_device().await.unwrap(),
         exit,
     );
 

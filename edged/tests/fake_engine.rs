@@ -6,18 +6,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod fake_identity;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edged::identity::{DeviceIdentity, IdentityClient, ModuleIdentity};
+use edged::identity::IdentityClient as _;
 use edged::model::ModuleSpec;
 use edged::runtime::docker::DockerRuntime;
 use edged::runtime::LogOptions;
 use edged::Edged;
+use fake_identity::FakeIdentity;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt as _;
-use http_common::{ApiError as _, Caller, ClientError, Request, Response};
+use http_common::{ApiError as _, Caller, Request, Response};
 
 const OWNER: &str = "net.azure-devices.edge.owner";
 
@@ -124,41 +127,6 @@ impl http_common::Handler for EngineRouter {
                 serde_json::json!({"message": format!("No such container: {path}")}),
             ),
         }
-    }
-}
-
-struct FakeIdentity;
-
-impl IdentityClient for FakeIdentity {
-    async fn get_device(&self) -> Result<DeviceIdentity, ClientError> {
-        Ok(DeviceIdentity {
-            hub_name: "hub".into(),
-            gateway_host: "hub".into(),
-            device_id: "device".into(),
-        })
-    }
-    async fn reprovision(&self) -> Result<(), ClientError> {
-        Ok(())
-    }
-    async fn list_modules(&self) -> Result<Vec<ModuleIdentity>, ClientError> {
-        Ok(Vec::new())
-    }
-    async fn create_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
-        self.get_module(module_id).await
-    }
-    async fn get_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
-        Ok(ModuleIdentity {
-            module_id: module_id.into(),
-            gen_id: "1".into(),
-            key_handle: None,
-            local: false,
-        })
-    }
-    async fn update_module(&self, module_id: &str) -> Result<ModuleIdentity, ClientError> {
-        self.get_module(module_id).await
-    }
-    async fn delete_module(&self, _: &str) -> Result<(), ClientError> {
-        Ok(())
     }
 }
 
