@@ -504,25 +504,9 @@ impl CertService {
             return Ok(());
         }
         let options = policy.issuance.get(id);
-        let algorithms = options
-            .and_then(|options| options.key_algorithms.as_deref())
-            .unwrap_or(DEFAULT_KEY_ALGORITHMS);
-        self.keys.create_key_pair(&local_ca.pk, algorithms).await?;
-        let key = self
-            .keys
-            .public_key(SigningKey::Certd(&local_ca.pk), false)
+        let (template, public_key) = self
+            .new_key_template(id, &local_ca.pk, options, issuance::local_ca_extensions()?)
             .await?;
-        let public_key = key.to_pkey()?.ok_or_else(|| {
-            CertError::BadRequest(format!(
-                "key pair {:?} in keyd has an unsupported curve",
-                local_ca.pk
-            ))
-        })?;
-        let template = Template {
-            subject: Self::template_subject(options, || issuance::common_name_subject(id))?,
-            spki: issuance::spki_of(&public_key)?,
-            extensions: issuance::local_ca_extensions()?,
-        };
         let pk = local_ca.pk.as_str();
         let plan = Plan::self_signed(
             public_key,
@@ -531,10 +515,7 @@ impl CertService {
                 CertError::BadRequest(format!("key pair {pk:?} changed during issuance"))
             }),
         )?;
-        let expiry_days = options
-            .and_then(|options| options.expiry_days)
-            .unwrap_or(DEFAULT_EXPIRY_DAYS);
-        let chain = self.sign(&template, &plan, expiry_days).await?;
+        let chain = self.sign(&template, &plan, expiry_days(options)).await?;
         drop(plan);
         self.apply(id, Write::Store(chain.as_str().into())).await?;
         log::info!("created the local CA certificate {id:?}");
@@ -665,13 +646,41 @@ impl CertService {
             spki: csr.spki.clone(),
             extensions: csr.extensions.clone(),
         };
-        let expiry_days = options
-            .and_then(|options| options.expiry_days)
-            .unwrap_or(DEFAULT_EXPIRY_DAYS);
-        let chain = self.sign(&template, &plan, expiry_days).await?;
+        let chain = self.sign(&template, &plan, expiry_days(options)).await?;
         drop(plan);
         self.write(id, Write::Store(chain.as_str().into())).await?;
         Ok(chain)
+    }
+
+    /// Creates key pair `key_id` in keyd if it does not exist (`key_algorithms`, or the default)
+    /// and the template of a certificate `id` for it: `options`' subject (default CN = `id`)
+    /// and `extensions`. Returns the template and the key's public half.
+    async fn new_key_template(
+        &self,
+        id: &str,
+        key_id: &str,
+        options: Option<&IssuanceOptions>,
+        extensions: Vec<x509_cert::ext::Extension>,
+    ) -> Result<(Template, PKey<Public>), CertError> {
+        let algorithms = options
+            .and_then(|options| options.key_algorithms.as_deref())
+            .unwrap_or(DEFAULT_KEY_ALGORITHMS);
+        self.keys.create_key_pair(key_id, algorithms).await?;
+        let key = self
+            .keys
+            .public_key(SigningKey::Certd(key_id), false)
+            .await?;
+        let public_key = key.to_pkey()?.ok_or_else(|| {
+            CertError::BadRequest(format!(
+                "key pair {key_id:?} in keyd has an unsupported curve"
+            ))
+        })?;
+        let template = Template {
+            subject: Self::template_subject(options, || issuance::common_name_subject(id))?,
+            spki: issuance::spki_of(&public_key)?,
+            extensions,
+        };
+        Ok((template, public_key))
     }
 
     /// Draft `POST /certstore/cert`: returns the stored cert, or creates key pair `<id>` in
@@ -690,19 +699,7 @@ impl CertService {
             return Err(CertError::Preloaded(id.to_owned()));
         }
         let options = policy.issuance.get(id);
-        let algorithms = options
-            .and_then(|options| options.key_algorithms.as_deref())
-            .unwrap_or(DEFAULT_KEY_ALGORITHMS);
-        self.keys.create_key_pair(id, algorithms).await?;
-        let key = self.keys.public_key(SigningKey::Certd(id), false).await?;
-        let public_key = key.to_pkey()?.ok_or_else(|| {
-            CertError::BadRequest(format!("key pair {id:?} in keyd has an unsupported curve"))
-        })?;
-        let template = Template {
-            subject: Self::template_subject(options, || issuance::common_name_subject(id))?,
-            spki: issuance::spki_of(&public_key)?,
-            extensions: Vec::new(),
-        };
+        let (template, public_key) = self.new_key_template(id, id, options, Vec::new()).await?;
         let plan = match options.and_then(|options| options.method) {
             Some(Method::LocalCa) => self.local_ca_plan(&policy).await?,
             _ => Plan::self_signed(
@@ -713,14 +710,18 @@ impl CertService {
                 }),
             )?,
         };
-        let expiry_days = options
-            .and_then(|options| options.expiry_days)
-            .unwrap_or(DEFAULT_EXPIRY_DAYS);
-        let chain = self.sign(&template, &plan, expiry_days).await?;
+        let chain = self.sign(&template, &plan, expiry_days(options)).await?;
         drop(plan);
         self.apply(id, Write::Store(chain.as_str().into())).await?;
         Ok((chain, true))
     }
+}
+
+/// The validity of a cert issued with `options`: its `expiry_days`, or the default.
+fn expiry_days(options: Option<&IssuanceOptions>) -> u32 {
+    options
+        .and_then(|options| options.expiry_days)
+        .unwrap_or(DEFAULT_EXPIRY_DAYS)
 }
 
 #[cfg(test)]
