@@ -18,24 +18,6 @@ use crate::service::Edged;
 
 type Result = std::result::Result<Response, EdgedError>;
 
-/// A module named in a path must be a name a container can have (Docker's rule: a letter or
-/// digit, then at least one letter, digit, `_`, `.` or `-`); any other name cannot be a module,
-/// so it is a 404 before the runtime sees it. Docker answers `.` and `..` (even
-/// percent-encoded) with a redirect to another route, which would otherwise surface as a 500.
-fn existing_module_name(name: &str) -> std::result::Result<&str, EdgedError> {
-    let mut bytes = name.bytes();
-    let valid = bytes
-        .next()
-        .is_some_and(|first| first.is_ascii_alphanumeric())
-        && name.len() >= 2
-        && bytes.all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte));
-    if valid {
-        Ok(name)
-    } else {
-        Err(EdgedError::ModuleNotFound(name.to_owned()))
-    }
-}
-
 fn parse_bool(request: &Request, name: &str) -> std::result::Result<Option<bool>, EdgedError> {
     match request.query_param(name) {
         None => Ok(None),
@@ -95,7 +77,7 @@ pub(crate) async fn get_module<R: ModuleRuntime, I: IdentityClient>(
     edged: &Arc<Edged<R, I>>,
     name: &str,
 ) -> Result {
-    let name = existing_module_name(name)?;
+    let name = crate::service::existing_module_name(name)?;
     Ok(json_response(
         StatusCode::OK,
         &edged.get_module(name).await?,
@@ -121,7 +103,7 @@ pub(crate) async fn update_module<R: ModuleRuntime, I: IdentityClient>(
     edged.authorize_agent(&request.caller).await?;
     // A missing path module is fine (the body's module is created), but a name no container can
     // have is a mistake, not an absent module.
-    if existing_module_name(name).is_err() {
+    if crate::service::existing_module_name(name).is_err() {
         return Err(EdgedError::invalid(
             "name",
             format!("{name:?} is not a valid module (container) name"),
@@ -140,9 +122,6 @@ pub(crate) async fn delete_module<R: ModuleRuntime, I: IdentityClient>(
     request: &Request,
     name: &str,
 ) -> Result {
-    // The caller first (the service checks again, cached), so others still get 403.
-    edged.authorize_agent(&request.caller).await?;
-    let name = existing_module_name(name)?;
     edged.delete_module(&request.caller, name).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
@@ -163,7 +142,7 @@ pub(crate) async fn module_action<R: ModuleRuntime, I: IdentityClient>(
     name: &str,
     action: ModuleAction,
 ) -> Result {
-    let name = existing_module_name(name)?;
+    let name = crate::service::existing_module_name(name)?;
     match action {
         ModuleAction::Start => edged.start_module(name).await?,
         ModuleAction::Stop => edged.stop_module(name).await?,
@@ -180,7 +159,7 @@ pub(crate) async fn module_logs<R: ModuleRuntime, I: IdentityClient>(
     request: &Request,
     name: &str,
 ) -> Result {
-    let name = existing_module_name(name)?;
+    let name = crate::service::existing_module_name(name)?;
     let options = log_options(request, crate::time::now_unix())?;
     let body = edged.module_logs(name, &options).await?;
     let mut response = hyper::Response::new(body);

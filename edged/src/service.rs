@@ -74,6 +74,24 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
+/// A module named in a path must be a name a container can have (Docker's rule: a letter or
+/// digit, then at least one letter, digit, `_`, `.` or `-`); any other name cannot be a module,
+/// so it is a 404 before the runtime sees it. Docker answers `.` and `..` (even
+/// percent-encoded) with a redirect to another route, which would otherwise surface as a 500.
+pub(crate) fn existing_module_name(name: &str) -> std::result::Result<&str, EdgedError> {
+    let mut bytes = name.bytes();
+    let valid = bytes
+        .next()
+        .is_some_and(|first| first.is_ascii_alphanumeric())
+        && name.len() >= 2
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte));
+    if valid {
+        Ok(name)
+    } else {
+        Err(EdgedError::ModuleNotFound(name.to_owned()))
+    }
+}
+
 struct ListenerHandle {
     stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -608,7 +626,9 @@ impl<R: ModuleRuntime, I: IdentityClient> Edged<R, I> {
 
     /// `DELETE /modules/{name}`.
     pub async fn delete_module(&self, caller: &Caller, name: &str) -> Result<(), EdgedError> {
+        // The caller first, so others get 403 whatever the name.
         self.authorize_agent(caller).await?;
+        let name = existing_module_name(name)?;
         let module_lock = self.module_lock(name);
         let _ordered = module_lock.lock().await;
         let image = self.runtime.remove(name).await.map_err(|error| {

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod fake_identity;
+mod fake_peers;
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use edged::identity::IdentityClient as _;
 use edged::runtime::docker::DockerRuntime;
 use edged::Edged;
-use fake_identity::FakeIdentity;
+use fake_peers::{serve_engine, FakeIdentity};
 use http::{Method, StatusCode};
 use http_common::{Caller, Request, Response};
 
@@ -96,19 +96,7 @@ async fn a_reused_pid_does_not_inherit_a_cached_answer() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(TopEngine::default());
     let socket = dir.path().join("docker.sock");
-    let listener = http_common::listener::listen(
-        &http_common::listener::ListenerUri::Unix(socket.clone()),
-        &http_common::listener::SystemdFds::default(),
-        None,
-        0o600,
-    )
-    .unwrap();
-    tokio::spawn(http_common::serve(
-        listener,
-        Arc::new(TopRouter(Arc::clone(&engine))),
-        http_common::ServerOptions::default(),
-        std::future::pending(),
-    ));
+    serve_engine(&socket, Arc::new(TopRouter(Arc::clone(&engine))));
     let homedir = dir.path().join("home");
     std::fs::create_dir_all(&homedir).unwrap();
     let config = edged::Config::from_toml(&format!(

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod fake_identity;
+mod fake_peers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use edged::model::ModuleSpec;
 use edged::runtime::docker::DockerRuntime;
 use edged::runtime::LogOptions;
 use edged::Edged;
-use fake_identity::FakeIdentity;
+use fake_peers::{serve_engine, FakeIdentity};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt as _;
 use http_common::{ApiError as _, Caller, Request, Response};
@@ -151,19 +151,7 @@ async fn a_hanging_pull_blocks_nothing_else_and_docker_errors_keep_their_status(
         test_pid: std::process::id(),
     });
     let socket = dir.path().join("docker.sock");
-    let listener = http_common::listener::listen(
-        &http_common::listener::ListenerUri::Unix(socket.clone()),
-        &http_common::listener::SystemdFds::default(),
-        None,
-        0o600,
-    )
-    .unwrap();
-    tokio::spawn(http_common::serve(
-        listener,
-        Arc::new(EngineRouter(Arc::clone(&engine))),
-        http_common::ServerOptions::default(),
-        std::future::pending(),
-    ));
+    serve_engine(&socket, Arc::new(EngineRouter(Arc::clone(&engine))));
 
     let homedir = dir.path().join("home");
     std::fs::create_dir_all(homedir.join("gc")).unwrap();
@@ -340,19 +328,7 @@ async fn routing_rules_of_both_apis() {
         test_pid: std::process::id(),
     });
     let socket = dir.path().join("docker.sock");
-    let listener = http_common::listener::listen(
-        &http_common::listener::ListenerUri::Unix(socket.clone()),
-        &http_common::listener::SystemdFds::default(),
-        None,
-        0o600,
-    )
-    .unwrap();
-    tokio::spawn(http_common::serve(
-        listener,
-        Arc::new(EngineRouter(Arc::clone(&engine))),
-        http_common::ServerOptions::default(),
-        std::future::pending(),
-    ));
+    serve_engine(&socket, Arc::new(EngineRouter(Arc::clone(&engine))));
     let homedir = dir.path().join("home");
     std::fs::create_dir_all(homedir.join("gc")).unwrap();
     let config = edged::Config::from_toml(&format!(
@@ -682,19 +658,7 @@ async fn the_module_network_is_created_with_its_ipam_settings() {
         test_pid: std::process::id(),
     });
     let socket = dir.path().join("docker.sock");
-    let listener = http_common::listener::listen(
-        &http_common::listener::ListenerUri::Unix(socket.clone()),
-        &http_common::listener::SystemdFds::default(),
-        None,
-        0o600,
-    )
-    .unwrap();
-    tokio::spawn(http_common::serve(
-        listener,
-        Arc::new(EngineRouter(Arc::clone(&engine))),
-        http_common::ServerOptions::default(),
-        std::future::pending(),
-    ));
+    serve_engine(&socket, Arc::new(EngineRouter(Arc::clone(&engine))));
     let config = edged::Config::from_toml(
         "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"a\"\n\
          [moby_runtime.network]\nname = \"edge-net\"\nipv6 = true\n\

@@ -1,8 +1,29 @@
-//! An identityd stand-in for tests that call edged's service directly: device `device` in hub
-//! `hub`, and any module identity asked for (generation 1, no key).
+//! Stand-ins for edged's peers in tests that call edged's service directly: a Docker engine
+//! served on a socket by the test's own handler, and an identityd with device `device` in hub
+//! `hub` that hands out any module identity asked for (generation 1, no key).
+
+use std::path::Path;
+use std::sync::Arc;
 
 use edged::identity::{DeviceIdentity, IdentityClient, ModuleIdentity};
 use http_common::ClientError;
+
+/// Serves `engine` on a new Unix socket at `socket`, on the current runtime, until the test ends.
+pub fn serve_engine<H: http_common::Handler>(socket: &Path, engine: Arc<H>) {
+    let listener = http_common::listener::listen(
+        &http_common::listener::ListenerUri::Unix(socket.to_owned()),
+        &http_common::listener::SystemdFds::default(),
+        None,
+        0o600,
+    )
+    .unwrap();
+    tokio::spawn(http_common::serve(
+        listener,
+        engine,
+        http_common::ServerOptions::default(),
+        std::future::pending(),
+    ));
+}
 
 pub struct FakeIdentity;
 
