@@ -593,6 +593,17 @@ impl CertService {
             validate_cert_id(&issuer.cert_id, "issuer.certId")?;
         }
         let csr = issuance::parse_csr(csr)?;
+        // An implicit issuer signs for anyone allowed to write the ID, so it never makes a CA
+        // unless configuration says the ID may be one. A caller naming an issuer holds the
+        // issuer's key and could sign anything itself: unchanged.
+        if issuer.is_none() && !policy.may_be_ca(id) {
+            if let Some(extension) = issuance::ca_only_request(&csr.extensions)? {
+                return Err(CertError::CaNotAllowed {
+                    id: id.to_owned(),
+                    extension,
+                });
+            }
+        }
         let options = policy.issuance.get(id);
         let plan = match &issuer {
             Some(issuer) => {
@@ -628,17 +639,6 @@ impl CertService {
                 }
             },
         };
-        // An implicit issuer signs for anyone allowed to write the ID, so it never makes a CA
-        // unless configuration says the ID may be one. A caller naming an issuer holds the
-        // issuer's key and could sign anything itself: unchanged.
-        if issuer.is_none() && !policy.may_be_ca(id) {
-            if let Some(extension) = issuance::ca_only_request(&csr.extensions)? {
-                return Err(CertError::CaNotAllowed {
-                    id: id.to_owned(),
-                    extension,
-                });
-            }
-        }
         let template = Template {
             subject: Self::template_subject(options, || {
                 issuance::truncate_common_names(csr.subject.clone())

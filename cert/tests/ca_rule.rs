@@ -332,3 +332,56 @@ async fn ids_allowed_to_be_cas_are_issued_as_cas() {
         verify(&parse_chain(&pem), &root).unwrap();
     }
 }
+
+/// An issued local CA (its own `[cert_issuance.<cert>] method = "self_signed"`, as `iotedge
+/// config apply` writes it) does not exist until the first local-CA issuance creates it: key pair
+/// in keyd, self-signed CA certificate. A refused CA request creates nothing, not even the local
+/// CA; the next leaf request creates it and is issued under it, and OpenSSL accepts the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_local_ca_is_created_by_its_first_issuance() {
+    let mut pair = Pair::new();
+    pair.start(
+        "[cert_issuance.local_ca]\ncert = \"auto-ca\"\npk = \"auto-ca\"\n\
+         [cert_issuance.auto-ca]\nmethod = \"self_signed\"\ncommon_name = \"Auto CA\"\nexpiry_days = 30\n\
+         [cert_issuance.leaf]\nmethod = \"local_ca\"\n",
+    );
+    let client = pair.certd_client();
+
+    let refused = client
+        .create_cert("leaf", &csr_pem(&ec_key(), "rogue CA", Profile::Ca), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.status(),
+        Some(http::StatusCode::FORBIDDEN),
+        "{refused}"
+    );
+    let missing = client.get_cert("auto-ca").await.unwrap_err();
+    assert!(
+        missing.is_not_found(),
+        "a refused request created the CA: {missing}"
+    );
+
+    let key = ec_key();
+    let chain = parse_chain(
+        &client
+            .create_cert("leaf", &leaf_csr(&key), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(chain.len(), 2, "leaf and the new local CA");
+    let ca = parse_chain(&client.get_cert("auto-ca").await.unwrap());
+    assert_eq!(ca.len(), 1);
+    assert_eq!(ca[0].to_der().unwrap(), chain[1].to_der().unwrap());
+    assert!(text(&ca[0]).contains("CN=Auto CA") || text(&ca[0]).contains("CN = Auto CA"));
+    verify(&chain[..1], &ca[0]).unwrap();
+    // The CA key lives in keyd under the configured pk.
+    let handle = pair.keyd_client().load_key_pair("auto-ca").await.unwrap();
+    assert_eq!(
+        pair.keyd_client()
+            .get_key_pair_public_parameter(&handle, "algorithm")
+            .await
+            .unwrap(),
+        "ECDSA"
+    );
+}
