@@ -308,6 +308,25 @@ fn basic_constraints(value: &[u8]) -> der::Result<(bool, bool)> {
     reader.finish(parsed)
 }
 
+/// The extensions of a local CA certd makes itself: basicConstraints CA:TRUE and keyUsage
+/// digitalSignature, keyCertSign, cRLSign, both critical.
+pub fn local_ca_extensions() -> Result<Vec<Extension>, CertError> {
+    use x509_cert::ext::pkix::{BasicConstraints, KeyUsage, KeyUsages};
+    let critical = |mut extension: Extension| {
+        extension.critical = true;
+        extension
+    };
+    let basic = BasicConstraints {
+        ca: true,
+        path_len_constraint: None,
+    };
+    let usage = KeyUsage(KeyUsages::DigitalSignature | KeyUsages::KeyCertSign | KeyUsages::CRLSign);
+    Ok(vec![
+        critical(extension(OID_BASIC_CONSTRAINTS, &basic)?),
+        critical(extension(OID_KEY_USAGE, &usage)?),
+    ])
+}
+
 /// The first thing in `extensions` that only a CA certificate may carry, described for an error
 /// message (`basicConstraints CA:TRUE`, `keyUsage keyCertSign`, `nameConstraints`, ...), or
 /// `None` for a leaf request. An extension certd must inspect but cannot decode is a 400: it is
@@ -317,25 +336,6 @@ fn basic_constraints(value: &[u8]) -> der::Result<(bool, bool)> {
 /// (OpenSSL accepts a certificate with keyCertSign and no basicConstraints as a CA); nsCertType
 /// with a CA bit (likewise); nameConstraints, policyMappings, policyConstraints and
 /// inhibitAnyPolicy (RFC 5280 defines them for CA certificates only).
-/// The extensions of a local CA certd makes itself: basicConstraints CA:TRUE and keyUsage
-/// digitalSignature, keyCertSign, cRLSign, both critical.
-pub fn local_ca_extensions() -> Result<Vec<Extension>, CertError> {
-    let extension = |extn_id, value: &[u8]| -> Result<Extension, CertError> {
-        Ok(Extension {
-            extn_id,
-            critical: true,
-            extn_value: OctetString::new(value.to_vec())
-                .map_err(|error| CertError::Encoding(format!("extension: {error}")))?,
-        })
-    };
-    Ok(vec![
-        // SEQUENCE { BOOLEAN TRUE }
-        extension(OID_BASIC_CONSTRAINTS, &[0x30, 0x03, 0x01, 0x01, 0xff])?,
-        // BIT STRING, 1 unused bit: bits 0 (digitalSignature), 5 (keyCertSign), 6 (cRLSign)
-        extension(OID_KEY_USAGE, &[0x03, 0x02, 0x01, 0x86])?,
-    ])
-}
-
 pub fn ca_only_request(extensions: &[Extension]) -> Result<Option<String>, CertError> {
     let malformed =
         |name: &str| CertError::invalid("csr", format!("has a malformed {name} extension"));

@@ -170,7 +170,6 @@ pub fn validity(pem: &str) -> Result<(i64, i64), String> {
     ))
 }
 
-/// The DER subject of the first certificate of a PEM chain.
 /// The DER subject name of (attribute, value) pairs in order, e.g. `[("CN", "dev1"), ("O", "Contoso")]`.
 pub fn subject_from_pairs(pairs: &[(String, String)]) -> Result<Vec<u8>, String> {
     let mut name = openssl::x509::X509NameBuilder::new().map_err(|error| error.to_string())?;
@@ -181,6 +180,7 @@ pub fn subject_from_pairs(pairs: &[(String, String)]) -> Result<Vec<u8>, String>
     name.build().to_der().map_err(|error| error.to_string())
 }
 
+/// The DER subject of the first certificate of a PEM chain.
 pub fn subject_der(pem: &str) -> Result<Vec<u8>, String> {
     leaf(pem)?
         .subject_name()

@@ -235,7 +235,6 @@ impl IdentityService {
             .map_err(IdentityError::certd(format!("deleting {temp_cert:?}")))
     }
 
-    /// A CSR for `old_pem`'s subject and the public key behind `handle`, signed by keyd.
     /// Makes sure the device identity cert `cert_id` exists: when certd has none (404), key pair
     /// `key_id` is made in keyd if it does not exist yet (RSA 2048 preferred, as the reference),
     /// and certd issues the cert from a CSR with `subject`, signed by keyd (the key never
