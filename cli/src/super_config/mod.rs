@@ -1323,6 +1323,53 @@ mod tests {
 
     const MANUAL: &str = "[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = { value = \"AAAA\" }\n";
 
+    /// identityd's `registration_id` for a DPS X.509 device cert issued with `subject`.
+    fn registration_id(registration_id: Option<&str>, subject: &str) -> Option<Value> {
+        let id_line = registration_id
+            .map(|id| format!("registration_id = \"{id}\"\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "[provisioning]\nsource = \"dps\"\nid_scope = \"s\"\n[provisioning.attestation]\n\
+             method = \"x509\"\n{id_line}identity_cert = {{ method = \"local_ca\", subject = {subject} }}\n\
+             [cert_issuance.local_ca]\ncert = \"file:///ca.pem\"\npk = \"file:///ca.key\"\n"
+        );
+        let plan = plan(&text, Path::new("/etc/aziot/config.toml"), &Fixed).unwrap();
+        plan.identityd["provisioning"]["attestation"]
+            .get("registration_id")
+            .cloned()
+    }
+
+    #[test]
+    fn a_dn_subject_is_the_registration_id_only_when_its_cn_is_the_id() {
+        let dn = |pairs: &[(&str, &str)]| {
+            Some(Value::Table(
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), string(*v)))
+                    .collect(),
+            ))
+        };
+        // The reference's form: the DN (names upper-case) with CN = the registration ID.
+        assert_eq!(
+            registration_id(Some("dev"), "{ cn = \"dev\", o = \"Contoso\" }"),
+            dn(&[("CN", "dev"), ("O", "Contoso")])
+        );
+        assert_eq!(
+            registration_id(None, "{ CN = \"dev\", L = \"AQ\" }"),
+            dn(&[("CN", "dev"), ("L", "AQ")])
+        );
+        // A registration ID the DN does not carry is kept as given; a DN without CN is no ID.
+        assert_eq!(
+            registration_id(Some("other"), "{ CN = \"dev\", O = \"Contoso\" }"),
+            Some(string("other"))
+        );
+        assert_eq!(
+            registration_id(Some("dev"), "{ O = \"Contoso\" }"),
+            Some(string("dev"))
+        );
+        assert_eq!(registration_id(None, "{ O = \"Contoso\" }"), None);
+    }
+
     fn error(text: &str) -> String {
         plan(text, Path::new("/etc/aziot/config.toml"), &Fixed)
             .unwrap_err()

@@ -115,24 +115,14 @@ pub(super) fn map_provisioning(
                             &device_id,
                             false,
                         )?;
-                        match issued {
-                            // A DN subject is kept whole, as the reference writes it (identityd
-                            // still forces CN to the device ID).
-                            Some(DeviceCertIssued {
-                                subject,
-                                subject_is_dn: true,
-                                ..
-                            }) => {
-                                let dn: Table = subject
-                                    .into_iter()
-                                    .map(|(name, value)| (name.to_uppercase(), string(value)))
-                                    .collect();
-                                auth.insert("csr_subject".into(), Value::Table(dn));
-                            }
-                            Some(_) => {
-                                auth.insert("csr_subject".into(), string(&device_id));
-                            }
-                            None => {}
+                        // A DN subject is kept whole, as the reference writes it (identityd
+                        // still forces CN to the device ID).
+                        if let Some(issued) = &issued {
+                            let subject = match issued.dn_table() {
+                                Some(dn) => Value::Table(dn),
+                                None => string(&device_id),
+                            };
+                            auth.insert("csr_subject".into(), subject);
                         }
                     }
                     other => {
@@ -243,41 +233,27 @@ pub(super) fn map_provisioning(
                         default_cn.as_deref().unwrap_or(""),
                         true,
                     )?;
-                    // A DN subject becomes the registration ID table (its CN is the ID), as
-                    // the reference writes it; otherwise the ID, or the cert's common name.
-                    match (&attestation.registration_id, &issued) {
-                        (
-                            _,
-                            Some(DeviceCertIssued {
-                                subject,
-                                subject_is_dn: true,
-                                ..
-                            }),
-                        ) => {
-                            let dn: Table = subject
-                                .iter()
-                                .map(|(name, value)| (name.clone(), string(value)))
-                                .collect();
+                    // A DN subject whose CN is the registration ID becomes the registration ID
+                    // table, as the reference writes it; otherwise the ID as given, or else the
+                    // cert's common name.
+                    let common_name = issued.as_ref().and_then(DeviceCertIssued::common_name);
+                    let dn = issued.as_ref().and_then(DeviceCertIssued::dn_table);
+                    let registration_id = attestation.registration_id.as_deref();
+                    match (registration_id, dn) {
+                        (id, Some(dn))
+                            if common_name.is_some()
+                                && id.is_none_or(|id| Some(id) == common_name) =>
+                        {
                             att.insert("registration_id".into(), Value::Table(dn));
                         }
-                        (Some(registration_id), _) => {
-                            att.insert("registration_id".into(), string(registration_id));
+                        (Some(id), _) => {
+                            att.insert("registration_id".into(), string(id));
                         }
-                        (
-                            None,
-                            Some(DeviceCertIssued {
-                                subject,
-                                subject_is_dn: false,
-                                ..
-                            }),
-                        ) => {
-                            if let Some((_, common_name)) =
-                                subject.iter().find(|(name, _)| name == "CN")
-                            {
+                        (None, _) => {
+                            if let Some(common_name) = common_name {
                                 att.insert("registration_id".into(), string(common_name));
                             }
                         }
-                        (None, None) => {}
                     }
                     if let Some(DeviceCertIssued {
                         auto_renew: Some(renew),
@@ -384,6 +360,27 @@ pub(super) struct DeviceCertIssued {
     /// Whether the super-config gave a `subject` table (a DN) rather than a common name.
     subject_is_dn: bool,
     auto_renew: Option<AutoRenew>,
+}
+
+impl DeviceCertIssued {
+    /// The subject's CN, if it has one.
+    fn common_name(&self) -> Option<&str> {
+        self.subject
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("CN"))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The subject as a DN table (attribute names upper-case), when the super-config gave a
+    /// `subject` table rather than a common name.
+    fn dn_table(&self) -> Option<Table> {
+        self.subject_is_dn.then(|| {
+            self.subject
+                .iter()
+                .map(|(name, value)| (name.to_uppercase(), string(value)))
+                .collect()
+        })
+    }
 }
 
 /// Maps `identity_cert` / `identity_pk` at `key` to the `device-id` cert and key.
