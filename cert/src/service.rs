@@ -242,22 +242,22 @@ pub struct CertService {
     issuers: Mutex<HashMap<String, Arc<IssuerCert>>>,
 }
 
-/// The most ASCII letters and digits a cert ID named through the API may contain. The file
-/// store names a cert `<the ID's letters and digits>-<64 hex digits>.cer` (the reference layout,
-/// 69 bytes besides the letters and digits) and writes it through a temporary
-/// `.<name>.tmp-<pid>-<counter>` (at most 34 bytes more); a file name may be 255 bytes long:
-/// 255 − 34 − 69 = 152. The same limit as keyd's key IDs.
-pub const MAX_CERT_ID_ALPHANUMERICS: usize = 152;
+/// The most ASCII letters and digits a cert ID named through the API may contain: what the file
+/// store can name (`config_common::files::MAX_ID_ALPHANUMERICS`), the same limit as keyd's.
+pub const MAX_CERT_ID_ALPHANUMERICS: usize = config_common::files::MAX_ID_ALPHANUMERICS;
 
 /// Checks a cert ID field of a request (the contract's rules, then the file store's limit).
 pub fn validate_cert_id(id: &str, field: &'static str) -> Result<(), CertError> {
     if let Some(reason) = cert_id_problem(id) {
         return Err(CertError::invalid(field, reason));
     }
-    if id.bytes().filter(u8::is_ascii_alphanumeric).count() > MAX_CERT_ID_ALPHANUMERICS {
+    if !config_common::files::fits_file_name(id) {
         return Err(CertError::invalid(
             field,
-            "must contain at most 152 ASCII letters and digits (the file store's file name limit)",
+            format!(
+                "must contain at most {MAX_CERT_ID_ALPHANUMERICS} ASCII letters and digits \
+                 (the file store's file name limit)"
+            ),
         ));
     }
     Ok(())

@@ -7,6 +7,18 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The most ASCII letters and digits an ID may contain for [`reference_file_name`] to give a
+/// name [`write_atomic`] can write: `<letters and digits>-<64 hex digits><extension of at most 4
+/// bytes>` is 69 bytes besides the letters and digits, the temporary `.<name>.tmp-<pid>-<counter>`
+/// at most 34 more, and a file name may be 255 bytes long: 255 − 34 − 69 = 152.
+pub const MAX_ID_ALPHANUMERICS: usize = 152;
+
+/// Whether `id` has few enough ASCII letters and digits for a state file of its own
+/// ([`MAX_ID_ALPHANUMERICS`]).
+pub fn fits_file_name(id: &str) -> bool {
+    id.bytes().filter(u8::is_ascii_alphanumeric).count() <= MAX_ID_ALPHANUMERICS
+}
+
 /// The reference file name for a caller-chosen ID: the ID with everything but ASCII letters and
 /// digits removed, `-`, the lowercase hex SHA-256 of the ID, then `extension` (e.g. `.key`).
 /// IDs containing `/` map to flat, unique names.
@@ -80,6 +92,22 @@ pub fn remove_durable(directory: &Path, file_name: &str) -> std::io::Result<bool
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_longest_id_that_fits_gives_a_writable_name() {
+        let id = "a".repeat(MAX_ID_ALPHANUMERICS);
+        assert!(fits_file_name(&id));
+        assert!(
+            fits_file_name(&format!("{id}-/-.")),
+            "only letters and digits count"
+        );
+        assert!(!fits_file_name(&format!("{id}b")));
+        let dir = tempfile::tempdir().unwrap();
+        // `.key` and `.cer` are the extensions the daemons use; the temporary name fits too.
+        let name = reference_file_name(&id, ".cer");
+        write_atomic(dir.path(), &name, b"x").unwrap();
+        assert_eq!(std::fs::read(dir.path().join(&name)).unwrap(), b"x");
+    }
+
     use super::*;
 
     #[test]

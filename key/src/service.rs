@@ -232,13 +232,11 @@ async fn maybe_blocking<T: Send + 'static>(
 /// The longest key ID, in bytes (the contract's limit).
 pub const MAX_KEY_ID_BYTES: usize = 512;
 
-/// The most ASCII letters and digits a key ID may contain. The file store names a key
-/// `<the ID's letters and digits>-<64 hex digits>.key` (the reference layout) and writes it
-/// through a temporary `.<name>.tmp-<pid>-<counter>` (at most 34 bytes more), and a file name
-/// may be 255 bytes long: 255 − 34 − 69 = 152. Checked for every store, so a key ID means the
+/// The most ASCII letters and digits a key ID may contain: what the file store can name
+/// (`config_common::files::MAX_ID_ALPHANUMERICS`). Checked for every store, so a key ID means the
 /// same on a token (where it is the object label) as in files, and moving a key between them
 /// never meets an ID one of them cannot hold.
-pub const MAX_KEY_ID_ALPHANUMERICS: usize = 152;
+pub const MAX_KEY_ID_ALPHANUMERICS: usize = config_common::files::MAX_ID_ALPHANUMERICS;
 
 /// Checks a key ID before any store sees it: 1–512 bytes of UTF-8, no control characters, at
 /// most [`MAX_KEY_ID_ALPHANUMERICS`] ASCII letters and digits.
@@ -249,7 +247,7 @@ pub fn validate_key_id(id: &str, field: &'static str) -> Result<(), KeyError> {
         format!("must be at most {MAX_KEY_ID_BYTES} bytes")
     } else if id.chars().any(|character| character.is_ascii_control()) {
         "must not contain control characters".to_owned()
-    } else if id.bytes().filter(u8::is_ascii_alphanumeric).count() > MAX_KEY_ID_ALPHANUMERICS {
+    } else if !config_common::files::fits_file_name(id) {
         format!(
             "must contain at most {MAX_KEY_ID_ALPHANUMERICS} ASCII letters and digits \
              (the file store's file name limit)"
