@@ -93,7 +93,9 @@ where
     };
     match connection_limits_from_env() {
         Ok(limits) => {
-            crate::server::set_daemon_limits(limits);
+            if !crate::server::set_daemon_limits(limits) {
+                log::warn!("the AZIOT_HTTP_* limits came too late and are not applied");
+            }
             warn_if_over_descriptor_limit(&limits);
         }
         Err(error) => {

@@ -89,7 +89,7 @@ impl ApiError for HttpError {
     }
 
     fn server_message(&self) -> String {
-        // HTTP-layer 5xx texts (the connection budget) are written to be public.
+        // HTTP-layer texts are written to be public.
         self.message.clone()
     }
 

@@ -252,7 +252,9 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// How much of a refused caller's request is read (and discarded) at most.
 const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 
-static LINGERING: AtomicUsize = AtomicUsize::new(0);
+/// The refused connections kept open now, daemon-wide ([`MAX_LINGERING`] at most).
+static LINGERING: std::sync::LazyLock<ConnectionCap> =
+    std::sync::LazyLock::new(|| ConnectionCap::new(MAX_LINGERING));
 
 /// Rate limit for a log line about a condition that may repeat many times a second.
 #[derive(Debug, Default)]
@@ -373,7 +375,7 @@ fn raw_answer(status: StatusCode, message: &str, retry_after: Option<u32>) -> Ve
 /// socket buffer) and the connection closed.
 fn refuse(stream: UnixStream, message: &str, linger: bool) {
     let answer = raw_answer(StatusCode::SERVICE_UNAVAILABLE, message, Some(1));
-    let slot = linger.then(LingerSlot::take).flatten();
+    let slot = linger.then(|| LINGERING.acquire()).flatten();
     let Some(slot) = slot else {
         let _ = stream.try_write(&answer);
         drain_ready(&stream);
@@ -401,26 +403,6 @@ fn refuse(stream: UnixStream, message: &str, linger: bool) {
         })
         .await;
     });
-}
-
-/// One of the [`MAX_LINGERING`] refused connections handled in a task.
-struct LingerSlot;
-
-impl LingerSlot {
-    fn take() -> Option<LingerSlot> {
-        LINGERING
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < MAX_LINGERING).then_some(open + 1)
-            })
-            .ok()
-            .map(|_| LingerSlot)
-    }
-}
-
-impl Drop for LingerSlot {
-    fn drop(&mut self) {
-        LINGERING.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Reads (and discards) what the caller has already sent, without blocking.
@@ -820,8 +802,9 @@ pub async fn serve<H: Handler>(
             Err(message) => {
                 if let Some(suppressed) = refusals.hit() {
                     log::warn!(
-                        "{message}: answering 503 to pid {} ({suppressed} more refused since \
-                         the last message)",
+                        "{message}: answering 503 to uid {} pid {} ({suppressed} more refused \
+                         since the last message)",
+                        caller.uid,
                         caller.pid
                     );
                 }
