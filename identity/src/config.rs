@@ -474,6 +474,10 @@ fn dn_subject(
         subject.push(("CN".to_owned(), cn.to_owned()));
     }
     subject.extend(others);
+    // An attribute no certificate subject can carry is a configuration error now, not a failed
+    // provisioning round later.
+    crate::renewal::subject_from_pairs(&subject)
+        .map_err(|reason| ConfigError::invalid(loaded, key, reason))?;
     Ok(subject)
 }
 
@@ -1122,6 +1126,35 @@ mod tests {
     }
 
     const BASE: &str = "hostname = \"h\"\nhomedir = \"/var/lib/id\"\n";
+
+    #[test]
+    fn a_csr_subject_dn_keeps_its_attributes_and_the_device_id_as_cn() {
+        let manual = |subject: &str| {
+            parse(&format!(
+                "{BASE}[provisioning]\nsource = \"manual\"\niothub_hostname = \"hub\"\ndevice_id = \"dev\"\n\
+                 [provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"c\"\nidentity_pk = \"k\"\n\
+                 csr_subject = {subject}\n"
+            ))
+        };
+        let config = manual("{ CN = \"other\", o = \"Contoso\" }").unwrap();
+        let Provisioning::Manual {
+            authentication: ManualAuth::X509 { csr_subject, .. },
+            ..
+        } = config.provisioning
+        else {
+            panic!("manual X.509 expected");
+        };
+        assert_eq!(
+            csr_subject,
+            [("CN".into(), "dev".into()), ("O".into(), "Contoso".into())]
+        );
+        // An attribute no subject can carry is refused at load, naming the key.
+        let error = manual("{ CN = \"dev\", FOO = \"x\" }").unwrap_err();
+        assert!(
+            error.contains("provisioning.authentication.csr_subject") && error.contains("FOO"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn seed_x509_example_is_accepted() {

@@ -196,8 +196,9 @@ impl IdentityService {
     }
 
     /// IoT Hub's rule for module IDs: 1 to 128 ASCII letters, digits and `-:.+%_#*?!(),=@;$'`.
-    /// Checked here so a bad ID is a 400 from identityd rather than a 502 from the hub, and so
-    /// every module ID can also name its cache file.
+    /// Checked when a module is created through the API, so a bad ID is a 400 from identityd
+    /// rather than a 502 from the hub, and every such ID can also name its cache file (module
+    /// principals from the config are not checked here).
     fn check_module_id(module_id: &str) -> Result<(), IdentityError> {
         if module_id.is_empty() {
             return Err(IdentityError::BadRequest(
