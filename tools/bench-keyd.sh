@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # keyd throughput and memory benchmark over the Unix socket, with h2load (Debian's
-# nghttp2-client). Compares keyd's HMAC sign rate with a bare tokio+hyper server that only
-# parses the JSON (http-common/examples/bare_json_server.rs), using the same h2load command.
+# nghttp2-client). Every keyd figure is printed with its limit and keyd's share of it:
+# - file keys, HMAC: a bare tokio+hyper server that only parses the JSON
+#   (http-common/examples/bare_json_server.rs), same h2load command;
+# - file keys, ECDSA: the same bare server with `--ecdsa`, which also signs the digest with an
+#   in-memory P-256 key through OpenSSL;
+# - SoftHSM2 keys: the token itself, signing through cryptoki on 1 and 16 threads with one
+#   session each and no HTTP (pkcs11-sys/examples/token_limit.rs).
+# Connections (c) and threads match: c=1 is judged against 1 thread, c=16 against 16.
 #
 # Usage: tools/bench-keyd.sh [seconds per run, default 10]
-# Env:   BENCH_HSM=1 also runs the SoftHSM2-backed keyd (see docs/pkcs11.md).
+# Env:   BENCH_HSM=0 skips the SoftHSM2 runs (they need softhsm2; see docs/pkcs11.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10}"
 command -v h2load >/dev/null || { echo "h2load missing: apt-get install nghttp2-client" >&2; exit 1; }
-cargo build --release -q -p keyd -p http-common --bins --examples
+cargo build --release -q -p keyd -p http-common -p pkcs11-sys --bins --examples
 
 work="$(mktemp -d)"
 pids=()
@@ -49,23 +55,30 @@ bench_keyd() { # label
   pair=$(request "$socket" POST '/keypair?api-version=2020-09-01' '{"keyId":"bench-ec","preferredAlgorithms":"ec-p256"}' | sed 's/.*"keyHandle":"\([^"]*\)".*/\1/')
   printf '{"keyHandle":"%s","algorithm":"HMAC-SHA256","parameters":{"message":"aGVsbG8gd29ybGQ="}}' "$key" > "$work/hmac.json"
   printf '{"keyHandle":"%s","algorithm":"ECDSA","parameters":{"digest":"uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek="}}' "$pair" > "$work/ecdsa.json"
-  local h1 h16 e1 e16
-  h1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 1)
-  h16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 16)
-  e1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 1)
-  e16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 16)
-  printf '%-14s HMAC c=1 %7s  c=16 %7s | ECDSA c=1 %7s  c=16 %7s req/s | RSS idle %s kB (PSS %s, anon %s), peak %s kB\n' \
-    "$label" "$h1" "$h16" "$e1" "$e16" "$idle" "$idle_pss" "$idle_anon" "$(hwm_kb "$pid")"
-  HMAC16="$h16"
+  H1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 1)
+  H16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/hmac.json" 16)
+  E1=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 1)
+  E16=$(load "$socket" '/sign?api-version=2020-09-01' "$work/ecdsa.json" 16)
+  printf '%-16s RSS idle %s kB (PSS %s, anon %s), peak under load %s kB\n' \
+    "$label" "$idle" "$idle_pss" "$idle_anon" "$(hwm_kb "$pid")"
 }
 
-# Baseline: parse-only server.
+# One line: what, keyd's rate, the limit's rate, the share.
+share() { # label keyd limit
+  local pct="n/a"
+  if [[ "$2" =~ ^[0-9]+$ && "$3" =~ ^[0-9]+$ && "$3" -gt 0 ]]; then pct="$(( $2 * 100 / $3 ))%"; fi
+  printf '  %-24s keyd %7s req/s   limit %7s /s   share %s\n' "$1" "$2" "$3" "$pct"
+}
+
+# Limits of the file path: the parse-only server (HMAC) and the signing one (ECDSA).
+printf '{"keyHandle":"%s","algorithm":"ECDSA","parameters":{"digest":"uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek="}}' "$(head -c 180 /dev/zero | tr '\0' 'A')" > "$work/bare.json"
 "target/release/examples/bare_json_server" "$work/bare.sock" & pids+=($!)
-wait_socket "$work/bare.sock"
-printf '{"keyHandle":"%s","algorithm":"HMAC-SHA256","parameters":{"message":"aGVsbG8gd29ybGQ="}}' "$(head -c 180 /dev/zero | tr '\0' 'A')" > "$work/bare.json"
+"target/release/examples/bare_json_server" "$work/bare-ecdsa.sock" --ecdsa & pids+=($!)
+wait_socket "$work/bare.sock"; wait_socket "$work/bare-ecdsa.sock"
 b1=$(load "$work/bare.sock" '/sign?api-version=2020-09-01' "$work/bare.json" 1)
 b16=$(load "$work/bare.sock" '/sign?api-version=2020-09-01' "$work/bare.json" 16)
-printf '%-14s JSON c=1 %7s  c=16 %7s req/s\n' "bare hyper" "$b1" "$b16"
+be1=$(load "$work/bare-ecdsa.sock" '/sign?api-version=2020-09-01' "$work/bare.json" 1)
+be16=$(load "$work/bare-ecdsa.sock" '/sign?api-version=2020-09-01' "$work/bare.json" 16)
 
 # 16 connections from one uid exceed the default per-uid budget of 10 (the excess would get 503
 # and h2load retries forever), so the benchmark raises it.
@@ -73,19 +86,27 @@ start_keyd file 'max_requests = 64
 [aziot_keys]
 homedir_path = "{home}"'
 bench_keyd "keyd (files)"
-if [ "$HMAC16" != FAILED ] && [ "$b16" != FAILED ]; then
-  echo "keyd HMAC at 16 connections = $(( HMAC16 * 100 / b16 ))% of the bare server"
-fi
+share "HMAC c=1 (bare JSON)" "$H1" "$b1"
+share "HMAC c=16 (bare JSON)" "$H16" "$b16"
+share "ECDSA c=1 (bare ECDSA)" "$E1" "$be1"
+share "ECDSA c=16 (bare ECDSA)" "$E16" "$be16"
 
-if [ "${BENCH_HSM:-0}" = 1 ]; then
+if [ "${BENCH_HSM:-1}" = 1 ]; then
   token="$work/softhsm"; mkdir -p "$token/tokens"
   printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\n' "$token" > "$token/softhsm2.conf"
   export SOFTHSM2_CONF="$token/softhsm2.conf"
   softhsm2-util --init-token --free --label bench --so-pin 5678 --pin 1234 >/dev/null
+  module=/usr/lib/softhsm/libsofthsm2.so
+  limits="$(target/release/examples/token_limit "$module" bench 1234 "$duration" 16)"
+  limit() { awk -v m="$1" -v t="threads=$2" '$1 == m && $2 == t {print $3}' <<<"$limits"; }
   start_keyd hsm 'max_requests = 64
 [aziot_keys]
 homedir_path = "{home}"
-pkcs11_lib_path = "/usr/lib/softhsm/libsofthsm2.so"
+pkcs11_lib_path = "'"$module"'"
 pkcs11_base_slot = "pkcs11:token=bench?pin-value=1234"' SOFTHSM2_CONF="$SOFTHSM2_CONF"
-  bench_keyd "keyd (SoftHSM)"
+  bench_keyd "keyd (SoftHSM2)"
+  share "HMAC c=1 (token, 1 thr)" "$H1" "$(limit HMAC-SHA256 1)"
+  share "HMAC c=16 (token, 16 thr)" "$H16" "$(limit HMAC-SHA256 16)"
+  share "ECDSA c=1 (token, 1 thr)" "$E1" "$(limit ECDSA-P256 1)"
+  share "ECDSA c=16 (token, 16 thr)" "$E16" "$(limit ECDSA-P256 16)"
 fi

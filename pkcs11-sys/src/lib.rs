@@ -282,6 +282,7 @@ pub struct Token {
     pool: Mutex<PoolState>,
     returned: Condvar,
     max_sessions: usize,
+    software: bool,
 }
 
 impl std::fmt::Debug for Token {
@@ -332,9 +333,14 @@ impl Token {
                 }
             }
         }
+        // CKF_HW_SLOT clear: "a software slot implementing a soft token" (PKCS#11 2.40 §3.2).
+        let software = pkcs11
+            .get_slot_info(slot)
+            .is_ok_and(|info| !info.hardware_slot());
         log::info!(
-            "PKCS#11 token {label:?} in slot {}: up to {max_sessions} sessions",
-            slot.id()
+            "PKCS#11 token {label:?} in slot {}: up to {max_sessions} sessions, {} slot",
+            slot.id(),
+            if software { "software" } else { "hardware" }
         );
         Token {
             pkcs11,
@@ -345,12 +351,19 @@ impl Token {
             pool: Mutex::default(),
             returned: Condvar::new(),
             max_sessions,
+            software,
         }
     }
 
     /// The slot ID.
     pub fn slot_id(&self) -> u64 {
         self.slot.id()
+    }
+
+    /// Whether the slot is a software slot (`CKF_HW_SLOT` clear): the module does its work in
+    /// this process, like keyd's own file store, rather than in a device.
+    pub fn is_software(&self) -> bool {
+        self.software
     }
 
     /// The token label.

@@ -101,6 +101,8 @@ fn tokens_pins_and_the_session_pool() {
         .unwrap();
     // Serial calls reuse one session rather than opening one each.
     assert_eq!(token.open_sessions(), 1);
+    // SoftHSM2's slots are software slots (CKF_HW_SLOT clear): keyd uses them inline.
+    assert!(token.is_software());
     let threads: Vec<_> = (0..32)
         .map(|_| {
             let token = Arc::clone(&token);

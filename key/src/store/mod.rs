@@ -129,8 +129,8 @@ pub trait SymmetricKey: Send + Sync + std::fmt::Debug {
     /// (file and derived keys only).
     fn accepts_legacy_ciphertext(&self) -> bool;
 
-    /// Whether operations are fast, in-memory work that may run on an async thread. Token keys
-    /// answer `false` and are used on blocking threads.
+    /// Whether operations are fast, in-memory work that may run on an async thread. Keys in a
+    /// hardware token answer `false` and are used on blocking threads.
     fn runs_inline(&self) -> bool;
 }
 

@@ -2,8 +2,12 @@
 //!
 //! [`Pkcs11Store`] keeps dynamic keys in the base-slot token; [`Pkcs11Preloaded`] loads
 //! preloaded keys named by a `pkcs11:` URI. Both hand out [`TokenSecretKey`] and [`TokenKeyPair`],
-//! which perform every operation in the token on a pooled session (see `pkcs11-sys`); they
-//! answer `runs_inline() == false`, so the service calls them on blocking threads.
+//! which perform every operation in the token on a pooled session (see `pkcs11-sys`). On a
+//! hardware slot they answer `runs_inline() == false`, so the service calls them on blocking
+//! threads. On a software slot (`CKF_HW_SLOT` clear, e.g. SoftHSM2) the module computes in this
+//! process like the file store does, so HMAC, AES and EC operations run on the async thread
+//! that received the request (two thread hand-offs per request cost more than the operation;
+//! docs/pkcs11.md has the figures); RSA stays on blocking threads.
 //!
 //! Generated objects are `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not `CKA_EXTRACTABLE`,
 //! with `CKA_LABEL` = key ID; both halves of a key pair share a random 16-byte `CKA_ID`.
@@ -766,7 +770,7 @@ impl SymmetricKey for TokenSecretKey {
     }
 
     fn runs_inline(&self) -> bool {
-        false
+        self.token.is_software()
     }
 }
 
@@ -853,7 +857,8 @@ impl KeyPair for TokenKeyPair {
     }
 
     fn runs_inline(&self) -> bool {
-        false
+        // An RSA signature takes milliseconds even in software: blocking threads, as for files.
+        self.token.is_software() && self.public.id() == openssl::pkey::Id::EC
     }
 }
 
