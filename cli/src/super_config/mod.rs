@@ -1161,6 +1161,20 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
     };
 
     // keyd.
+    // keyd refuses a pkcs11: key without a PKCS#11 library, so say so here.
+    if !raw.aziot_keys.contains_key("pkcs11_lib_path") {
+        if let Some((id, _)) = mapper
+            .keyd_preloaded
+            .iter()
+            .find(|(_, uri)| uri.starts_with("pkcs11:"))
+        {
+            return Err(Problem::new(
+                "aziot_keys.pkcs11_lib_path",
+                format!("is required: key {id:?} is in a PKCS#11 token (a pkcs11: URI)"),
+            )
+            .into());
+        }
+    }
     let mut keyd = Table::new();
     let mut aziot_keys = Table::new();
     for (name, value) in &raw.aziot_keys {
@@ -1412,6 +1426,7 @@ mod tests {
             ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = { method = \"self_signed\", common_name = \"a\", subject = { CN = \"b\" } }\n", "common_name and provisioning.authentication.identity_cert.subject"),
             ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = { method = \"est\" }\n", "no EST URL for cert \"device-id\""),
             (&format!("{MANUAL}[edge_ca.auto_renew]\nrotate_key = false\n"), "`edge_ca.auto_renew.rotate_key`"),
+            ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"file:///c.pem\"\nidentity_pk = \"pkcs11:token=t;object=d\"\n", "`aziot_keys.pkcs11_lib_path`"),
             (&format!("{MANUAL}[edge_ca.auto_renew]\nthreshold = \"100%\"\n"), "`edge_ca.auto_renew.threshold`"),
             (&format!("{MANUAL}[cert_issuance.est.auth]\nidentity_cert = \"file:///a\"\nidentity_pk = \"file:///b\"\nbootstrap_identity_cert = \"file:///c\"\nbootstrap_identity_pk = \"file:///d\"\n"), "not both"),
         ];
