@@ -1,5 +1,6 @@
 //! Shared helpers for the CLI's black-box tests: run `iotedge`, find the daemon binaries built
-//! next to it, start a daemon on a temporary socket and stop it on drop.
+//! next to it, start a daemon (on the device paths of a [`device_root::DeviceRoot`]) and stop it
+//! on drop, a SoftHSM2 token.
 
 #![allow(dead_code)]
 
@@ -87,27 +88,6 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `binary --config <base> --config-dir <dir>` and waits for `socket`. On failure
-    /// returns the daemon's output.
-    pub fn start(
-        binary: &Path,
-        base: &Path,
-        dropin_dir: &Path,
-        socket: &Path,
-        environment: &[(&str, &str)],
-    ) -> Result<Daemon, String> {
-        let mut command = Command::new(binary);
-        command
-            .arg("--config")
-            .arg(base)
-            .arg("--config-dir")
-            .arg(dropin_dir);
-        for (name, value) in environment {
-            command.env(name, value);
-        }
-        Daemon::spawn(command, socket, &socket.with_extension("log"))
-    }
-
     /// Runs `command` (a daemon, logging to `log`) and waits until `socket` exists. On failure
     /// returns the daemon's output.
     pub fn spawn(mut command: Command, socket: &Path, log: &Path) -> Result<Daemon, String> {
@@ -169,8 +149,8 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// A SoftHSM2 token labelled `Key pairs` (user PIN 1234) in a temporary folder, with an EC key
-/// pair labelled `label` created by opensc's pkcs11-tool.
+/// A SoftHSM2 token labelled `Key pairs` (user PIN 1234) in a temporary folder, with EC key
+/// pairs created by opensc's pkcs11-tool.
 pub struct SoftHsm {
     /// The `SOFTHSM2_CONF` file.
     pub conf: PathBuf,
@@ -181,11 +161,6 @@ pub struct SoftHsm {
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 impl SoftHsm {
-    /// Creates the token and the key pair.
-    pub fn with_key_pair(label: &str) -> SoftHsm {
-        SoftHsm::with_key_pairs(&[label])
-    }
-
     /// Creates the token and an EC key pair for each label.
     pub fn with_key_pairs(labels: &[&str]) -> SoftHsm {
         let dir = tempfile::tempdir().expect("tempdir");
