@@ -369,7 +369,7 @@ fn check_fails_on_a_broken_config() {
 
     // A broken per-daemon drop-in is found as well.
     let applied = dir.path().join("applied");
-    let fixture = fixtures().join("manual-sas.toml");
+    let fixture = fixtures().join("aziotctl/manual-symmetric-key.toml");
     assert!(common::apply_fixture(&fixture, &applied).status.success());
     std::fs::write(
         applied.join("etc/aziot/keyd/config.d/50-broken.toml"),
@@ -385,7 +385,7 @@ fn check_fails_on_a_broken_config() {
 #[test]
 fn check_warns_about_stale_configs_and_warnings_can_fail_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = fixtures().join("manual-sas.toml");
+    let fixture = fixtures().join("aziotctl/manual-symmetric-key.toml");
     assert!(common::apply_fixture(&fixture, dir.path()).status.success());
     let edited = dir.path().join("edited.toml");
     std::fs::write(

@@ -44,6 +44,12 @@ pub(super) fn map_edge_ca(mapper: &mut Mapper, raw: RawEdgeCa) -> Result<Table, 
             ));
         }
         let mut options = mapper.issuance("aziot-edged-ca", issuance, key, None)?;
+        if issuance.method.as_deref() == Some("est") {
+            // edged puts the subject in its CSR; an EST server takes the CSR as it is, so
+            // certd gets no subject to apply (edged's table below keeps it).
+            options.remove("common_name");
+            options.remove("subject");
+        }
         // certd issues a CA without an issuer only for IDs allowed to be one.
         options.insert("ca".into(), Value::Boolean(true));
         mapper
@@ -55,12 +61,12 @@ pub(super) fn map_edge_ca(mapper: &mut Mapper, raw: RawEdgeCa) -> Result<Table, 
         table.insert("cert".into(), string("aziot-edged-ca"));
         table.insert("key".into(), string("aziot-edged-ca"));
         copy_subject(&mut table, issuance);
-        if let Some(renew) = &issuance.auto_renew {
-            table.insert(
-                "auto_renew".into(),
-                AutoRenew::parse(renew, &format!("{key}.auto_renew"))?.table(),
-            );
-        }
+        // An issued Edge CA is renewed by default, as the quickstart one is.
+        let renew = match &issuance.auto_renew {
+            Some(renew) => AutoRenew::parse(renew, &format!("{key}.auto_renew"))?,
+            None => AutoRenew::quickstart_default(),
+        };
+        table.insert("auto_renew".into(), renew.table());
         return Ok(table);
     }
     // Quickstart: only CN/subject, expiry and renewal may be set.

@@ -236,6 +236,8 @@ impl AutoRenew {
         })
     }
 
+    /// The policy of an Edge CA whose `[edge_ca.auto_renew]` is absent (quickstart or issued;
+    /// the reference renews both by default).
     fn quickstart_default() -> AutoRenew {
         AutoRenew {
             rotate_key: true,
@@ -1019,17 +1021,36 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
 
         // Edge CA.
         let edge_ca_table = map_edge_ca(&mut mapper, raw.edge_ca.unwrap_or_default())?;
-        let renewable = !mapper.keyd_preloaded.contains_key("aziot-edged-ca");
-        push_unique(&mut mapper.keyd_certd, "aziot-edged-ca");
-        if renewable {
+        // certd may use the Edge CA key when it issues the Edge CA (a preloaded one it only
+        // stores; module certs are signed with the handle edged passes), and the temporary key
+        // when it self-signs the renewed CA. edged renews (certificate `aziot-edged-ca-temp`)
+        // only with `[edge_ca.auto_renew]`, and makes the temporary key only with `rotate_key`.
+        let preloaded = mapper.keyd_preloaded.contains_key("aziot-edged-ca");
+        let self_signed = mapper
+            .certd_issuance
+            .get("aziot-edged-ca")
+            .and_then(|options| options.get("method"))
+            .and_then(Value::as_str)
+            == Some("self_signed");
+        let renewal = edge_ca_table.get("auto_renew");
+        let rotates_key = renewal
+            .and_then(|renewal| renewal.get("rotate_key"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        if !preloaded {
+            push_unique(&mut mapper.keyd_certd, "aziot-edged-ca");
+        }
+        if self_signed {
             push_unique(&mut mapper.keyd_certd, "aziot-edged-ca-temp");
         }
         keyd_edged.push("aziot-edged-ca".to_owned());
         keyd_edged.push("iotedge_master_encryption_id".to_owned());
         certd_edged.push("aziot-edged-ca".to_owned());
         certd_edged.push("aziot-edged/module/*".to_owned());
-        if renewable {
+        if rotates_key {
             keyd_edged.push("aziot-edged-ca-temp".to_owned());
+        }
+        if renewal.is_some() {
             certd_edged.push("aziot-edged-ca-temp".to_owned());
         }
         edged_table.insert("edge_ca".into(), Value::Table(edge_ca_table));
@@ -1140,6 +1161,20 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
     };
 
     // keyd.
+    // keyd refuses a pkcs11: key without a PKCS#11 library, so say so here.
+    if !raw.aziot_keys.contains_key("pkcs11_lib_path") {
+        if let Some((id, _)) = mapper
+            .keyd_preloaded
+            .iter()
+            .find(|(_, uri)| uri.starts_with("pkcs11:"))
+        {
+            return Err(Problem::new(
+                "aziot_keys.pkcs11_lib_path",
+                format!("is required: key {id:?} is in a PKCS#11 token (a pkcs11: URI)"),
+            )
+            .into());
+        }
+    }
     let mut keyd = Table::new();
     let mut aziot_keys = Table::new();
     for (name, value) in &raw.aziot_keys {
@@ -1391,6 +1426,7 @@ mod tests {
             ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = { method = \"self_signed\", common_name = \"a\", subject = { CN = \"b\" } }\n", "common_name and provisioning.authentication.identity_cert.subject"),
             ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = { method = \"est\" }\n", "no EST URL for cert \"device-id\""),
             (&format!("{MANUAL}[edge_ca.auto_renew]\nrotate_key = false\n"), "`edge_ca.auto_renew.rotate_key`"),
+            ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"file:///c.pem\"\nidentity_pk = \"pkcs11:token=t;object=d\"\n", "`aziot_keys.pkcs11_lib_path`"),
             (&format!("{MANUAL}[edge_ca.auto_renew]\nthreshold = \"100%\"\n"), "`edge_ca.auto_renew.threshold`"),
             (&format!("{MANUAL}[cert_issuance.est.auth]\nidentity_cert = \"file:///a\"\nidentity_pk = \"file:///b\"\nbootstrap_identity_cert = \"file:///c\"\nbootstrap_identity_pk = \"file:///d\"\n"), "not both"),
         ];

@@ -116,13 +116,10 @@ pub(super) fn map_provisioning(
                             false,
                         )?;
                         // A DN subject is kept whole, as the reference writes it (identityd
-                        // still forces CN to the device ID).
-                        if let Some(issued) = &issued {
-                            let subject = match issued.dn_table() {
-                                Some(dn) => Value::Table(dn),
-                                None => string(&device_id),
-                            };
-                            auth.insert("csr_subject".into(), subject);
+                        // still forces CN to the device ID). Without one identityd's CSR names
+                        // just the device ID, so nothing is written.
+                        if let Some(dn) = issued.as_ref().and_then(DeviceCertIssued::dn_table) {
+                            auth.insert("csr_subject".into(), Value::Table(dn));
                         }
                     }
                     other => {

@@ -1,7 +1,10 @@
 //! Shared helpers for the CLI's black-box tests: run `iotedge`, find the daemon binaries built
-//! next to it, start a daemon on a temporary socket and stop it on drop.
+//! next to it, start a daemon (on the device paths of a [`device_root::DeviceRoot`]) and stop it
+//! on drop, a SoftHSM2 token.
 
 #![allow(dead_code)]
+
+pub mod device_root;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -85,34 +88,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `binary --config <base> --config-dir <dir>` and waits for `socket`. On failure
+    /// Runs `command` (a daemon, logging to `log`) and waits until `socket` exists. On failure
     /// returns the daemon's output.
-    pub fn start(
-        binary: &Path,
-        base: &Path,
-        dropin_dir: &Path,
-        socket: &Path,
-        environment: &[(&str, &str)],
-    ) -> Result<Daemon, String> {
-        let log = socket.with_extension("log");
-        let log_file = std::fs::File::create(&log).expect("create the log");
-        let mut command = Command::new(binary);
+    pub fn spawn(mut command: Command, socket: &Path, log: &Path) -> Result<Daemon, String> {
+        let log_file = std::fs::File::create(log).expect("create the log");
         command
-            .arg("--config")
-            .arg(base)
-            .arg("--config-dir")
-            .arg(dropin_dir)
             .env("AZIOT_LOG", "info")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        for (name, value) in environment {
-            command.env(name, value);
-        }
         let child = command.spawn().map_err(|error| error.to_string())?;
         let mut daemon = Daemon {
             child,
             socket: socket.to_owned(),
-            log,
+            log: log.to_owned(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -129,51 +118,9 @@ impl Daemon {
         }
     }
 
-    /// Starts a daemon that may wait for peers before it binds its socket (edged waits for
-    /// identityd's device identity and Docker): its configuration counts as accepted when the
-    /// socket appears, it is still running after `grace`, or it exits with a code other than
-    /// 153 (configuration errors exit at once with 153).
-    pub fn start_and_survive(
-        binary: &Path,
-        base: &Path,
-        dropin_dir: &Path,
-        socket: &Path,
-        grace: Duration,
-    ) -> Result<Daemon, String> {
-        let log = socket.with_extension("log");
-        let log_file = std::fs::File::create(&log).expect("create the log");
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(base)
-            .arg("--config-dir")
-            .arg(dropin_dir)
-            .env("AZIOT_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|error| error.to_string())?;
-        let mut daemon = Daemon {
-            child,
-            socket: socket.to_owned(),
-            log,
-        };
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && !socket.exists() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                // 153 is the daemons' "configuration invalid"; any other early exit (a peer
-                // that is not there) happened after the configuration was accepted.
-                if status.code() == Some(153) {
-                    return Err(format!("exited with {status}: {}", daemon.log()));
-                }
-                eprintln!(
-                    "note: {} accepted its configuration, then exited with {status}",
-                    binary.display()
-                );
-                return Ok(daemon);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(daemon)
+    /// Whether the daemon has exited, and how.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// What the daemon logged so far.
@@ -202,8 +149,8 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// A SoftHSM2 token labelled `Key pairs` (user PIN 1234) in a temporary folder, with an EC key
-/// pair labelled `label` created by opensc's pkcs11-tool.
+/// A SoftHSM2 token labelled `Key pairs` (user PIN 1234) in a temporary folder, with EC key
+/// pairs created by opensc's pkcs11-tool.
 pub struct SoftHsm {
     /// The `SOFTHSM2_CONF` file.
     pub conf: PathBuf,
@@ -214,8 +161,8 @@ pub struct SoftHsm {
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 impl SoftHsm {
-    /// Creates the token and the key pair.
-    pub fn with_key_pair(label: &str) -> SoftHsm {
+    /// Creates the token and an EC key pair for each label.
+    pub fn with_key_pairs(labels: &[&str]) -> SoftHsm {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = dir.path().join("tokens");
         std::fs::create_dir(&tokens).expect("token dir");
@@ -255,23 +202,25 @@ impl SoftHsm {
                 "1234",
             ],
         );
-        run(
-            "pkcs11-tool",
-            &[
-                "--module",
-                SOFTHSM_MODULE,
-                "--token-label",
-                "Key pairs",
-                "--login",
-                "--pin",
-                "1234",
-                "--keypairgen",
-                "--key-type",
-                "EC:prime256v1",
-                "--label",
-                label,
-            ],
-        );
+        for label in labels {
+            run(
+                "pkcs11-tool",
+                &[
+                    "--module",
+                    SOFTHSM_MODULE,
+                    "--token-label",
+                    "Key pairs",
+                    "--login",
+                    "--pin",
+                    "1234",
+                    "--keypairgen",
+                    "--key-type",
+                    "EC:prime256v1",
+                    "--label",
+                    label,
+                ],
+            );
+        }
         SoftHsm { conf, _dir: dir }
     }
 }
