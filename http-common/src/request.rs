@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
-use serde::de::DeserializeOwned;
+use serde::de::{Deserialize, DeserializeOwned};
 
 use crate::error::HttpError;
 
@@ -80,6 +80,12 @@ impl Request {
         let Some(content_type) = self.headers.get(http::header::CONTENT_TYPE) else {
             return Ok(());
         };
+        if content_type
+            .as_bytes()
+            .eq_ignore_ascii_case(b"application/json")
+        {
+            return Ok(());
+        }
         let media_type = content_type
             .to_str()
             .unwrap_or("")
@@ -102,7 +108,8 @@ impl Request {
 
     /// Parses a required JSON body: 415 for a non-JSON content type, 400 for an empty body,
     /// 422 with the parser's message for a body that does not fit `T`.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
+    /// `T` may borrow strings from the body.
+    pub fn json<'a, T: Deserialize<'a>>(&'a self) -> Result<T, HttpError> {
         self.check_json_content_type()?;
         if self.body.iter().all(u8::is_ascii_whitespace) {
             return Err(HttpError::bad_request("missing request body"));
@@ -121,7 +128,7 @@ impl Request {
 }
 
 /// Parses JSON into `T`; failures are 422 with the parser's message and the failing field path.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value = T::deserialize(&mut deserializer)
         .and_then(|value| deserializer.end().map(|()| value))
@@ -136,17 +143,20 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
 
 /// Decodes a query string as `application/x-www-form-urlencoded`.
 pub fn query_pairs(query: Option<&str>) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
-    let Some(query) = query else {
-        return Vec::new();
-    };
+    pairs(query).collect()
+}
+
+/// [`query_pairs`] without collecting them (the per-request `api-version` check allocates
+/// nothing).
+fn pairs(query: Option<&str>) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
     query
+        .unwrap_or("")
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             (form_decode(key), form_decode(value))
         })
-        .collect()
 }
 
 fn form_decode(text: &str) -> Cow<'_, str> {
@@ -190,7 +200,7 @@ pub fn check_api_version(
     rule: VersionRule,
 ) -> Result<Option<usize>, HttpError> {
     let mut found: Option<Cow<'_, str>> = None;
-    for (key, value) in query_pairs(query) {
+    for (key, value) in pairs(query) {
         if key == "api-version" {
             if found.is_some() {
                 return Err(HttpError::bad_request(
