@@ -638,3 +638,92 @@ async fn plain_sign_handles_and_bad_uris() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn openssl_cnf_loads_the_provider_and_names_the_endpoint() {
+    let keyd = Keyd::start(FILE_CONFIG);
+    keyd.client()
+        .create_key_pair_if_not_exists("configured", Some("ec-p256"))
+        .await
+        .unwrap();
+    let pki = Pki::new();
+    // The docs/keyd.md snippet, with `module` and `keyd_uri` filled in.
+    let config = pki.path().join("openssl.cnf");
+    std::fs::write(
+        &config,
+        format!(
+            "openssl_conf = openssl_init\n[openssl_init]\nproviders = provider_sect\n\
+             [provider_sect]\ndefault = default_sect\nkeyd = keyd_sect\n\
+             [default_sect]\nactivate = 1\n\
+             [keyd_sect]\nactivate = 1\nmodule = {}/keyd.so\nkeyd_uri = {}\n",
+            pki.provider_path(),
+            keyd_uri(&keyd)
+        ),
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let mut command = Command::new("openssl");
+        command
+            .current_dir(pki.path())
+            .env_remove("AZIOT_KEYD_URI")
+            .env("OPENSSL_CONF", &config)
+            .args(["pkey", "-in", "keyd:configured", "-pubout"])
+            .envs(env.iter().copied());
+        let output = command.output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, text) = run(&[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("BEGIN PUBLIC KEY"), "{text}");
+    // AZIOT_KEYD_URI wins over the config parameter.
+    let (ok, text) = run(&[("AZIOT_KEYD_URI", "unix:///nonexistent/keyd.sock")]);
+    assert!(!ok);
+    assert!(
+        text.contains("could not reach /nonexistent/keyd.sock"),
+        "{text}"
+    );
+}
+
+/// keyd.so carries no OpenSSL: it defines only the provider entry point and uses no libcrypto
+/// or libssl symbol (it reaches the core through the upcalls it is given).
+#[test]
+fn the_provider_links_no_openssl() {
+    let nm = |flag: &str| {
+        let output = Command::new("nm")
+            .args(["-D", flag])
+            .arg(provider_library())
+            .output()
+            .expect("nm (binutils) must be installed (tools/install-deps.sh)");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let defined: Vec<String> = nm("--defined-only")
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
+        .collect();
+    assert_eq!(defined, ["OSSL_provider_init"], "exported symbols");
+    let undefined = nm("--undefined-only");
+    for prefix in [
+        "EVP_", "OSSL_", "SSL_", "ERR_", "BN_", "EC_", "RSA_", "OPENSSL_", "CRYPTO_",
+    ] {
+        assert!(
+            !undefined
+                .lines()
+                .any(|line| line.contains(&format!(" {prefix}"))),
+            "keyd.so needs an OpenSSL symbol ({prefix}…):\n{undefined}"
+        );
+    }
+    let ldd = Command::new("ldd")
+        .arg(provider_library())
+        .output()
+        .unwrap();
+    let libraries = String::from_utf8_lossy(&ldd.stdout);
+    assert!(
+        !libraries.contains("libcrypto") && !libraries.contains("libssl"),
+        "{libraries}"
+    );
+}
