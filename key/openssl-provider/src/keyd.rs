@@ -1,4 +1,4 @@
-//! The blocking bridge to keyd: one thread per process runs a current-thread tokio runtime
+//! The blocking bridge to keyd: one thread per provider instance (normally one per process) runs a current-thread tokio runtime
 //! with the one keyd client (`key_api::Client`, pooled connections); provider functions hand it
 //! a request and wait for the answer. The host program's own runtime, if it has one, is never
 //! entered, and no runtime is built per call.
