@@ -140,3 +140,82 @@ fn service_and_store_layers_have_no_http_types() {
         "expected to check keyd's and certd's service and store files"
     );
 }
+
+/// keyd.so, the OpenSSL provider, runs inside the host program's libcrypto: nothing it links
+/// (its normal dependencies, transitively) may bring an OpenSSL of its own (the workspace's
+/// `openssl` is vendored and static).
+#[test]
+fn the_openssl_provider_carries_no_openssl() {
+    // Only this machine's platform: other platforms' crates may not be in the offline cache.
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let version = std::process::Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let host = version
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .unwrap()
+        .to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--filter-platform", &host])
+        .current_dir(workspace_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let name_of: BTreeMap<&str, &str> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|package| {
+            (
+                package["id"].as_str().unwrap(),
+                package["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let nodes: BTreeMap<&str, &serde_json::Value> = metadata["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| (node["id"].as_str().unwrap(), node))
+        .collect();
+    let root = name_of
+        .iter()
+        .find(|(_, name)| **name == "keyd-openssl-provider")
+        .map(|(id, _)| *id)
+        .expect("the provider is a workspace member");
+    let mut linked = BTreeSet::new();
+    let mut pending = vec![root];
+    while let Some(id) = pending.pop() {
+        if !linked.insert(id) {
+            continue;
+        }
+        for dependency in nodes[id]["deps"].as_array().unwrap() {
+            let normal = dependency["dep_kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|kind| kind["kind"].is_null());
+            if normal {
+                pending.push(dependency["pkg"].as_str().unwrap());
+            }
+        }
+    }
+    let names: BTreeSet<&str> = linked.iter().map(|id| name_of[id]).collect();
+    assert!(names.contains("key-api"), "{names:?}");
+    for openssl in ["openssl", "openssl-sys", "openssl-src"] {
+        assert!(
+            !names.contains(openssl),
+            "keyd-openssl-provider links {openssl}: {names:?}"
+        );
+    }
+}

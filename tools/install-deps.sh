@@ -5,7 +5,8 @@
 #   build:  gcc, make and perl (the openssl crate builds OpenSSL from source and links it
 #           statically, see docs/install.md)
 #   tests:  softhsm2 (a real PKCS#11 token), opensc (pkcs11-tool), openssl (the CLI that
-#           verifies issued certificates), python3 (the other-uid client), curl, and
+#           verifies issued certificates and runs s_server/s_client with keyd.so), binutils (nm),
+#           python3 (the other-uid client), curl, and
 #           busybox-static (edged's FROM-scratch test image), systemd (systemd-analyze verify,
 #           systemd-sysusers and systemd-socket-activate run the units' checks; systemd need not
 #           run), util-linux (unshare)
@@ -21,6 +22,8 @@ if [ "${1:-all}" != build ]; then
   [ -e /usr/lib/softhsm/libsofthsm2.so ] || needed+=(softhsm2)
   command -v pkcs11-tool >/dev/null || needed+=(opensc)
   command -v openssl >/dev/null || needed+=(openssl)
+  # nm checks that the OpenSSL provider (keyd.so) carries no OpenSSL symbols.
+  command -v nm >/dev/null || needed+=(binutils)
   command -v python3 >/dev/null || needed+=(python3)
   command -v curl >/dev/null || needed+=(curl)
   { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || needed+=(systemd)

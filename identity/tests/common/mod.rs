@@ -254,3 +254,43 @@ pub async fn eventually<T>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A self-signed RSA-2048 client certificate made with OpenSSL.
+pub fn rsa_self_signed(common_name: &str) -> (openssl::pkey::PKey<openssl::pkey::Private>, String) {
+    let key = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", common_name).unwrap();
+    let name = name.build();
+    let mut builder = openssl::x509::X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder
+        .set_serial_number(
+            &openssl::bn::BigNum::from_u32(9)
+                .unwrap()
+                .to_asn1_integer()
+                .unwrap(),
+        )
+        .unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(&name).unwrap();
+    builder.set_pubkey(&key).unwrap();
+    builder
+        .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
+        .unwrap();
+    builder
+        .append_extension(
+            openssl::x509::extension::ExtendedKeyUsage::new()
+                .client_auth()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    builder
+        .sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    let pem = String::from_utf8(builder.build().to_pem().unwrap()).unwrap();
+    (key, pem)
+}

@@ -8,6 +8,11 @@ use http::{Method, StatusCode};
 use http_common::{ClientError, UdsClient};
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "rustls")]
+pub mod rustls;
+#[cfg(feature = "signing")]
+pub mod signing;
+
 /// The api-version the client sends (every compatible route exists in both versions).
 pub const API_VERSION: &str = "2021-05-01";
 
