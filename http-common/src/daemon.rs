@@ -338,6 +338,8 @@ pub async fn serve_socket<H: crate::Handler>(
     };
     crate::server::notify_ready();
     log::info!("{name} is serving");
+    // Start-up (config, stores, TLS roots) freed most of what it allocated (crate::memory).
+    crate::memory::release_free_heap();
     crate::serve(listener, handler, options, shutdown).await;
 }
 

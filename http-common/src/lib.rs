@@ -18,6 +18,7 @@ pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod listener;
+pub mod memory;
 pub mod request;
 pub mod server;
 

@@ -40,6 +40,9 @@ impl IdentityService {
     /// Module reads wait for the round's reconciliation (see [`IdentityService::reconciled`]);
     /// a round that fails but keeps the current device restores the previous outcome.
     pub(super) async fn provision_round(self: &Arc<Self>, force: bool) -> RoundResult {
+        // Dropped last: the heap a round frees (TLS sessions, DPS and hub bodies) goes back to
+        // the kernel however the round ends.
+        let _release = ReleaseHeapAfter;
         let _round = self.round_lock.lock().await;
         let before = self.reconciliation_state();
         self.set_reconciliation(Reconciliation::Running);
@@ -457,5 +460,14 @@ impl IdentityService {
             self.reconcile_and_record(&settings, &device, true, "the configuration change")
                 .await;
         }
+    }
+}
+
+/// Returns freed heap memory to the kernel when dropped (http_common::memory).
+struct ReleaseHeapAfter;
+
+impl Drop for ReleaseHeapAfter {
+    fn drop(&mut self) {
+        http_common::memory::release_free_heap();
     }
 }
