@@ -301,6 +301,9 @@ impl std::fmt::Debug for Token {
 struct PoolState {
     idle: Vec<Session>,
     open: usize,
+    /// Callers waiting for a session: a release wakes one only when there is one (std's
+    /// `notify_one` is a system call even with nobody waiting).
+    waiting: usize,
 }
 
 /// The default session pool size: twice the CPU count, at least 8.
@@ -459,30 +462,40 @@ impl Token {
                         dead: false,
                     }),
                     Err(error) => {
-                        lock(&self.pool).open -= 1;
-                        self.returned.notify_one();
+                        let mut state = lock(&self.pool);
+                        state.open -= 1;
+                        if state.waiting > 0 {
+                            self.returned.notify_one();
+                        }
                         Err(error)
                     }
                 };
             }
+            state.waiting += 1;
             state = self
                 .returned
                 .wait(state)
                 .unwrap_or_else(|poison| poison.into_inner());
+            state.waiting -= 1;
         }
     }
 
     fn release(&self, session: Session, dead: bool) {
         let mut state = lock(&self.pool);
-        if dead {
+        let closing = if dead {
             state.open -= 1;
-            drop(state);
-            drop(session);
+            Some(session)
         } else {
             state.idle.push(session);
-            drop(state);
+            None
+        };
+        let wake = state.waiting > 0;
+        drop(state);
+        // A dead session is closed outside the lock.
+        drop(closing);
+        if wake {
+            self.returned.notify_one();
         }
-        self.returned.notify_one();
     }
 
     /// Runs `call` on a pooled, logged-in session; the session is used by nobody else meanwhile.
