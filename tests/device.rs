@@ -1,0 +1,567 @@
+//! The device test: the Debian packages (`tools/build-packages.sh`) installed on a Debian
+//! container that boots systemd as PID 1, configured with `iotedge config apply` against the
+//! cloud emulator, and checked the way an operator would: sockets listening with the owners and
+//! modes of the units, socket activation of keyd, certd and identityd, provisioning,
+//! `iotedge check`, `iotedge system status`, a host module principal allowed and another uid
+//! refused, restarts and `apt remove` + `apt install` losing nothing.
+//!
+//! The image is a `mmdebstrap --variant=minbase` Debian 12 root file system (nothing comes from
+//! an image registry) imported with `docker import`, and kept under a tag named for its recipe so
+//! a second local run reuses it. The packages hold the debug binaries `cargo test` built (debug
+//! info stripped); the release packages of `tools/build-packages.sh` differ only in the binaries.
+//!
+//! systemd in the container: `--cap-add SYS_ADMIN` (mounts for the units' sandboxes), seccomp
+//! and AppArmor unconfined, tmpfs `/run` and `/run/lock`, a private cgroup namespace, and
+//! SIGRTMIN+3 as stop signal. `--privileged` is not needed (and is refused on the CI machine).
+//!
+//! edged is installed and its sockets are checked, but the device is an identity-service device
+//! (no `[agent]`): edged would run edgeAgent on the host's Docker Engine, whose bind mounts name
+//! paths inside this container. See docs/install.md "Testing the packages".
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Debian suite and the packages of the image, on top of minbase. Changing either names a new
+/// image tag.
+const SUITE: &str = "bookworm";
+const IMAGE_PACKAGES: &str = "systemd,systemd-sysv,dbus,ca-certificates,curl";
+const MIRROR: &str = "http://deb.debian.org/debian";
+
+fn repository_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn binaries_dir() -> PathBuf {
+    // target/debug/deps/device-<hash> → target/debug
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// FNV-1a, 64 bits: a stable name for the image recipe (not a security boundary).
+fn fnv1a(data: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in data.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The device image, built with mmdebstrap and `docker import` unless its tag exists.
+fn device_image() -> String {
+    let recipe = format!("{SUITE} {MIRROR} minbase {IMAGE_PACKAGES} init");
+    let tag = format!("edge-runtime-device-test:{:016x}", fnv1a(&recipe));
+    let exists = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", &tag])
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run docker: {error}"));
+    if exists.status.success() {
+        return tag;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let tarball = work.path().join("rootfs.tar");
+    run(Command::new("mmdebstrap")
+        .args(["--variant=minbase", "--quiet"])
+        .arg(format!("--include={IMAGE_PACKAGES}"))
+        .arg(SUITE)
+        .arg(&tarball)
+        .arg(MIRROR));
+    run(Command::new("docker")
+        .args(["import", "--change", "CMD [\"/sbin/init\"]"])
+        .args(["--change", "ENV container=docker"])
+        .arg(&tarball)
+        .arg(&tag));
+    tag
+}
+
+/// A running device container; removed on drop.
+struct Device {
+    name: String,
+}
+
+impl Device {
+    fn boot(image: &str) -> Device {
+        let name = format!("edge-runtime-device-{}", std::process::id());
+        let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+        run(Command::new("docker").args([
+            "run",
+            "--detach",
+            "--name",
+            &name,
+            "--hostname",
+            "device-test",
+            "--stop-signal",
+            "SIGRTMIN+3",
+            "--cap-add",
+            "SYS_ADMIN",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--security-opt",
+            "apparmor=unconfined",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "--cgroupns",
+            "private",
+            image,
+            "/sbin/init",
+        ]));
+        let device = Device { name };
+        // PID 1 is systemd, and the boot ends "running" (no failed unit).
+        // systemctl needs PID 1's private socket, which appears a moment after `docker run`.
+        let state = device.sh_status(
+            "for i in $(seq 300); do [ -S /run/systemd/private ] && break; sleep 0.1; done; \
+             systemctl is-system-running --wait",
+        );
+        assert_eq!(
+            text(&state),
+            "running",
+            "systemd did not boot cleanly ({}): {}",
+            String::from_utf8_lossy(&state.stderr),
+            text(
+                &device.sh_status(
+                    "systemctl --failed --no-pager; journalctl -b --no-pager | tail -40"
+                )
+            )
+        );
+        assert_eq!(device.sh("cat /proc/1/comm"), "systemd");
+        device
+    }
+
+    /// Runs `script` with `sh -c` in the container; returns the output whatever the status.
+    fn sh_status(&self, script: &str) -> Output {
+        Command::new("docker")
+            .args(["exec", &self.name, "sh", "-c", script])
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `script` and asserts that it succeeds; returns its trimmed stdout.
+    fn sh(&self, script: &str) -> String {
+        let output = self.sh_status(script);
+        assert!(
+            output.status.success(),
+            "`{script}` failed in the device ({}):\nstdout:\n{}\nstderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text(&output)
+    }
+
+    fn copy_in(&self, source: &Path, destination: &str) {
+        run(Command::new("docker")
+            .arg("cp")
+            .arg(source)
+            .arg(format!("{}:{destination}", self.name)));
+    }
+
+    fn unit_state(&self, unit: &str) -> String {
+        text(&self.sh_status(&format!("systemctl is-active {unit}")))
+    }
+
+    /// The HTTP status of a GET on a Unix socket, as `user` (curl in the device).
+    fn http_status(&self, user: &str, socket: &str, path: &str) -> String {
+        self.sh(&format!(
+            "setpriv --reuid {user} --regid {user} --init-groups \
+             curl -s -o /dev/null -w '%{{http_code}}' --unix-socket {socket} 'http://localhost{path}'"
+        ))
+    }
+
+    fn get_json(&self, user: &str, socket: &str, path: &str) -> serde_json::Value {
+        let body = self.sh(&format!(
+            "setpriv --reuid {user} --regid {user} --init-groups \
+             curl -sf --unix-socket {socket} 'http://localhost{path}'"
+        ));
+        serde_json::from_str(&body).unwrap_or_else(|error| panic!("{path}: {error}: {body}"))
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs =
+                self.sh_status("journalctl --no-pager -u 'aziot-*' -u cloud-emulator | tail -60");
+            eprintln!("device journal:\n{}", String::from_utf8_lossy(&logs.stdout));
+        }
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}
+
+/// What a `.socket` unit of contrib/systemd says: path, owner, group, mode.
+#[derive(Debug)]
+struct SocketUnit {
+    unit: String,
+    path: String,
+    user: String,
+    group: String,
+    mode: String,
+}
+
+fn socket_units() -> Vec<SocketUnit> {
+    let mut units = Vec::new();
+    let directory = repository_root().join("contrib/systemd");
+    let mut names: Vec<String> = std::fs::read_dir(&directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".socket"))
+        .collect();
+    names.sort();
+    for name in names {
+        let contents = std::fs::read_to_string(directory.join(&name)).unwrap();
+        let value = |key: &str| {
+            contents
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("{name} has no {key}="))
+                .to_owned()
+        };
+        units.push(SocketUnit {
+            unit: name.clone(),
+            path: value("ListenStream"),
+            user: value("SocketUser"),
+            group: value("SocketGroup"),
+            mode: value("SocketMode").trim_start_matches('0').to_owned(),
+        });
+    }
+    assert_eq!(units.len(), 5, "keyd, certd, identityd and edged's two");
+    units
+}
+
+/// Every socket listens, with the owner, group and mode its unit names.
+fn assert_sockets(device: &Device, units: &[SocketUnit]) {
+    for unit in units {
+        assert_eq!(device.unit_state(&unit.unit), "active", "{}", unit.unit);
+        let stat = device.sh(&format!("stat -c '%F %U %G %a' {}", unit.path));
+        assert_eq!(
+            stat,
+            format!("socket {} {} {}", unit.user, unit.group, unit.mode),
+            "{}",
+            unit.unit
+        );
+    }
+}
+
+/// Digests of keyd's and certd's state and keyd's secrets (names and contents).
+fn key_and_cert_state(device: &Device) -> String {
+    let state = device.sh(
+        "cd / && find var/lib/aziot/keyd var/lib/aziot/certd var/secrets/aziot/keyd -type f \
+         | sort | xargs sha256sum",
+    );
+    assert!(
+        state.contains("var/lib/aziot/keyd/") && state.contains("var/lib/aziot/certd/"),
+        "keyd and certd keep no state:\n{state}"
+    );
+    state
+}
+
+const API: &str = "api-version=2020-09-01";
+const IDENTITYD_SOCKET: &str = "/run/aziot/identityd.sock";
+
+/// The identities a device keeps: the device line of `iotedge check` (run as root, which
+/// `config apply` makes no identityd principal of), the host module's identity as the module
+/// sees it (without its key handle, which is sealed with a fresh nonce each time), and the
+/// hub's record of the device's modules (keys, generation IDs, etags: a module recreated or
+/// rekeyed would show here).
+fn identities(device: &Device) -> (String, serde_json::Value, serde_json::Value) {
+    let check = device.sh("iotedge check");
+    let device_line = check
+        .lines()
+        .skip_while(|line| !line.contains("identityd-provisioned"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no provisioning line:\n{check}"))
+        .trim()
+        .to_owned();
+    let mut module = device.get_json(
+        "hostmodule",
+        IDENTITYD_SOCKET,
+        &format!("/identities/identity?{API}"),
+    );
+    let handle = module["spec"]["auth"]
+        .as_object_mut()
+        .unwrap()
+        .remove("keyHandle");
+    assert!(handle.is_some(), "{module}");
+    let hub_modules: serde_json::Value = serde_json::from_str(
+        &device.sh("curl -sf http://127.0.0.1:8080/devices/device-test/modules"),
+    )
+    .unwrap();
+    assert!(
+        hub_modules.to_string().contains("hostmodule"),
+        "{hub_modules}"
+    );
+    (device_line, module, hub_modules)
+}
+
+#[test]
+fn packages_install_and_run_under_systemd() {
+    let root = repository_root();
+    let bin = binaries_dir();
+    for name in [
+        "keyd",
+        "certd",
+        "identityd",
+        "edged",
+        "iotedge",
+        "cloud-emulator",
+    ] {
+        assert!(
+            bin.join(name).exists(),
+            "{name} is not built in {}; run cargo build --workspace",
+            bin.display()
+        );
+    }
+
+    // The packages, from the binaries this test run built.
+    let packages = tempfile::tempdir().unwrap();
+    let built = run(Command::new(root.join("tools/build-packages.sh"))
+        .arg("--binaries")
+        .arg(&bin)
+        .arg("--out")
+        .arg(packages.path()));
+    let debs: Vec<String> = text(&built).lines().map(str::to_owned).collect();
+    assert_eq!(debs.len(), 2, "{debs:?}");
+
+    let image = device_image();
+    let device = Device::boot(&image);
+    device.copy_in(packages.path(), "/tmp/packages");
+    device.copy_in(&bin.join("cloud-emulator"), "/usr/local/bin/cloud-emulator");
+    let install = "cd /tmp/packages && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                   ./edge-runtime-identity_*.deb ./edge-runtime-edge_*.deb";
+    device.sh(install);
+
+    // 1. Installed: users, folders and sockets as the units say; nothing running yet.
+    let units = socket_units();
+    assert_sockets(&device, &units);
+    for service in [
+        "aziot-keyd",
+        "aziot-certd",
+        "aziot-identityd",
+        "aziot-edged",
+    ] {
+        assert_eq!(device.unit_state(&format!("{service}.service")), "inactive");
+    }
+    assert_eq!(
+        device.sh("stat -c '%U %G %a' /etc/aziot/keyd/config.d /etc/aziot/identityd/config.d"),
+        "aziotks aziotks 700\naziotid aziotid 700"
+    );
+    assert_eq!(
+        device.sh("id -nG aziotid | tr ' ' '\\n' | sort | tr '\\n' ' '"),
+        "aziotcs aziotid aziotks aziottpm"
+    );
+    assert_eq!(
+        device.sh("systemctl is-enabled aziot-keyd.socket aziot-identityd.service"),
+        "enabled\nenabled"
+    );
+
+    // 2. A local CA (made here with OpenSSL), preloaded into keyd and certd: certd issues the
+    //    device's X.509 identity certificate from it, and the emulator's group enrollment
+    //    trusts it.
+    let pki = tempfile::tempdir().unwrap();
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=Device Test CA"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(pki.path().join("local-ca.key.pem"))
+        .arg("-out")
+        .arg(pki.path().join("local-ca.pem")));
+    device.sh("mkdir -p /srv/emulator");
+    device.copy_in(
+        &pki.path().join("local-ca.pem"),
+        "/srv/emulator/group-ca.pem",
+    );
+    device.copy_in(&pki.path().join("local-ca.pem"), "/etc/aziot/local-ca.pem");
+    device.copy_in(
+        &pki.path().join("local-ca.key.pem"),
+        "/var/secrets/aziot/keyd/local-ca.key.pem",
+    );
+    device.sh("chmod 0644 /etc/aziot/local-ca.pem && \
+         chown aziotks:aziotks /var/secrets/aziot/keyd/local-ca.key.pem && \
+         chmod 0600 /var/secrets/aziot/keyd/local-ca.key.pem");
+
+    // 3. The cloud emulator (a transient unit in the device) with that group enrollment, its
+    //    TLS CA trusted through the system store as an operator would trust a private CA.
+    device.sh(r#"cat > /srv/emulator/config.toml <<'EOF'
+listen = "127.0.0.1:8443"
+admin_listen = "127.0.0.1:8080"
+ca_cert_path = "/srv/emulator/ca.pem"
+id_scope = "0ne0000DEV1"
+assigning_polls = 0
+[[group_enrollment]]
+group_id = "device-test-group"
+attestation = { type = "x509", ca_file = "group-ca.pem" }
+EOF
+systemd-run --unit=cloud-emulator -p StandardOutput=file:/srv/emulator/ready.json \
+    /usr/local/bin/cloud-emulator --config /srv/emulator/config.toml >/dev/null 2>&1
+for i in $(seq 100); do [ -s /srv/emulator/ready.json ] && break; sleep 0.1; done
+test -s /srv/emulator/ready.json
+cp /srv/emulator/ca.pem /usr/local/share/ca-certificates/cloud-emulator.crt
+update-ca-certificates >/dev/null 2>&1"#);
+
+    // 4. The super-config, and a host module principal for identityd (a drop-in beside the
+    //    generated one, as operators add them). Both users may open identityd's socket
+    //    (group aziotid); only hostmodule is a principal.
+    device.sh(r#"cat > /etc/aziot/config.toml <<'EOF'
+hostname = "device-test"
+[provisioning]
+source = "dps"
+global_endpoint = "https://localhost:8443/"
+id_scope = "0ne0000DEV1"
+[provisioning.attestation]
+method = "x509"
+identity_cert = { method = "local_ca", common_name = "device-test", expiry_days = 30 }
+[cert_issuance.local_ca]
+cert = "file:///etc/aziot/local-ca.pem"
+pk = "file:///var/secrets/aziot/keyd/local-ca.key.pem"
+EOF
+chmod 0600 /etc/aziot/config.toml
+useradd --system --groups aziotid hostmodule
+useradd --system --groups aziotid stranger
+cat > /etc/aziot/identityd/config.d/50-hostmodule.toml <<EOF
+[[principal]]
+uid = $(id -u hostmodule)
+name = "hostmodule"
+idtype = ["module"]
+EOF
+chown aziotid:aziotid /etc/aziot/identityd/config.d/50-hostmodule.toml
+chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
+    let applied = device.sh("iotedge config apply 2>&1");
+    assert!(applied.contains("00-super.toml"), "{applied}");
+
+    // 5. Provisioned; `iotedge check` passes and `system status` reports every unit running.
+    let check = device.sh_status("iotedge check");
+    assert!(
+        check.status.success(),
+        "iotedge check failed:\n{}",
+        text(&check)
+    );
+    let check_text = text(&check);
+    assert!(
+        check_text.contains("[ OK ] identityd-provisioned")
+            && check_text.contains("device device-test in localhost:8443"),
+        "{check_text}"
+    );
+    let status = device.sh("iotedge system status");
+    for unit in [
+        "aziot-keyd.socket",
+        "aziot-certd.socket",
+        "aziot-identityd.socket",
+        "aziot-keyd.service",
+        "aziot-certd.service",
+        "aziot-identityd.service",
+    ] {
+        assert!(
+            status
+                .lines()
+                .any(|line| line.starts_with(unit) && line.trim_end().ends_with(" active")),
+            "{unit} not active:\n{status}"
+        );
+    }
+    let registrations = device.sh("curl -sf http://127.0.0.1:8080/registrations");
+    assert!(registrations.contains("\"device-test\""), "{registrations}");
+
+    // 6. The module principal gets its identity; another uid with the same socket access is
+    //    refused by identityd.
+    let kept_identities = identities(&device);
+    assert_eq!(kept_identities.1["spec"]["moduleId"], "hostmodule");
+    assert_eq!(
+        device.http_status(
+            "stranger",
+            IDENTITYD_SOCKET,
+            &format!("/identities/identity?{API}")
+        ),
+        "403"
+    );
+
+    // 7. Socket activation: with the services stopped (their sockets stop with them, PartOf=)
+    //    and only the sockets started again, the first request starts each daemon.
+    device.sh(
+        "systemctl stop aziot-identityd.service aziot-certd.service aziot-keyd.service && \
+         systemctl start aziot-keyd.socket aziot-certd.socket aziot-identityd.socket",
+    );
+    for (daemon, socket) in [
+        ("keyd", "/run/aziot/keyd.sock"),
+        ("certd", "/run/aziot/certd.sock"),
+        ("identityd", IDENTITYD_SOCKET),
+    ] {
+        let service = format!("aziot-{daemon}.service");
+        assert_eq!(device.unit_state(&service), "inactive", "{service}");
+        // Any HTTP answer proves the daemon serves on the socket systemd handed it.
+        let answer = device.http_status("root", socket, &format!("/nothing-here?{API}"));
+        assert_eq!(answer, "404", "{daemon}");
+        assert_eq!(device.unit_state(&service), "active", "{service}");
+    }
+    assert_sockets(&device, &units);
+
+    // 8. Restarting each service loses nothing.
+    let state_before = key_and_cert_state(&device);
+    for service in ["aziot-keyd", "aziot-certd", "aziot-identityd"] {
+        device.sh(&format!("systemctl restart {service}.service"));
+        assert_eq!(device.unit_state(&format!("{service}.service")), "active");
+        assert_eq!(identities(&device), kept_identities);
+    }
+    assert_eq!(key_and_cert_state(&device), state_before);
+    assert_sockets(&device, &units);
+
+    // 9. `apt remove` keeps the device; installing again takes it back unchanged.
+    device.sh(
+        "DEBIAN_FRONTEND=noninteractive apt-get remove -y -q edge-runtime-edge edge-runtime-identity",
+    );
+    assert_eq!(
+        device.sh("test ! -e /usr/libexec/aziot/keyd && test ! -e /usr/bin/iotedge && echo gone"),
+        "gone"
+    );
+    for unit in &units {
+        assert_ne!(device.unit_state(&unit.unit), "active", "{}", unit.unit);
+    }
+    assert_eq!(
+        device.sh("test -e /etc/aziot/config.toml && test -e /etc/aziot/identityd/config.d/00-super.toml && echo kept"),
+        "kept"
+    );
+    assert_eq!(key_and_cert_state(&device), state_before);
+    device.sh(install);
+    assert_sockets(&device, &units);
+    // The postinst starts a configured identityd again.
+    assert_eq!(device.unit_state("aziot-identityd.service"), "active");
+    assert_eq!(identities(&device), kept_identities);
+    assert_eq!(key_and_cert_state(&device), state_before);
+    let check = device.sh_status("iotedge check");
+    assert!(check.status.success(), "{}", text(&check));
+}
