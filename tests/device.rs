@@ -72,8 +72,14 @@ fn fnv1a(data: &str) -> u64 {
     hash
 }
 
-/// The device image, built with mmdebstrap and `docker import` unless its tag exists.
+/// The device image, built once per test run (both tests wait for the first build).
 fn device_image() -> String {
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(build_device_image).clone()
+}
+
+/// Builds the image with mmdebstrap and `docker import` unless its tag exists.
+fn build_device_image() -> String {
     let recipe = format!("{SUITE} {MIRROR} minbase {IMAGE_PACKAGES} init");
     let tag = format!("edge-runtime-device-test:{:016x}", fnv1a(&recipe));
     let exists = Command::new("docker")
@@ -105,8 +111,8 @@ struct Device {
 }
 
 impl Device {
-    fn boot(image: &str) -> Device {
-        let name = format!("edge-runtime-device-{}", std::process::id());
+    fn boot(image: &str, hostname: &str) -> Device {
+        let name = format!("edge-runtime-{hostname}-{}", std::process::id());
         let _ = Command::new("docker").args(["rm", "-f", &name]).output();
         run(Command::new("docker").args([
             "run",
@@ -114,7 +120,7 @@ impl Device {
             "--name",
             &name,
             "--hostname",
-            "device-test",
+            hostname,
             "--stop-signal",
             "SIGRTMIN+3",
             "--cap-add",
@@ -291,7 +297,7 @@ const IDENTITYD_SOCKET: &str = "/run/aziot/identityd.sock";
 /// sees it (without its key handle, which is sealed with a fresh nonce each time), and the
 /// hub's record of the device's modules (keys, generation IDs, etags: a module recreated or
 /// rekeyed would show here).
-fn identities(device: &Device) -> (String, serde_json::Value, serde_json::Value) {
+fn identities(device: &Device, device_id: &str) -> (String, serde_json::Value, serde_json::Value) {
     let check = device.sh("iotedge check");
     let device_line = check
         .lines()
@@ -310,9 +316,9 @@ fn identities(device: &Device) -> (String, serde_json::Value, serde_json::Value)
         .unwrap()
         .remove("keyHandle");
     assert!(handle.is_some(), "{module}");
-    let hub_modules: serde_json::Value = serde_json::from_str(
-        &device.sh("curl -sf http://127.0.0.1:8080/devices/device-test/modules"),
-    )
+    let hub_modules: serde_json::Value = serde_json::from_str(&device.sh(&format!(
+        "curl -sf http://127.0.0.1:8080/devices/{device_id}/modules"
+    )))
     .unwrap();
     assert!(
         hub_modules.to_string().contains("hostmodule"),
@@ -321,9 +327,14 @@ fn identities(device: &Device) -> (String, serde_json::Value, serde_json::Value)
     (device_line, module, hub_modules)
 }
 
-#[test]
-fn packages_install_and_run_under_systemd() {
-    let root = repository_root();
+/// The packages, from the binaries this test run built, in cargo's temporary folder for
+/// integration tests; built once per run.
+fn built_packages() -> &'static Path {
+    static PACKAGES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PACKAGES.get_or_init(build_packages)
+}
+
+fn build_packages() -> PathBuf {
     let bin = binaries_dir();
     for name in [
         "keyd",
@@ -339,24 +350,56 @@ fn packages_install_and_run_under_systemd() {
             bin.display()
         );
     }
-
-    // The packages, from the binaries this test run built.
-    let packages = tempfile::tempdir().unwrap();
-    let built = run(Command::new(root.join("tools/build-packages.sh"))
-        .arg("--binaries")
-        .arg(&bin)
-        .arg("--out")
-        .arg(packages.path()));
+    let packages = Path::new(env!("CARGO_TARGET_TMPDIR")).join("device-test-packages");
+    let _ = std::fs::remove_dir_all(&packages);
+    let built = run(
+        Command::new(repository_root().join("tools/build-packages.sh"))
+            .arg("--binaries")
+            .arg(&bin)
+            .arg("--out")
+            .arg(&packages),
+    );
     let debs: Vec<String> = text(&built).lines().map(str::to_owned).collect();
     assert_eq!(debs.len(), 2, "{debs:?}");
+    packages
+}
 
+const INSTALL: &str = "cd /tmp/packages && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                       ./edge-runtime-identity_*.deb ./edge-runtime-edge_*.deb";
+
+/// Starts the cloud emulator as a transient unit in the device, with `enrollments` (TOML) and
+/// its TLS CA trusted through the system store, as an operator would trust a private CA.
+fn start_emulator(device: &Device, enrollments: &str) {
+    device.copy_in(
+        &binaries_dir().join("cloud-emulator"),
+        "/usr/local/bin/cloud-emulator",
+    );
+    device.sh(&format!(
+        r#"mkdir -p /srv/emulator && cat > /srv/emulator/config.toml <<'EOF'
+listen = "127.0.0.1:8443"
+admin_listen = "127.0.0.1:8080"
+ca_cert_path = "/srv/emulator/ca.pem"
+id_scope = "0ne0000DEV1"
+assigning_polls = 0
+{enrollments}
+EOF
+systemd-run --unit=cloud-emulator -p StandardOutput=file:/srv/emulator/ready.json \
+    /usr/local/bin/cloud-emulator --config /srv/emulator/config.toml >/dev/null 2>&1
+for i in $(seq 100); do [ -s /srv/emulator/ready.json ] && break; sleep 0.1; done
+test -s /srv/emulator/ready.json
+cp /srv/emulator/ca.pem /usr/local/share/ca-certificates/cloud-emulator.crt
+update-ca-certificates >/dev/null 2>&1"#
+    ));
+}
+
+#[test]
+fn packages_install_and_run_under_systemd() {
+    const DEVICE_ID: &str = "device-test";
+    let packages = built_packages();
     let image = device_image();
-    let device = Device::boot(&image);
-    device.copy_in(packages.path(), "/tmp/packages");
-    device.copy_in(&bin.join("cloud-emulator"), "/usr/local/bin/cloud-emulator");
-    let install = "cd /tmp/packages && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-                   ./edge-runtime-identity_*.deb ./edge-runtime-edge_*.deb";
-    device.sh(install);
+    let device = Device::boot(&image, DEVICE_ID);
+    device.copy_in(packages, "/tmp/packages");
+    device.sh(INSTALL);
 
     // 1. Installed: users, folders and sockets as the units say; nothing running yet.
     let units = socket_units();
@@ -416,24 +459,13 @@ fn packages_install_and_run_under_systemd() {
          chown aziotks:aziotks /var/secrets/aziot/keyd/local-ca.key.pem && \
          chmod 0600 /var/secrets/aziot/keyd/local-ca.key.pem");
 
-    // 3. The cloud emulator (a transient unit in the device) with that group enrollment, its
-    //    TLS CA trusted through the system store as an operator would trust a private CA.
-    device.sh(r#"cat > /srv/emulator/config.toml <<'EOF'
-listen = "127.0.0.1:8443"
-admin_listen = "127.0.0.1:8080"
-ca_cert_path = "/srv/emulator/ca.pem"
-id_scope = "0ne0000DEV1"
-assigning_polls = 0
-[[group_enrollment]]
+    // 3. The cloud emulator, with that group enrollment.
+    start_emulator(
+        &device,
+        r#"[[group_enrollment]]
 group_id = "device-test-group"
-attestation = { type = "x509", ca_file = "group-ca.pem" }
-EOF
-systemd-run --unit=cloud-emulator -p StandardOutput=file:/srv/emulator/ready.json \
-    /usr/local/bin/cloud-emulator --config /srv/emulator/config.toml >/dev/null 2>&1
-for i in $(seq 100); do [ -s /srv/emulator/ready.json ] && break; sleep 0.1; done
-test -s /srv/emulator/ready.json
-cp /srv/emulator/ca.pem /usr/local/share/ca-certificates/cloud-emulator.crt
-update-ca-certificates >/dev/null 2>&1"#);
+attestation = { type = "x509", ca_file = "group-ca.pem" }"#,
+    );
 
     // 4. The super-config, and a host module principal for identityd (a drop-in beside the
     //    generated one, as operators add them). Both users may open identityd's socket
@@ -499,7 +531,7 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
 
     // 6. The module principal gets its identity; another uid with the same socket access is
     //    refused by identityd.
-    let kept_identities = identities(&device);
+    let kept_identities = identities(&device, DEVICE_ID);
     assert_eq!(kept_identities.1["spec"]["moduleId"], "hostmodule");
     assert_eq!(
         device.http_status(
@@ -535,7 +567,7 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     for service in ["aziot-keyd", "aziot-certd", "aziot-identityd"] {
         device.sh(&format!("systemctl restart {service}.service"));
         assert_eq!(device.unit_state(&format!("{service}.service")), "active");
-        assert_eq!(identities(&device), kept_identities);
+        assert_eq!(identities(&device, DEVICE_ID), kept_identities);
     }
     assert_eq!(key_and_cert_state(&device), state_before);
     assert_sockets(&device, &units);
@@ -556,12 +588,265 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
         "kept"
     );
     assert_eq!(key_and_cert_state(&device), state_before);
-    device.sh(install);
+    device.sh(INSTALL);
     assert_sockets(&device, &units);
     // The postinst starts a configured identityd again.
     assert_eq!(device.unit_state("aziot-identityd.service"), "active");
-    assert_eq!(identities(&device), kept_identities);
+    assert_eq!(identities(&device, DEVICE_ID), kept_identities);
     assert_eq!(key_and_cert_state(&device), state_before);
     let check = device.sh_status("iotedge check");
     assert!(check.status.success(), "{}", text(&check));
+}
+
+/// HMAC-SHA256 with the OpenSSL command line (independent of keyd), base64.
+fn openssl_hmac(key: &[u8], message: &[u8]) -> String {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("message"), message).unwrap();
+    let hex_key: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
+    let output = run(Command::new("sh").arg("-c").arg(format!(
+        "openssl dgst -sha256 -mac HMAC -macopt hexkey:{hex_key} -binary {} | base64 -w0",
+        work.path().join("message").display()
+    )));
+    text(&output)
+}
+
+fn random_bytes(length: usize) -> Vec<u8> {
+    let mut bytes = vec![0; length];
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut bytes)
+        .unwrap();
+    bytes
+}
+
+fn base64(bytes: &[u8]) -> String {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("bytes"), bytes).unwrap();
+    text(&run(Command::new("base64")
+        .arg("-w0")
+        .arg(work.path().join("bytes"))))
+}
+
+/// A device as the reference's packages and `aziotctl config apply` leave it: the reference's
+/// users (its preinst's `groupadd -r` / `useradd -r`, in its order, so their uids are not the
+/// ones systemd-sysusers would pick), the super-config, each daemon's `config.d/00-super.toml`
+/// in the reference's form (empty tables written, one file per daemon, 0600 and owned by the
+/// service user), the enrollment key in `/var/secrets/aziot/keyd/device-id` and keyd's state in
+/// the reference's file layout (`keys/<ID without non-alphanumerics>-<sha256(ID)>.key`, raw
+/// bytes). Our packages take it over: same users, the device provisions with the same key, keyd
+/// signs with the reference's keys, and module keys derive from the reference's master key.
+#[test]
+fn packages_take_over_a_reference_device() {
+    const DEVICE_ID: &str = "ref-device";
+    let packages = built_packages();
+    let image = device_image();
+    let device = Device::boot(&image, DEVICE_ID);
+
+    // 1. The reference's users.
+    device.sh(
+        "for pair in aziotks:keyd aziottpm:tpmd aziotcs:certd aziotid:identityd; do \
+           user=${pair%%:*}; home=/var/lib/aziot/${pair#*:}; \
+           groupadd -r $user && useradd -r -g $user -s /sbin/nologin -d $home $user && mkdir -p $home; \
+         done; \
+         usermod -aG aziotks aziotcs; usermod -aG aziotcs,aziotks,aziottpm aziotid",
+    );
+    let uids_before = device.sh("for u in aziotks aziotcs aziotid aziottpm; do id $u; done");
+
+    // 2. Keys in the reference layout: the enrollment key as config apply decodes it, keyd's
+    //    handle validation key and identityd's master key for module identities.
+    let enrollment_key = random_bytes(32);
+    let master_key = random_bytes(32);
+    let handle_validation_key = random_bytes(32);
+    let secrets = tempfile::tempdir().unwrap();
+    let keys = secrets.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::write(secrets.path().join("device-id"), &enrollment_key).unwrap();
+    for (id, bytes) in [
+        ("aziot_identityd_master_id", &master_key),
+        ("handle-validation-key", &handle_validation_key),
+    ] {
+        let name = format!(
+            "{}-{}.key",
+            id.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect::<String>(),
+            text(&run(Command::new("sh").arg("-c").arg(format!(
+                "printf %s '{id}' | sha256sum | cut -d' ' -f1"
+            ))))
+        );
+        std::fs::write(keys.join(name), bytes).unwrap();
+    }
+    device.sh("mkdir -p /var/secrets/aziot/keyd /var/lib/aziot/keyd");
+    device.copy_in(
+        &secrets.path().join("device-id"),
+        "/var/secrets/aziot/keyd/device-id",
+    );
+    device.copy_in(&keys, "/var/lib/aziot/keyd/keys");
+    let enrollment_base64 = base64(&enrollment_key);
+
+    // 3. The super-config and the reference's per-daemon files for it.
+    device.sh(&format!(
+        r#"set -e
+mkdir -p /etc/aziot/keyd/config.d /etc/aziot/certd/config.d /etc/aziot/identityd/config.d
+cat > /etc/aziot/config.toml <<'EOF'
+hostname = "ref-device"
+[provisioning]
+source = "dps"
+global_endpoint = "https://localhost:8443/"
+id_scope = "0ne0000DEV1"
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "ref-device"
+symmetric_key = {{ value = "{enrollment_base64}" }}
+EOF
+chmod 0600 /etc/aziot/config.toml
+cat > /etc/aziot/keyd/config.d/00-super.toml <<EOF
+[aziot_keys]
+homedir_path = "/var/lib/aziot/keyd"
+
+[preloaded_keys]
+device-id = "file:///var/secrets/aziot/keyd/device-id"
+
+[[principal]]
+uid = $(id -u aziotid)
+keys = ["aziot_identityd_master_id", "device-id"]
+EOF
+cat > /etc/aziot/certd/config.d/00-super.toml <<'EOF'
+homedir_path = "/var/lib/aziot/certd"
+
+[cert_issuance]
+
+[preloaded_certs]
+EOF
+cat > /etc/aziot/identityd/config.d/00-super.toml <<'EOF'
+hostname = "ref-device"
+homedir = "/var/lib/aziot/identityd"
+prefer_module_identity_cache = false
+principal = []
+
+[provisioning]
+source = "dps"
+global_endpoint = "https://localhost:8443/"
+scope_id = "0ne0000DEV1"
+
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "ref-device"
+symmetric_key = "device-id"
+EOF
+useradd --system --groups aziotid hostmodule
+useradd --system --groups aziotks signer
+cat > /etc/aziot/identityd/config.d/50-hostmodule.toml <<EOF
+[[principal]]
+uid = $(id -u hostmodule)
+name = "hostmodule"
+idtype = ["module"]
+EOF
+cat > /etc/aziot/keyd/config.d/50-signer.toml <<EOF
+[[principal]]
+uid = $(id -u signer)
+keys = ["device-id"]
+EOF
+for daemon in keyd:aziotks certd:aziotcs identityd:aziotid; do
+  chown -R ${{daemon#*:}}:${{daemon#*:}} /etc/aziot/${{daemon%%:*}}/config.d /var/lib/aziot/${{daemon%%:*}}
+  chmod 0700 /etc/aziot/${{daemon%%:*}}/config.d /var/lib/aziot/${{daemon%%:*}}
+  chmod 0600 /etc/aziot/${{daemon%%:*}}/config.d/*.toml
+done
+chown -R aziotks:aziotks /var/secrets/aziot/keyd
+chmod 0700 /var/secrets/aziot/keyd
+chmod 0600 /var/secrets/aziot/keyd/device-id /var/lib/aziot/keyd/keys/*
+chmod 0700 /var/lib/aziot/keyd/keys"#
+    ));
+    start_emulator(
+        &device,
+        &format!(
+            r#"[[individual_enrollment]]
+registration_id = "ref-device"
+attestation = {{ type = "symmetric_key", primary_key = "{enrollment_base64}" }}"#
+        ),
+    );
+
+    // 4. Our packages over it. The postinst starts the configured identityd.
+    device.copy_in(packages, "/tmp/packages");
+    device.sh(INSTALL);
+    assert_eq!(
+        device.sh("for u in aziotks aziotcs aziotid aziottpm; do id $u; done"),
+        uids_before,
+        "the reference's users keep their uids and groups"
+    );
+    assert_sockets(&device, &socket_units());
+    assert_eq!(device.unit_state("aziot-identityd.service"), "active");
+
+    // 5. The device provisions with the reference's enrollment key (keyd reads the preloaded
+    //    file); `iotedge check` passes (the reference's drop-ins differ in form from ours, a
+    //    warning until `config apply` rewrites them).
+    let check = device.sh_status("iotedge check");
+    let check_text = text(&check);
+    assert!(check.status.success(), "{check_text}");
+    assert!(
+        check_text.contains("device ref-device in localhost:8443"),
+        "{check_text}"
+    );
+
+    // 6. keyd signs with the reference's key: the same HMAC as OpenSSL with the file's bytes.
+    let handle = device.get_json(
+        "signer",
+        "/run/aziot/keyd.sock",
+        &format!("/key/device-id?{API}"),
+    )["keyHandle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let message = b"the same key after the takeover";
+    let sign = |device: &Device, handle: &str| {
+        let body = serde_json::json!({
+            "keyHandle": handle,
+            "algorithm": "HMAC-SHA256",
+            "parameters": { "message": base64(message) },
+        });
+        let answer = device.sh(&format!(
+            "setpriv --reuid signer --regid signer --init-groups curl -sf --unix-socket \
+             /run/aziot/keyd.sock -H 'content-type: application/json' -d '{body}' \
+             'http://localhost/sign?{API}'"
+        ));
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        answer["signature"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        sign(&device, &handle),
+        openssl_hmac(&enrollment_key, message)
+    );
+
+    // 7. The module's keys in the hub derive from the reference's master key, as the reference
+    //    derives them (HMAC-SHA256(master, "<module>:<generation>:primary")).
+    let (_, module, hub_modules) = identities(&device, DEVICE_ID);
+    assert_eq!(module["spec"]["moduleId"], "hostmodule");
+    let generation = module["spec"]["genId"].as_str().unwrap().to_owned();
+    let hub_text = hub_modules.to_string();
+    let primary = openssl_hmac(
+        &master_key,
+        format!("hostmodule:{generation}:primary").as_bytes(),
+    );
+    assert!(
+        hub_text.contains(&primary),
+        "hub keys are not derived from the reference's master key: {hub_text}"
+    );
+
+    // 8. `iotedge config apply` rewrites the drop-ins in our form; nothing changes identity.
+    let kept = identities(&device, DEVICE_ID);
+    device.sh("iotedge config apply");
+    assert_eq!(identities(&device, DEVICE_ID), kept);
+    assert_eq!(
+        sign(&device, &handle),
+        openssl_hmac(&enrollment_key, message),
+        "a handle from before config apply stays valid"
+    );
+    let check = device.sh_status("iotedge check");
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(
+        text(&check).contains("[ OK ] config-up-to-date"),
+        "{}",
+        text(&check)
+    );
 }
