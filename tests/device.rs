@@ -596,6 +596,21 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     assert_eq!(key_and_cert_state(&device), state_before);
     let check = device.sh_status("iotedge check");
     assert!(check.status.success(), "{}", text(&check));
+
+    // 10. `apt purge` deletes what the packages and `config apply` made (config, state,
+    //     secrets, the units' enablement) and keeps the operator's own files in /etc/aziot.
+    device.sh(
+        "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q edge-runtime-edge edge-runtime-identity",
+    );
+    assert_eq!(
+        device.sh(
+            "for path in /etc/aziot/config.toml /etc/aziot/config.toml.template /etc/aziot/keyd \
+               /etc/aziot/certd /etc/aziot/identityd /etc/aziot/edged /var/lib/aziot \
+               /var/secrets/aziot /etc/systemd/system/sockets.target.wants/aziot-keyd.socket; do \
+               test -e $path && echo $path; done; ls /etc/aziot"
+        ),
+        "local-ca.pem"
+    );
 }
 
 /// HMAC-SHA256 with the OpenSSL command line (independent of keyd), base64.
