@@ -3,7 +3,9 @@
 //! cloud emulator, and checked the way an operator would: sockets listening with the owners and
 //! modes of the units, socket activation of keyd, certd and identityd, provisioning,
 //! `iotedge check`, `iotedge system status`, a host module principal allowed and another uid
-//! refused, restarts and `apt remove` + `apt install` losing nothing.
+//! refused, restarts and `apt remove` + `apt install` losing nothing, `apt purge` deleting the
+//! device. A second device is laid out as the reference's packages leave one and taken over
+//! (issue 14, part 4).
 //!
 //! The image is a `mmdebstrap --variant=minbase` Debian 12 root file system (nothing comes from
 //! an image registry) imported with `docker import`, and kept under a tag named for its recipe so
