@@ -9,7 +9,8 @@
 #           python3 (the other-uid client), curl, and
 #           busybox-static (edged's FROM-scratch test image), systemd (systemd-analyze verify,
 #           systemd-sysusers and systemd-socket-activate run the units' checks; systemd need not
-#           run), util-linux (unshare)
+#           run), util-linux (unshare), mmdebstrap (the device test's Debian image; with
+#           tools/build-packages.sh, which needs only dpkg-deb and binutils' strip)
 set -euo pipefail
 
 needed=()
@@ -28,6 +29,7 @@ if [ "${1:-all}" != build ]; then
   command -v curl >/dev/null || needed+=(curl)
   { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || needed+=(systemd)
   command -v unshare >/dev/null || needed+=(util-linux)
+  command -v mmdebstrap >/dev/null || needed+=(mmdebstrap)
 fi
 [ ${#needed[@]} -eq 0 ] && exit 0
 
