@@ -1,10 +1,10 @@
 //! The device test: the Debian packages (`tools/build-packages.sh`) installed on a Debian
 //! container that boots systemd as PID 1, configured with `iotedge config apply` against the
 //! cloud emulator, and checked the way an operator would: sockets listening with the owners and
-//! modes of the units, socket activation of keyd, certd and identityd, provisioning,
-//! `iotedge check`, `iotedge system status`, a host module principal allowed and another uid
-//! refused, restarts and `apt remove` + `apt install` losing nothing, `apt purge` deleting the
-//! device. A second device is laid out as the reference's packages leave one and taken over
+//! modes of the units, socket activation of keyd, certd, identityd and edged, provisioning,
+//! `iotedge check` (IoT Edge checks included), `iotedge system status`, edged running the
+//! agent, a host module principal allowed and another uid refused, restarts and `apt remove` +
+//! `apt install` losing nothing, `apt purge` deleting the device. A second device is laid out as the reference's packages leave one and taken over
 //! (issue 14, part 4).
 //!
 //! The image is a `mmdebstrap --variant=minbase` Debian 12 root file system (nothing comes from
@@ -16,9 +16,12 @@
 //! and AppArmor unconfined, tmpfs `/run` and `/run/lock`, a private cgroup namespace, and
 //! SIGRTMIN+3 as stop signal. `--privileged` is not needed (and is refused on the CI machine).
 //!
-//! edged is installed and its sockets are checked, but the device is an identity-service device
-//! (no `[agent]`): edged would run edgeAgent on the host's Docker Engine, whose bind mounts name
-//! paths inside this container. See docs/install.md "Testing the packages".
+//! The new device is an IoT Edge device: the host's Docker socket is bind-mounted into it, and
+//! edged runs an agent built here (`FROM scratch`, Debian's static busybox, a command that only
+//! sleeps) on the host's engine under names unique to the run, removed afterwards. Its connect
+//! URIs are TCP, so edged gives the agent no socket bind mounts (their sources would be paths in
+//! the container that Docker resolves, and creates, on the host). edged's part takes the lock
+//! edged's own Docker tests take. See docs/install.md "Testing the packages".
 
 #![allow(clippy::unwrap_used)]
 
@@ -113,33 +116,35 @@ struct Device {
 }
 
 impl Device {
-    fn boot(image: &str, hostname: &str) -> Device {
+    /// Boots `image`; `extra` goes to `docker run` before the image (bind mounts).
+    fn boot(image: &str, hostname: &str, extra: &[&str]) -> Device {
         let name = format!("edge-runtime-{hostname}-{}", std::process::id());
         let _ = Command::new("docker").args(["rm", "-f", &name]).output();
-        run(Command::new("docker").args([
-            "run",
-            "--detach",
-            "--name",
-            &name,
-            "--hostname",
-            hostname,
-            "--stop-signal",
-            "SIGRTMIN+3",
-            "--cap-add",
-            "SYS_ADMIN",
-            "--security-opt",
-            "seccomp=unconfined",
-            "--security-opt",
-            "apparmor=unconfined",
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/run/lock",
-            "--cgroupns",
-            "private",
-            image,
-            "/sbin/init",
-        ]));
+        run(Command::new("docker")
+            .args([
+                "run",
+                "--detach",
+                "--name",
+                &name,
+                "--hostname",
+                hostname,
+                "--stop-signal",
+                "SIGRTMIN+3",
+                "--cap-add",
+                "SYS_ADMIN",
+                "--security-opt",
+                "seccomp=unconfined",
+                "--security-opt",
+                "apparmor=unconfined",
+                "--tmpfs",
+                "/run",
+                "--tmpfs",
+                "/run/lock",
+                "--cgroupns",
+                "private",
+            ])
+            .args(extra)
+            .args([image, "/sbin/init"]));
         let device = Device { name };
         // PID 1 is systemd, and the boot ends "running" (no failed unit).
         // systemctl needs PID 1's private socket, which appears a moment after `docker run`.
@@ -224,6 +229,110 @@ impl Drop for Device {
     }
 }
 
+/// Serializes edged on the host's Docker Engine with edged's own tests (edged/tests/common's
+/// `docker_lock`, same file): edged stops and removes every container with its owner label at
+/// startup, so two edged instances must not share the engine at once. Held until the device is
+/// gone (its edged stops the agent on the way down).
+fn docker_lock() -> std::fs::File {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _thread = LOCK.lock().unwrap_or_else(|poison| poison.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("edged-docker-tests.lock"))
+        .unwrap();
+    file.lock().unwrap();
+    file
+}
+
+/// The agent's command: it sleeps, and exits on SIGTERM (as PID 1 it would otherwise ignore the
+/// signal, and every stop of edged would wait out Docker's stop grace of 30 s).
+const AGENT_COMMAND: &str =
+    "trap 'exit 0' TERM; while true; do /bin/busybox sleep 3600 & wait $!; done";
+
+/// What edged creates on the host's Docker Engine for the device, named for this test run: the
+/// agent image (`FROM scratch`, Debian's static busybox, a command that only sleeps), the agent
+/// container and the module network. Removed on drop.
+struct AgentResources {
+    image: String,
+    container: String,
+    network: String,
+}
+
+impl AgentResources {
+    fn build() -> AgentResources {
+        let suffix = std::process::id();
+        let resources = AgentResources {
+            image: format!("edge-runtime-device-agent:{suffix}"),
+            container: format!("edgeAgent-device-{suffix}"),
+            network: format!("edge-runtime-device-{suffix}"),
+        };
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "/bin/busybox is missing: apt-get install busybox-static (tools/install-deps.sh)"
+        );
+        let context = tempfile::tempdir().unwrap();
+        std::fs::copy(busybox, context.path().join("busybox")).unwrap();
+        // A layer of its own, so no other run's image shares this one's ID.
+        std::fs::write(context.path().join("run"), resources.image.as_bytes()).unwrap();
+        std::fs::write(
+            context.path().join("Dockerfile"),
+            format!(
+                "FROM scratch\nCOPY busybox /bin/busybox\nCOPY run /etc/device-test-run\n\
+                 CMD [\"/bin/busybox\", \"sh\", \"-c\", \"{AGENT_COMMAND}\"]\n"
+            ),
+        )
+        .unwrap();
+        run(Command::new("docker")
+            .args(["build", "-q", "-t", &resources.image])
+            .arg(context.path()));
+        resources
+    }
+
+    /// The super-config tables that run edged with this agent. The connect URIs are TCP, so
+    /// edged gives the agent no socket bind mounts: their sources would be paths in the device
+    /// that Docker resolves (and creates) on the host.
+    fn super_config(&self) -> String {
+        format!(
+            r#"
+[agent]
+name = "{container}"
+type = "docker"
+imagePullPolicy = "never"
+[agent.config]
+image = "{image}"
+
+[connect]
+workload_uri = "http://127.0.0.1:15581"
+management_uri = "http://127.0.0.1:15580"
+
+[moby_runtime]
+uri = "unix:///var/run/docker.sock"
+network = "{network}"
+"#,
+            container = self.container,
+            image = self.image,
+            network = self.network
+        )
+    }
+}
+
+impl Drop for AgentResources {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.container])
+            .output();
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+        let _ = Command::new("docker")
+            .args(["image", "rm", "-f", &self.image])
+            .output();
+    }
+}
+
 /// What a `.socket` unit of contrib/systemd says: path, owner, group, mode.
 #[derive(Debug)]
 struct SocketUnit {
@@ -292,6 +401,34 @@ fn key_and_cert_state(device: &Device) -> String {
 }
 
 const API: &str = "api-version=2020-09-01";
+const MANAGEMENT_SOCKET: &str = "/run/iotedge/mgmt.sock";
+
+/// edged's module list (management socket, as root like the CLI).
+fn modules(device: &Device) -> serde_json::Value {
+    device.get_json("root", MANAGEMENT_SOCKET, "/modules?api-version=2020-07-07")
+}
+
+/// The agent's entry in edged's module list once it reports running. edged's watchdog creates
+/// and starts the agent after edged is up, so this polls (at most 30 s; not a timing assertion).
+fn wait_for_running_agent(device: &Device, name: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..300 {
+        last = modules(device);
+        let agent = last["modules"].as_array().and_then(|modules| {
+            modules
+                .iter()
+                .find(|module| module["name"] == name)
+                .cloned()
+        });
+        if let Some(agent) = agent {
+            if agent["status"]["runtimeStatus"]["status"] == "running" {
+                return agent;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("edged does not list {name} running: {last}");
+}
 const IDENTITYD_SOCKET: &str = "/run/aziot/identityd.sock";
 
 /// The identities a device keeps: the device line of `iotedge check` (run as root, which
@@ -399,9 +536,22 @@ fn packages_install_and_run_under_systemd() {
     const DEVICE_ID: &str = "device-test";
     let packages = built_packages();
     let image = device_image();
-    let device = Device::boot(&image, DEVICE_ID);
+    let _docker_lock = docker_lock();
+    let agent = AgentResources::build();
+    let device = Device::boot(
+        &image,
+        DEVICE_ID,
+        &["--volume", "/var/run/docker.sock:/var/run/docker.sock"],
+    );
+    // Docker's own package would make the `docker` group owning its socket; here the socket is
+    // the host's, so the group takes the host's gid (the packages' sysusers adds iotedge to it).
+    device.sh("groupadd --system --gid $(stat -c %g /var/run/docker.sock) docker");
     device.copy_in(packages, "/tmp/packages");
     device.sh(INSTALL);
+    assert_eq!(
+        device.sh("id -nG iotedge | tr ' ' '\\n' | grep -x docker"),
+        "docker"
+    );
 
     // 1. Installed: users, folders and sockets as the units say; nothing running yet.
     let units = socket_units();
@@ -496,8 +646,14 @@ idtype = ["module"]
 EOF
 chown aziotid:aziotid /etc/aziot/identityd/config.d/50-hostmodule.toml
 chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
+    // edged's part: the agent on the host's Docker Engine.
+    device.sh(&format!(
+        "cat >> /etc/aziot/config.toml <<'EOF'\n{}\nEOF",
+        agent.super_config()
+    ));
     let applied = device.sh("iotedge config apply 2>&1");
     assert!(applied.contains("00-super.toml"), "{applied}");
+    assert!(applied.contains("edged"), "{applied}");
 
     // 5. Provisioned; `iotedge check` passes and `system status` reports every unit running.
     let check = device.sh_status("iotedge check");
@@ -509,7 +665,9 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     let check_text = text(&check);
     assert!(
         check_text.contains("[ OK ] identityd-provisioned")
-            && check_text.contains("device device-test in localhost:8443"),
+            && check_text.contains("device device-test in localhost:8443")
+            && check_text.contains("[ OK ] container-engine-installed")
+            && check_text.contains("[ OK ] edged-mgmt-reachable"),
         "{check_text}"
     );
     let status = device.sh("iotedge system status");
@@ -517,9 +675,12 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
         "aziot-keyd.socket",
         "aziot-certd.socket",
         "aziot-identityd.socket",
+        "aziot-edged.mgmt.socket",
+        "aziot-edged.workload.socket",
         "aziot-keyd.service",
         "aziot-certd.service",
         "aziot-identityd.service",
+        "aziot-edged.service",
     ] {
         assert!(
             status
@@ -530,6 +691,17 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     }
     let registrations = device.sh("curl -sf http://127.0.0.1:8080/registrations");
     assert!(registrations.contains("\"device-test\""), "{registrations}");
+    // edged started the agent on the host's engine, and lists it as a module.
+    wait_for_running_agent(&device, &agent.container);
+    assert_eq!(
+        text(&run(Command::new("docker").args([
+            "inspect",
+            "--format",
+            "{{.State.Running}} {{index .Config.Labels \"net.azure-devices.edge.owner\"}}",
+            &agent.container
+        ]))),
+        "true Microsoft.Azure.Devices.Edge.Agent"
+    );
 
     // 6. The module principal gets its identity; another uid with the same socket access is
     //    refused by identityd.
@@ -547,8 +719,10 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     // 7. Socket activation: with the services stopped (their sockets stop with them, PartOf=)
     //    and only the sockets started again, the first request starts each daemon.
     device.sh(
-        "systemctl stop aziot-identityd.service aziot-certd.service aziot-keyd.service && \
-         systemctl start aziot-keyd.socket aziot-certd.socket aziot-identityd.socket",
+        "systemctl stop aziot-edged.service aziot-identityd.service aziot-certd.service \
+           aziot-keyd.service && \
+         systemctl start aziot-keyd.socket aziot-certd.socket aziot-identityd.socket \
+           aziot-edged.mgmt.socket aziot-edged.workload.socket",
     );
     for (daemon, socket) in [
         ("keyd", "/run/aziot/keyd.sock"),
@@ -562,14 +736,33 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
         assert_eq!(answer, "404", "{daemon}");
         assert_eq!(device.unit_state(&service), "active", "{service}");
     }
+    // edged: the first request on its management socket starts it, and it answers with the
+    // module list (the CLI's api-version).
+    assert_eq!(device.unit_state("aziot-edged.service"), "inactive");
+    assert_eq!(
+        device.http_status("root", MANAGEMENT_SOCKET, "/modules?api-version=2020-07-07"),
+        "200"
+    );
+    assert_eq!(device.unit_state("aziot-edged.service"), "active");
+    wait_for_running_agent(&device, &agent.container);
     assert_sockets(&device, &units);
 
     // 8. Restarting each service loses nothing.
     let state_before = key_and_cert_state(&device);
-    for service in ["aziot-keyd", "aziot-certd", "aziot-identityd"] {
+    for service in [
+        "aziot-keyd",
+        "aziot-certd",
+        "aziot-identityd",
+        "aziot-edged",
+    ] {
         device.sh(&format!("systemctl restart {service}.service"));
         assert_eq!(device.unit_state(&format!("{service}.service")), "active");
         assert_eq!(identities(&device, DEVICE_ID), kept_identities);
+        assert_eq!(
+            wait_for_running_agent(&device, &agent.container)["name"],
+            agent.container.as_str(),
+            "after restarting {service}"
+        );
     }
     assert_eq!(key_and_cert_state(&device), state_before);
     assert_sockets(&device, &units);
@@ -658,7 +851,7 @@ fn packages_take_over_a_reference_device() {
     const DEVICE_ID: &str = "ref-device";
     let packages = built_packages();
     let image = device_image();
-    let device = Device::boot(&image, DEVICE_ID);
+    let device = Device::boot(&image, DEVICE_ID, &[]);
 
     // 1. The reference's users.
     device.sh(
