@@ -275,6 +275,21 @@ fn provider_options(pki: &Pki) -> Vec<String> {
     .collect()
 }
 
+/// The documented order: the default provider first, keyd second, no property query.
+fn default_first_options(pki: &Pki) -> Vec<String> {
+    [
+        "-provider-path",
+        &pki.provider_path(),
+        "-provider",
+        "default",
+        "-provider",
+        "keyd",
+    ]
+    .iter()
+    .map(|text| (*text).to_owned())
+    .collect()
+}
+
 /// Runs `s_client` with key `keyd:<id>` and certificate `<id>.pem` against a fresh server;
 /// returns the client's success and output, and the server's output.
 fn handshake(
@@ -426,17 +441,7 @@ async fn a_uid_keyd_does_not_authorize_gets_the_refusal() {
         "{client}"
     );
     // The same uid with the default provider first, as docs/keyd.md also shows.
-    let providers: Vec<String> = [
-        "-provider-path",
-        &pki.provider_path(),
-        "-provider",
-        "default",
-        "-provider",
-        "keyd",
-    ]
-    .iter()
-    .map(|text| (*text).to_owned())
-    .collect();
+    let providers = default_first_options(&pki);
     let (ok, client, _server) = handshake(
         &pki,
         &keyd_uri(&keyd),
@@ -458,17 +463,7 @@ async fn default_provider_first_also_works() {
         .unwrap();
     let pki = Pki::new();
     pki.issue_client_certificate(&keyd_uri(&keyd), "ordered");
-    let providers: Vec<String> = [
-        "-provider-path",
-        &pki.provider_path(),
-        "-provider",
-        "default",
-        "-provider",
-        "keyd",
-    ]
-    .iter()
-    .map(|text| (*text).to_owned())
-    .collect();
+    let providers = default_first_options(&pki);
     let (ok, client, server) = handshake(
         &pki,
         &keyd_uri(&keyd),
