@@ -62,9 +62,25 @@ impl Keyd {
         self.daemon.home()
     }
 
-    /// Starts (or restarts) the daemon and waits for its socket.
+    /// Starts (or restarts) the daemon and waits for its first answer: the socket accepts
+    /// before keyd has opened its stores, and tests that look at the key folder need them open.
     pub fn spawn(&mut self) {
+        use std::io::{Read as _, Write as _};
         self.daemon.spawn();
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: keyd\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 "),
+            "keyd did not answer:\n{}",
+            self.log()
+        );
     }
 
     /// Stops the daemon (SIGTERM, then waits).
