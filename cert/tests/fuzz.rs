@@ -8,7 +8,6 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{csr_pem, ec_key, openssl_ca, Pair, Profile};
 use http::{Method, StatusCode};
 use system_tests::fuzz::{self, Field, Route, Target};
@@ -72,27 +71,6 @@ const ROUTES: &[Route] = &[
 /// Requests per run (a few ms each with the liveness check; issuance is the slow part).
 const CASES: u32 = 1500;
 
-async fn send(pair: &Pair, case: &fuzz::Case) -> Result<(StatusCode, Bytes), String> {
-    let headers: Vec<(&str, &str)> = case
-        .content_type
-        .as_deref()
-        .map(|value| ("content-type", value))
-        .into_iter()
-        .collect();
-    let method = Method::from_bytes(case.method.as_bytes()).unwrap();
-    http_common::UdsClient::new(&pair.certd.socket)
-        .with_timeout(Duration::from_secs(15))
-        .send(
-            method,
-            &case.path_and_query,
-            &headers,
-            Bytes::from(case.body.clone()),
-        )
-        .await
-        .map(|response| (response.status, response.body))
-        .map_err(|error| format!("no answer (dropped connection or hang): {error}"))
-}
-
 #[test]
 fn no_request_gets_a_5xx_and_stored_certs_survive() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -132,21 +110,15 @@ fn no_request_gets_a_5xx_and_stored_certs_survive() {
     let started = std::time::Instant::now();
     fuzz::run(CASES, &strategy, |case| {
         runtime.block_on(async {
-            let (status, body) = send(&pair, case).await?;
+            let (status, body) =
+                fuzz::send(&pair.certd.socket, Duration::from_secs(15), case).await?;
             fuzz::check_answer(case, status.as_u16(), &body, false)?;
-            let alive = http_common::UdsClient::new(&pair.certd.socket)
-                .send(
-                    Method::GET,
-                    &format!("/certificates/preloaded?{V}"),
-                    &[],
-                    Bytes::new(),
-                )
-                .await
-                .map_err(|error| format!("certd stopped answering: {error}"))?;
-            if alive.status != StatusCode::OK {
-                return Err(format!("certd answers {} to a good request", alive.status));
-            }
-            Ok(())
+            fuzz::still_answers(
+                "certd",
+                &pair.certd.socket,
+                &format!("/certificates/preloaded?{V}"),
+            )
+            .await
         })
     });
     eprintln!("{CASES} cases in {:?}", started.elapsed());

@@ -145,27 +145,10 @@ fn send(
     socket: &std::path::Path,
     case: &fuzz::Case,
 ) -> Result<(u16, Bytes), String> {
-    let headers: Vec<(&str, &str)> = case
-        .content_type
-        .as_deref()
-        .map(|value| ("content-type", value))
-        .into_iter()
-        .collect();
-    let method = Method::from_bytes(case.method.as_bytes()).unwrap();
     harness
         .runtime
-        .block_on(
-            http_common::UdsClient::new(socket)
-                .with_timeout(Duration::from_secs(30))
-                .send(
-                    method,
-                    &case.path_and_query,
-                    &headers,
-                    Bytes::from(case.body.clone()),
-                ),
-        )
-        .map(|response| (response.status.as_u16(), response.body))
-        .map_err(|error| format!("no answer (dropped connection or hang): {error}"))
+        .block_on(fuzz::send(socket, Duration::from_secs(30), case))
+        .map(|(status, body)| (status.as_u16(), body))
 }
 
 /// The same request made by a process in `container` to `socket` (a path inside it).
@@ -188,19 +171,11 @@ fn send_from(container: &str, socket: &str, case: &fuzz::Case) -> Result<(u16, B
 }
 
 fn alive(harness: &Harness) -> Result<(), String> {
-    let answer = harness
-        .runtime
-        .block_on(http_common::UdsClient::new(&harness.mgmt).send(
-            Method::GET,
-            &format!("/modules?{V}"),
-            &[],
-            Bytes::new(),
-        ))
-        .map_err(|error| format!("edged stopped answering: {error}"))?;
-    if answer.status != StatusCode::OK {
-        return Err(format!("edged answers {} to a good request", answer.status));
-    }
-    Ok(())
+    harness.runtime.block_on(fuzz::still_answers(
+        "edged",
+        &harness.mgmt,
+        &format!("/modules?{V}"),
+    ))
 }
 
 #[test]

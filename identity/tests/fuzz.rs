@@ -10,9 +10,8 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{emulator, random_key_b64, Stack};
-use http::{Method, StatusCode};
+use http::StatusCode;
 use system_tests::fuzz::{self, Field, Route, Target};
 
 const TYPES: Field = Field::Text(&["aziot", "local"]);
@@ -107,27 +106,6 @@ const ROUTES: &[Route] = &[
 /// Requests per run (module creation and reprovisioning reach the emulated hub).
 const CASES: u32 = 800;
 
-async fn send(stack: &Stack, case: &fuzz::Case) -> Result<(StatusCode, Bytes), String> {
-    let headers: Vec<(&str, &str)> = case
-        .content_type
-        .as_deref()
-        .map(|value| ("content-type", value))
-        .into_iter()
-        .collect();
-    let method = Method::from_bytes(case.method.as_bytes()).unwrap();
-    http_common::UdsClient::new(&stack.identityd.socket)
-        .with_timeout(Duration::from_secs(40))
-        .send(
-            method,
-            &case.path_and_query,
-            &headers,
-            Bytes::from(case.body.clone()),
-        )
-        .await
-        .map(|response| (response.status, response.body))
-        .map_err(|error| format!("no answer (dropped connection or hang): {error}"))
-}
-
 /// The one 5xx the contract documents for a well-formed request here: `POST /identities/modules`
 /// `{"type": "local"}` for a module certd has no `[cert_issuance.<m>]` rule for. identityd
 /// passes certd's 400 on as a 500 ("keyd / certd failure → 500, their 4xx messages are passed
@@ -207,29 +185,20 @@ fn no_request_gets_a_5xx_and_identities_survive() {
     let started = std::time::Instant::now();
     fuzz::run(CASES, &strategy, |case| {
         runtime.block_on(async {
-            let (status, body) = send(&stack, case).await?;
+            let (status, body) =
+                fuzz::send(&stack.identityd.socket, Duration::from_secs(40), case).await?;
             // 503 is the contract's answer while provisioning (a fuzzed reprovision) runs.
             if is_certd_policy_refusal(status, &body) {
                 refusals.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             fuzz::check_answer(case, status.as_u16(), &body, true)?;
-            let alive = http_common::UdsClient::new(&stack.identityd.socket)
-                .send(
-                    Method::GET,
-                    "/identities/provisioning?api-version=2021-12-01",
-                    &[],
-                    Bytes::new(),
-                )
-                .await
-                .map_err(|error| format!("identityd stopped answering: {error}"))?;
-            if alive.status != StatusCode::OK {
-                return Err(format!(
-                    "identityd answers {} to a good request",
-                    alive.status
-                ));
-            }
-            Ok(())
+            fuzz::still_answers(
+                "identityd",
+                &stack.identityd.socket,
+                "/identities/provisioning?api-version=2021-12-01",
+            )
+            .await
         })
     });
     eprintln!(

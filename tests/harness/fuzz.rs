@@ -453,6 +453,53 @@ pub fn check_answer(case: &Case, status: u16, body: &[u8], allow_503: bool) -> R
     Ok(())
 }
 
+/// Sends `case` to `socket` within `timeout`; no answer (a dropped connection or a hang) is a
+/// failure.
+pub async fn send(
+    socket: &std::path::Path,
+    timeout: std::time::Duration,
+    case: &Case,
+) -> Result<(http::StatusCode, bytes::Bytes), String> {
+    let headers: Vec<(&str, &str)> = case
+        .content_type
+        .as_deref()
+        .map(|value| ("content-type", value))
+        .into_iter()
+        .collect();
+    let method = http::Method::from_bytes(case.method.as_bytes())
+        .map_err(|error| format!("the case's method is not a method: {error}"))?;
+    http_common::UdsClient::new(socket)
+        .with_timeout(timeout)
+        .send(
+            method,
+            &case.path_and_query,
+            &headers,
+            bytes::Bytes::from(case.body.clone()),
+        )
+        .await
+        .map(|response| (response.status, response.body))
+        .map_err(|error| format!("no answer (dropped connection or hang): {error}"))
+}
+
+/// The check after each case: `daemon` still answers `GET path` on `socket` with 200.
+pub async fn still_answers(
+    daemon: &str,
+    socket: &std::path::Path,
+    path: &str,
+) -> Result<(), String> {
+    let answer = http_common::UdsClient::new(socket)
+        .send(http::Method::GET, path, &[], bytes::Bytes::new())
+        .await
+        .map_err(|error| format!("{daemon} stopped answering: {error}"))?;
+    if answer.status != http::StatusCode::OK {
+        return Err(format!(
+            "{daemon} answers {} to a good request",
+            answer.status
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `cases` requests drawn from `strategy` through `check` with a fixed seed and no
 /// regression files; panics with the (shrunk) failing request.
 pub fn run<T: fmt::Debug>(
