@@ -18,6 +18,8 @@ pub const DEFAULT_ENDPOINT: &str = "unix:///run/aziot/identityd.sock";
 pub const DEFAULT_KEYD_ENDPOINT: &str = "unix:///run/aziot/keyd.sock";
 /// certd's default socket.
 pub const DEFAULT_CERTD_ENDPOINT: &str = "unix:///run/aziot/certd.sock";
+/// The TPM service's (keyd's tpmd API) default socket.
+pub const DEFAULT_TPMD_ENDPOINT: &str = key_api::tpm::DEFAULT_URI;
 /// The default base config file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/aziot/identityd/config.toml";
 /// The default drop-in folder.
@@ -60,6 +62,8 @@ pub struct Config {
     pub keyd_endpoint: String,
     /// certd's socket URI.
     pub certd_endpoint: String,
+    /// The TPM service's socket URI (keyd's tpmd listener).
+    pub tpmd_endpoint: String,
 }
 
 /// `[provisioning]`.
@@ -168,6 +172,11 @@ pub enum DpsAttestation {
         /// The keyd key ID of the key.
         key_id: String,
     },
+    /// TPM: the endorsement key enrolled in DPS; the HMAC key DPS sends lives in the TPM.
+    Tpm {
+        /// The registration ID.
+        registration_id: String,
+    },
     /// X.509 client certificate.
     X509 {
         /// The registration ID; `None`: the identity cert's CN.
@@ -262,8 +271,6 @@ struct RawEndpoints {
     aziot_identityd: Option<String>,
     aziot_keyd: Option<String>,
     aziot_certd: Option<String>,
-    // Accepted and ignored until TPM support exists.
-    #[allow(dead_code)]
     aziot_tpmd: Option<String>,
 }
 
@@ -860,11 +867,35 @@ fn provisioning_from_raw(
                     }
                 }
                 "tpm" => {
-                    return Err(ConfigError::invalid(
-                        loaded,
-                        "provisioning.attestation.method",
-                        "TPM attestation is not supported by this build",
-                    ))
+                    for (key, present) in [
+                        (
+                            "provisioning.attestation.symmetric_key",
+                            attestation.symmetric_key.is_some(),
+                        ),
+                        (
+                            "provisioning.attestation.identity_cert",
+                            attestation.identity_cert.is_some(),
+                        ),
+                        (
+                            "provisioning.attestation.identity_pk",
+                            attestation.identity_pk.is_some(),
+                        ),
+                        (
+                            "provisioning.attestation.identity_auto_renew",
+                            attestation.identity_auto_renew.is_some(),
+                        ),
+                    ] {
+                        unexpected(loaded, key, present, "method = \"tpm\"")?;
+                    }
+                    DpsAttestation::Tpm {
+                        registration_id: registration_id.ok_or_else(|| {
+                            ConfigError::invalid(
+                                loaded,
+                                "provisioning.attestation.registration_id",
+                                "missing",
+                            )
+                        })?,
+                    }
                 }
                 other => {
                     return Err(ConfigError::invalid(
@@ -994,6 +1025,12 @@ impl Config {
                 "aziot_certd",
                 raw.endpoints.aziot_certd,
                 DEFAULT_CERTD_ENDPOINT,
+            )?,
+            tpmd_endpoint: http_common::daemon::peer_endpoint(
+                loaded,
+                "aziot_tpmd",
+                raw.endpoints.aziot_tpmd,
+                DEFAULT_TPMD_ENDPOINT,
             )?,
         })
     }
@@ -1231,8 +1268,12 @@ mod tests {
             (format!("{BASE}cloud_timeout_sec = 10\n{manual}"), "cloud_timeout_sec"),
             (format!("{BASE}surprise = 1\n{manual}"), "unknown field"),
             (
-                format!("{BASE}[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\n"),
-                "TPM attestation is not supported by this build",
+                format!("{BASE}[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\n"),
+                "provisioning.attestation.registration_id",
+            ),
+            (
+                format!("{BASE}[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\nsymmetric_key = {{ value = \"YQ==\" }}\n"),
+                "provisioning.attestation.symmetric_key",
             ),
             (
                 format!("{BASE}[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n\

@@ -67,6 +67,15 @@ pub enum IdentityError {
         #[source]
         source: ClientError,
     },
+    /// The TPM service failed.
+    #[error("TPM service failed while {step}")]
+    Tpm {
+        /// What identityd was doing.
+        step: String,
+        /// The TPM service's answer or the transport error.
+        #[source]
+        source: ClientError,
+    },
     /// The configured device credentials cannot be used.
     #[error("device credentials are unusable: {0}")]
     Credentials(String),
@@ -97,6 +106,12 @@ impl IdentityError {
     pub fn certd(step: impl Into<String>) -> impl FnOnce(ClientError) -> IdentityError {
         let step = step.into();
         move |source| IdentityError::Certd { step, source }
+    }
+
+    /// The TPM service failed while `step`.
+    pub fn tpm(step: impl Into<String>) -> impl FnOnce(ClientError) -> IdentityError {
+        let step = step.into();
+        move |source| IdentityError::Tpm { step, source }
     }
 
     /// The cloud error behind this error, if any.
@@ -144,6 +159,7 @@ impl http_common::ApiError for IdentityError {
             IdentityError::Cloud(error) => error.status(),
             IdentityError::Keyd { .. }
             | IdentityError::Certd { .. }
+            | IdentityError::Tpm { .. }
             | IdentityError::Credentials(_)
             | IdentityError::State { .. }
             | IdentityError::Local(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -164,6 +180,7 @@ impl http_common::ApiError for IdentityError {
             IdentityError::Certd { step, source } => {
                 peer_message("certificate service", step, source)
             }
+            IdentityError::Tpm { step, source } => peer_message("TPM service", step, source),
             IdentityError::Credentials(reason) => {
                 format!("device credentials are unusable: {reason}")
             }

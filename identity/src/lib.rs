@@ -57,6 +57,8 @@ pub fn build_service(config: &Config) -> Result<IdentityService, IdentityError> 
             trust_bundle_cert: config.trust_bundle_cert.clone(),
             localid_domain: config.localid_domain.clone(),
             keyd_uri: config.keyd_endpoint.clone(),
+            tpm: key_api::tpm::TpmClient::from_uri(&config.tpmd_endpoint)
+                .map_err(IdentityError::tpm("connecting"))?,
         },
         keyd,
         certd,

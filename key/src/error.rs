@@ -4,6 +4,7 @@ use http::StatusCode;
 
 use crate::handle::HandleError;
 use crate::store::StoreError;
+use crate::tpm::TpmError;
 
 /// Everything a keyd request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,18 @@ pub enum KeyError {
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// A tpmd API request failed in the TPM.
+    #[error(transparent)]
+    Tpm(#[from] crate::tpm::TpmError),
+    /// The TPM thread could not be started.
+    #[error("the TPM thread could not be started")]
+    TpmThread(#[source] std::io::Error),
+    /// The caller may not use the tpmd API.
+    #[error("user {uid} is not authorized to use the TPM service")]
+    TpmForbidden {
+        /// The caller's uid.
+        uid: u32,
+    },
 }
 
 impl From<HandleError> for KeyError {
@@ -121,9 +134,21 @@ impl http_common::ApiError for KeyError {
             KeyError::Forbidden { .. } | KeyError::Reserved => StatusCode::FORBIDDEN,
             KeyError::NotFound(_) => StatusCode::NOT_FOUND,
             KeyError::KindConflict { .. } | KeyError::Preloaded(_) => StatusCode::CONFLICT,
-            KeyError::Unreadable(..) | KeyError::Store(_) | KeyError::Task(_) => {
+            KeyError::Unreadable(..)
+            | KeyError::Store(_)
+            | KeyError::Task(_)
+            | KeyError::TpmThread(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            KeyError::TpmForbidden { .. } => StatusCode::FORBIDDEN,
+            KeyError::Tpm(error) => match error {
+                TpmError::BadKey(_) | TpmError::Activation(_) | TpmError::DataTooLong { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                TpmError::NoAuthKey { .. } => StatusCode::NOT_FOUND,
+                TpmError::Open(_) => StatusCode::SERVICE_UNAVAILABLE,
+                TpmError::Tss { .. } | TpmError::Stopped => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -132,6 +157,8 @@ impl http_common::ApiError for KeyError {
             // Names the key, never the path (the path is in the logged chain).
             KeyError::Unreadable(id, _) => format!("key {id:?} is stored but unreadable"),
             KeyError::Http(error) => error.message.clone(),
+            // TPM accounts name the step and the TPM's response code, never a secret.
+            KeyError::Tpm(error) => error.to_string(),
             _ => "internal error".to_owned(),
         }
     }
@@ -146,6 +173,7 @@ impl http_common::ApiError for KeyError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             KeyError::Http(error) => error.retry_after,
+            KeyError::Tpm(TpmError::Open(_)) => Some(5),
             _ => None,
         }
     }

@@ -14,6 +14,7 @@ mod handlers;
 pub mod routes;
 pub mod service;
 pub mod store;
+pub mod tpm;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -98,21 +99,66 @@ async fn open_pkcs11(
     .map_err(KeyError::Task)?
 }
 
-/// Serves keyd on `listener` until `shutdown` resolves. When `config_files` is given, principal
-/// changes in the configuration files are picked up without a restart.
+/// The tpmd API's listener and configuration, when keyd serves it.
+#[derive(Debug)]
+pub struct TpmdListener {
+    /// The tpmd configuration.
+    pub config: tpm::TpmConfig,
+    /// Its socket.
+    pub listener: tokio::net::UnixListener,
+}
+
+/// Serves keyd on `listener` (and the tpmd API on `tpmd`'s) until `shutdown` resolves. When
+/// `config_files` is given, principal changes in the configuration files are picked up without a
+/// restart.
 pub async fn run(
     config: Config,
     config_files: Option<ConfigFiles>,
     listener: tokio::net::UnixListener,
+    tpmd: Option<TpmdListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KeyError> {
     let service = Arc::new(build_service(&config).await?);
     if let Some(files) = config_files {
         tokio::spawn(watch_principals(files, Arc::clone(&service)));
     }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tpmd = match tpmd {
+        Some(TpmdListener { config, listener }) => {
+            let allowed = config.allowed_uids();
+            log::info!(
+                "serving the TPM service API (TCTI {:?}, authentication key at {:#x}) to uids {allowed:?}",
+                config.tcti,
+                config.auth_key_handle()
+            );
+            let options = http_common::ServerOptions {
+                max_connections_per_uid: config.max_requests,
+                ..http_common::ServerOptions::default()
+            };
+            let tpm = Arc::new(tpm::Tpm::start(config).map_err(KeyError::TpmThread)?);
+            let router = Arc::new(tpm::routes::TpmRouter::new(tpm, allowed));
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(http_common::serve(
+                listener,
+                router,
+                options,
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let router = Arc::new(routes::Router::new(service));
-    http_common::daemon::serve_socket("keyd", listener, router, config.max_requests, shutdown)
-        .await;
+    http_common::daemon::serve_socket("keyd", listener, router, config.max_requests, async {
+        shutdown.await;
+        let _ = stop.send(true);
+    })
+    .await;
+    if let Some(tpmd) = tpmd {
+        let _ = tpmd.await;
+    }
+    drop(stopped);
     Ok(())
 }
 

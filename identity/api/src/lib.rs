@@ -174,6 +174,13 @@ pub struct ProvisioningInfo {
     /// The configured DPS payload (`null` when none is configured; absent for other sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
+    /// Ours: where provisioning stands, `provisioning`, `provisioned` or `failed` (absent for
+    /// `none`). Reference clients ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Ours: why the last provisioning attempt failed (with `status = "failed"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `GET /trust-bundle` answer.
@@ -457,6 +464,8 @@ mod tests {
             scope_id: Some("s".into()),
             registration_id: Some("r".into()),
             payload: Some(serde_json::Value::Null),
+            status: None,
+            error: None,
         };
         let json = serde_json::to_string(&info).unwrap();
         assert!(json.contains("\"payload\":null"), "{json}");
@@ -467,6 +476,8 @@ mod tests {
             scope_id: None,
             registration_id: None,
             payload: None,
+            status: None,
+            error: None,
         };
         assert_eq!(
             serde_json::to_string(&none).unwrap(),

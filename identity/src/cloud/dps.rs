@@ -36,12 +36,45 @@ struct OperationStatus {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RegistrationState {
+    tpm: Option<TpmState>,
     assigned_hub: Option<String>,
     device_id: Option<String>,
     status: Option<String>,
     error_code: Option<serde_json::Value>,
     error_message: Option<String>,
     payload: Option<serde_json::Value>,
+}
+
+/// `tpm` of an assigned registration state, and the body of DPS's 401 to a TPM device's first
+/// registration: the authentication key, wrapped for the device's TPM.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TpmState {
+    authentication_key: Option<String>,
+}
+
+/// A TPM device's registration: its EK and SRK, and the TPM service that imports the key DPS
+/// sends (spec 9.7).
+#[derive(Debug)]
+pub struct TpmAttestation {
+    /// The EK and SRK (marshalled TPM2B_PUBLIC).
+    pub keys: key_api::tpm::TpmKeys,
+    /// The TPM service.
+    pub client: key_api::tpm::TpmClient,
+}
+
+impl TpmAttestation {
+    /// Imports an `authenticationKey` (base64) into the TPM.
+    async fn import(&self, key: &str, when: &str) -> Result<(), IdentityError> {
+        use base64::Engine as _;
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .map_err(|error| protocol(format!("{when}: authenticationKey is not base64: {error}")))?;
+        self.client
+            .import_auth_key(&blob)
+            .await
+            .map_err(IdentityError::tpm(format!("importing DPS's authentication key ({when})")))
+    }
 }
 
 /// One registration to run.
@@ -55,8 +88,10 @@ pub struct Registration<'a> {
     pub registration_id: &'a str,
     /// The custom payload.
     pub payload: Option<&'a serde_json::Value>,
-    /// SAS (symmetric key) or the TLS client identity (X.509).
+    /// SAS (symmetric key or TPM) or the TLS client identity (X.509).
     pub auth: RequestAuth,
+    /// TPM attestation: the keys to send and the TPM to import DPS's key into.
+    pub tpm: Option<&'a TpmAttestation>,
 }
 
 fn protocol(reason: impl Into<String>) -> IdentityError {
@@ -82,6 +117,18 @@ pub async fn register(
     if let Some(payload) = registration.payload {
         body["payload"] = payload.clone();
     }
+    if let Some(tpm) = registration.tpm {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        body["tpm"] = serde_json::json!({
+            "endorsementKey": b64.encode(&tpm.keys.endorsement_key),
+            "storageRootKey": b64.encode(&tpm.keys.storage_root_key),
+        });
+    }
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    if let Some(tpm) = registration.tpm {
+        challenge(cloud, &registration, &base, &body, tpm).await?;
+    }
     let request = CloudRequest {
         service: Service::Dps,
         method: Method::PUT,
@@ -89,7 +136,7 @@ pub async fn register(
         path_and_query: format!("{base}/register?api-version={API_VERSION}"),
         auth: registration.auth.clone(),
         headers: Vec::new(),
-        body: Some(serde_json::to_vec(&body).unwrap_or_default()),
+        body: Some(body),
     };
     log::info!(
         "registering {:?} with DPS at {} (scope {})",
@@ -119,6 +166,12 @@ pub async fn register(
                     .device_id
                     .filter(|id| !id.is_empty())
                     .ok_or_else(|| protocol("assigned without deviceId"))?;
+                if let (Some(tpm), Some(key)) = (
+                    registration.tpm,
+                    state.tpm.as_ref().and_then(|tpm| tpm.authentication_key.as_deref()),
+                ) {
+                    tpm.import(key, "assigned").await?;
+                }
                 log::info!("DPS assigned device {device_id:?} to hub {assigned_hub}");
                 return Ok(Assignment {
                     assigned_hub,
@@ -179,5 +232,39 @@ pub async fn register(
             body: None,
         };
         response = cloud.send(&poll).await?;
+    }
+}
+
+/// A TPM device's first step (spec 9.7): register without a credential; DPS answers 401 with
+/// the authentication key, wrapped for this TPM's EK and SRK, which is imported. Any other
+/// answer is the registration's error (an unknown or mismatched EK gets a 401 without a key).
+async fn challenge(
+    cloud: &CloudClient,
+    registration: &Registration<'_>,
+    base: &str,
+    body: &[u8],
+    tpm: &TpmAttestation,
+) -> Result<(), IdentityError> {
+    let request = CloudRequest {
+        service: Service::Dps,
+        method: Method::PUT,
+        authority: registration.authority.to_owned(),
+        path_and_query: format!("{base}/register?api-version={API_VERSION}"),
+        auth: RequestAuth::None,
+        headers: Vec::new(),
+        body: Some(body.to_vec()),
+    };
+    log::info!(
+        "registering {:?} with DPS by TPM: sending the endorsement key",
+        registration.registration_id
+    );
+    let response = cloud.send(&request).await?;
+    let key = (response.status == StatusCode::UNAUTHORIZED)
+        .then(|| serde_json::from_slice::<TpmState>(&response.body).ok())
+        .flatten()
+        .and_then(|state| state.authentication_key);
+    match key {
+        Some(key) => tpm.import(&key, "TPM challenge").await,
+        None => Err(response.into_error(Service::Dps).into()),
     }
 }

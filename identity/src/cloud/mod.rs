@@ -187,6 +187,15 @@ pub enum RequestAuth {
         /// `skn` (DPS: `registration`).
         key_name: Option<&'static str>,
     },
+    /// A SAS token for `resource`, signed in the TPM with its authentication key.
+    TpmSas {
+        /// The token audience.
+        resource: String,
+        /// `skn` (DPS: `registration`).
+        key_name: Option<&'static str>,
+        /// The TPM service.
+        tpm: key_api::tpm::TpmClient,
+    },
     /// A TLS client certificate whose key is in keyd.
     X509(Arc<rustls::sign::CertifiedKey>),
 }
@@ -411,6 +420,14 @@ impl CloudClient {
                 .await
                 .map(Some)
                 .map_err(IdentityError::keyd("signing a SAS token")),
+            RequestAuth::TpmSas {
+                resource,
+                key_name,
+                tpm,
+            } => sas::tpm_token(tpm, resource, *key_name)
+                .await
+                .map(Some)
+                .map_err(IdentityError::tpm("signing a SAS token in the TPM")),
             _ => Ok(None),
         }
     }

@@ -37,6 +37,20 @@ pub fn assemble(
     token
 }
 
+/// Mints a token for `resource`, valid for [`TOKEN_LIFETIME_SECS`], signed in the TPM with its
+/// authentication key (keyd's tpmd API).
+pub async fn tpm_token(
+    tpm: &key_api::tpm::TpmClient,
+    resource: &str,
+    key_name: Option<&str>,
+) -> Result<String, ClientError> {
+    let expiry = crate::util::unix_now() + TOKEN_LIFETIME_SECS;
+    let encoded = encode_resource(resource);
+    let message = string_to_sign(&encoded, expiry);
+    let signature = tpm.sign_with_auth_key(message.as_bytes()).await?;
+    Ok(assemble(&encoded, &signature, expiry, key_name))
+}
+
 /// Mints a token for `resource`, valid for [`TOKEN_LIFETIME_SECS`], signed by keyd.
 pub async fn token(
     keyd: &key_api::Client,

@@ -4,7 +4,7 @@ use identity_api::{
     AuthInfo, AziotSpec, DraftAuth, DraftDeviceIdentity, Identity, ProvisioningInfo,
 };
 
-use super::{CallerKind, Device, DeviceCredentials, IdentityService};
+use super::{CallerKind, Device, DeviceCredentials, DeviceState, IdentityService};
 use crate::cloud::tls;
 use crate::config::{DpsAttestation, IdType, ManualAuth, Provisioning};
 use crate::error::IdentityError;
@@ -21,6 +21,7 @@ impl IdentityService {
                         "loading device key {key_id:?}"
                     )))?,
             },
+            DeviceCredentials::Tpm => AuthInfo::Tpm,
             DeviceCredentials::X509 { cert_id, key_id } => {
                 AuthInfo::X509 {
                     key_handle: self.keyd.load_key_pair(key_id).await.map_err(
@@ -104,6 +105,24 @@ impl IdentityService {
 
     /// `GET /identities/provisioning`.
     pub async fn provisioning_info(&self) -> ProvisioningInfo {
+        let (status, error) = match self.device_state() {
+            DeviceState::Starting => (Some("provisioning"), None),
+            DeviceState::Ready(_) => (Some("provisioned"), None),
+            DeviceState::NotProvisioned => (None, None),
+            DeviceState::Failed(error) => (
+                Some("failed"),
+                Some(http_common::ApiError::server_message(error.as_ref())),
+            ),
+        };
+        let mut info = self.provisioning_settings().await;
+        if info.source != "none" {
+            info.status = status.map(str::to_owned);
+            info.error = error;
+        }
+        info
+    }
+
+    async fn provisioning_settings(&self) -> ProvisioningInfo {
         let settings = self.settings();
         match &settings.provisioning {
             Provisioning::None => ProvisioningInfo {
@@ -113,6 +132,8 @@ impl IdentityService {
                 scope_id: None,
                 registration_id: None,
                 payload: None,
+                status: None,
+                error: None,
             },
             Provisioning::Manual { authentication, .. } => ProvisioningInfo {
                 source: "manual".to_owned(),
@@ -127,6 +148,8 @@ impl IdentityService {
                 scope_id: None,
                 registration_id: None,
                 payload: None,
+                status: None,
+                error: None,
             },
             Provisioning::Dps {
                 global_endpoint,
@@ -138,6 +161,9 @@ impl IdentityService {
                     DpsAttestation::SymmetricKey {
                         registration_id, ..
                     } => ("symmetric_key", Some(registration_id.clone())),
+                    DpsAttestation::Tpm { registration_id } => {
+                        ("tpm", Some(registration_id.clone()))
+                    }
                     DpsAttestation::X509 {
                         registration_id: Some(id),
                         ..
@@ -163,6 +189,8 @@ impl IdentityService {
                     scope_id: Some(scope_id.clone()),
                     registration_id,
                     payload: Some(payload.clone().unwrap_or(serde_json::Value::Null)),
+                    status: None,
+                    error: None,
                 }
             }
         }

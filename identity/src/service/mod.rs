@@ -64,6 +64,8 @@ pub struct Fixed {
     pub localid_domain: Option<String>,
     /// keyd's socket URI (the TLS signer opens its own client).
     pub keyd_uri: String,
+    /// The TPM service (keyd's tpmd API): TPM attestation and TPM-signed SAS tokens.
+    pub tpm: key_api::tpm::TpmClient,
 }
 
 /// How the device authenticates.
@@ -74,6 +76,8 @@ pub enum DeviceCredentials {
         /// keyd key ID.
         key_id: String,
     },
+    /// SAS signed in the TPM with the authentication key DPS sent.
+    Tpm,
     /// X.509 cert `cert_id` (certd) with key pair `key_id` (keyd).
     X509 {
         /// certd cert ID.

@@ -219,6 +219,7 @@ impl IdentityService {
                     DpsAttestation::SymmetricKey { key_id, .. } => DeviceCredentials::Sas {
                         key_id: key_id.clone(),
                     },
+                    DpsAttestation::Tpm { .. } => DeviceCredentials::Tpm,
                     DpsAttestation::X509 {
                         cert_id, key_id, ..
                     } => DeviceCredentials::X509 {
@@ -288,6 +289,7 @@ impl IdentityService {
             .trim_start_matches("https://")
             .trim_end_matches('/')
             .to_owned();
+        let mut tpm = None;
         let (auth, registration_id) = match attestation {
             DpsAttestation::SymmetricKey {
                 registration_id,
@@ -328,6 +330,26 @@ impl IdentityService {
                 };
                 (RequestAuth::X509(identity), registration_id)
             }
+            DpsAttestation::Tpm { registration_id } => {
+                let keys = self
+                    .fixed
+                    .tpm
+                    .get_tpm_keys()
+                    .await
+                    .map_err(IdentityError::tpm("reading the TPM's endorsement key"))?;
+                tpm = Some(dps::TpmAttestation {
+                    keys,
+                    client: self.fixed.tpm.clone(),
+                });
+                (
+                    RequestAuth::TpmSas {
+                        resource: format!("{scope_id}/registrations/{registration_id}"),
+                        key_name: Some("registration"),
+                        tpm: self.fixed.tpm.clone(),
+                    },
+                    registration_id.clone(),
+                )
+            }
         };
         dps::register(
             &self.cloud,
@@ -337,6 +359,7 @@ impl IdentityService {
                 registration_id: &registration_id,
                 payload,
                 auth,
+                tpm: tpm.as_ref(),
             },
         )
         .await
@@ -385,6 +408,11 @@ impl IdentityService {
             DeviceCredentials::X509 { cert_id, key_id } => {
                 RequestAuth::X509(self.x509_identity(cert_id, key_id).await?.0)
             }
+            DeviceCredentials::Tpm => RequestAuth::TpmSas {
+                resource: format!("{}/devices/{}", device.hub_name, device.device_id),
+                key_name: None,
+                tpm: self.fixed.tpm.clone(),
+            },
         };
         Ok(HubTarget {
             gateway_host: device.gateway_host.clone(),

@@ -153,6 +153,7 @@ impl IdentityService {
                 registration_id: &registration_id,
                 payload: payload.as_ref(),
                 auth: RequestAuth::X509(identity),
+                tpm: None,
             },
         )
         .await?;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub mod rustls;
 #[cfg(feature = "signing")]
 pub mod signing;
+pub mod tpm;
 
 /// The api-version the client sends (every compatible route exists in both versions).
 pub const API_VERSION: &str = "2021-05-01";
