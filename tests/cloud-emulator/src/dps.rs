@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::{
     reply::{dps_error, Reply},
     state::{Credential, Outcome, Plan, RegistrationRec, State, TpmReject, TpmSeen},
+    tpm::TpmError,
     util::{self, ApiVersion},
 };
 
@@ -150,18 +151,27 @@ fn tpm_challenge(state: &mut State, req: &RequestInfo<'_>, reg_id: &str, seen: &
                 json!({ "authenticationKey": util::b64(&blob) }),
             )
         }
-        Err(why) => {
-            log::info!("DPS: TPM registration {reg_id:?} rejected: {why}");
-            let (status, code) = match why {
-                TpmReject::BadKey(_) => (StatusCode::BAD_REQUEST, 400_004),
-                TpmReject::EkMismatch(_) => (StatusCode::UNAUTHORIZED, 401_003),
-                TpmReject::NoEnrollment(_) | TpmReject::NotTpm(_) => {
-                    (StatusCode::UNAUTHORIZED, 401_002)
-                }
-            };
-            dps_error(status, code, &why.to_string()).with_auth(Some(false))
-        }
+        Err(why) => tpm_reject(reg_id, why),
     }
+}
+
+/// The DPS error for a refused TPM registration (the reason is logged and in the message).
+fn tpm_reject(reg_id: &str, why: TpmReject) -> Reply {
+    let (status, code) = match &why {
+        TpmReject::BadKey(TpmError::Crypto(_)) => {
+            log::error!("DPS: {reg_id:?}: could not build the TPM authentication key: {why}");
+            return dps_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                500_000,
+                "could not build the TPM authentication key",
+            );
+        }
+        TpmReject::BadKey(_) => (StatusCode::BAD_REQUEST, 400_004),
+        TpmReject::EkMismatch(_) => (StatusCode::UNAUTHORIZED, 401_003),
+        TpmReject::NoEnrollment(_) | TpmReject::NotTpm(_) => (StatusCode::UNAUTHORIZED, 401_002),
+    };
+    log::info!("DPS: TPM registration {reg_id:?} rejected: {why}");
+    dps_error(status, code, &why.to_string()).with_auth(Some(false))
 }
 
 /// Parses a `register` body: a JSON object whose `registrationId` equals the path's.
@@ -218,50 +228,10 @@ fn register(
     };
     let tpm_authentication_key = match attested.tpm.as_mut() {
         None => None,
-        Some(issued) => {
-            // The SAS-signed register may repeat the TPM keys (the C SDK does; the reference
-            // identity service does not): the EK must still be the enrolled one, and a new SRK
-            // is the one the assigned-state key is wrapped for.
-            if let Some(seen) = tpm_seen {
-                let keys =
-                    crate::tpm::Public::parse_b64(&seen.endorsement_key, "tpm.endorsementKey")
-                        .and_then(|ek| {
-                            crate::tpm::Public::parse_b64(
-                                &seen.storage_root_key,
-                                "tpm.storageRootKey",
-                            )
-                            .map(|srk| (ek, srk))
-                        });
-                match keys {
-                    Ok((ek, _)) if !ek.same_key(&issued.ek) => {
-                        return dps_error(
-                            StatusCode::UNAUTHORIZED,
-                            401_003,
-                            "the TPM endorsement key does not match the one the authentication key was issued to",
-                        )
-                        .with_auth(Some(false));
-                    }
-                    Ok((_, srk)) => {
-                        issued.srk = srk;
-                        issued.seen = seen.clone();
-                    }
-                    Err(e) => {
-                        return dps_error(StatusCode::BAD_REQUEST, 400_004, &e.to_string());
-                    }
-                }
-            }
-            match crate::tpm::authentication_key_blob(&issued.ek, &issued.srk, &issued.hmac_key) {
-                Ok(blob) => Some(util::b64(&blob)),
-                Err(e) => {
-                    log::error!("DPS: {reg_id:?}: could not build the TPM authentication key: {e}");
-                    return dps_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        500_000,
-                        "could not build the TPM authentication key",
-                    );
-                }
-            }
-        }
+        Some(issued) => match issued.assigned_key(reg_id, tpm_seen) {
+            Ok(blob) => Some(util::b64(&blob)),
+            Err(why) => return tpm_reject(reg_id, why),
+        },
     };
     let request_payload = body.get("payload").filter(|p| !p.is_null()).cloned();
 

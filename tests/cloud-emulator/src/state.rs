@@ -429,6 +429,34 @@ pub(crate) struct TpmAssign {
     pub seen: TpmSeen,
 }
 
+impl TpmAssign {
+    /// Second TPM step, once the SAS token verified: the blob for
+    /// `registrationState.tpm.authenticationKey`, a fresh wrap of the same HMAC key. The
+    /// register body may repeat the TPM keys (the C SDK does; the reference identity service
+    /// does not): the EK must still be the one the key was issued to, and the SRK given is the
+    /// one the new blob is wrapped for.
+    pub fn assigned_key(
+        &mut self,
+        registration_id: &str,
+        seen: Option<&TpmSeen>,
+    ) -> Result<Vec<u8>, TpmReject> {
+        if let Some(seen) = seen {
+            let ek = tpm::Public::parse_b64(&seen.endorsement_key, "tpm.endorsementKey")?;
+            let srk = tpm::Public::parse_b64(&seen.storage_root_key, "tpm.storageRootKey")?;
+            if !ek.same_key(&self.ek) {
+                return Err(TpmReject::EkMismatch(registration_id.to_string()));
+            }
+            self.srk = srk;
+            self.seen = seen.clone();
+        }
+        Ok(tpm::authentication_key_blob(
+            &self.ek,
+            &self.srk,
+            &self.hmac_key,
+        )?)
+    }
+}
+
 impl std::fmt::Debug for TpmAssign {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TpmAssign")

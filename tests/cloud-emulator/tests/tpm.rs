@@ -601,6 +601,22 @@ async fn wrong_or_missing_tpm_enrollment_is_a_clear_dps_error() {
     );
     let done = register_and_poll(&emu, "wrong-ek", &token).await;
     assert_eq!(done["status"], "assigned");
+
+    // A SAS-signed register may repeat the TPM keys (as the C SDK does): the EK must still be
+    // the one the key was issued to.
+    let signed = |ek: &[u8]| {
+        Req::new(Method::PUT, register_path(&emu, "wrong-ek"))
+            .auth(token.clone())
+            .json(json!({
+                "registrationId": "wrong-ek",
+                "tpm": { "endorsementKey": b64(ek), "storageRootKey": b64(&srk) },
+            }))
+    };
+    let a = https(emu.https_addr(), emu.ca_cert_path(), None, signed(&srk)).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.json["errorCode"], 401_003);
+    let a = https(emu.https_addr(), emu.ca_cert_path(), None, signed(&ek)).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{:?}", a.json);
     emu.shutdown().await;
 }
 
