@@ -11,6 +11,7 @@
 #           systemd-sysusers and systemd-socket-activate run the units' checks; systemd need not
 #           run), util-linux (unshare), mmdebstrap (the device test's Debian image; with
 #           tools/build-packages.sh, which needs only dpkg-deb and binutils' strip)
+#           swtpm (a software TPM 2.0) and tpm2-tools: the cloud emulator's TPM attestation tests
 set -euo pipefail
 
 needed=()
@@ -30,6 +31,8 @@ if [ "${1:-all}" != build ]; then
   { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || needed+=(systemd)
   command -v unshare >/dev/null || needed+=(util-linux)
   command -v mmdebstrap >/dev/null || needed+=(mmdebstrap)
+  command -v swtpm >/dev/null || needed+=(swtpm)
+  command -v tpm2_import >/dev/null || needed+=(tpm2-tools)
 fi
 [ ${#needed[@]} -eq 0 ] && exit 0
 

@@ -195,6 +195,12 @@ pub enum Attestation {
         #[serde(default)]
         thumbprints: Vec<String>,
     },
+    /// TPM attestation (spec 9.7): the device proves it holds this endorsement key.
+    Tpm {
+        /// The EK public area, base64 of its `TPM2B_PUBLIC` (as the device sends it and
+        /// `tpm2_readpublic -f tss` writes it) or of the bare `TPMT_PUBLIC`.
+        endorsement_key: String,
+    },
 }
 
 impl std::fmt::Debug for Attestation {
@@ -211,6 +217,7 @@ impl std::fmt::Debug for Attestation {
                 .field("cert_file", cert_file)
                 .field("thumbprints", thumbprints)
                 .finish(),
+            Attestation::Tpm { .. } => f.write_str("Tpm { .. }"),
         }
     }
 }

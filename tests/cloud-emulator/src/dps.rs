@@ -5,13 +5,20 @@
 //! 400001 bad `api-version`, 400004 invalid body, 400005 `registrationId` mismatch,
 //! 401002 bad or missing credential, 404001 unknown ID scope or route, 404002 unknown
 //! operation, 405000 wrong method; injected faults use `<status>000` plus 1 for 429.
+//!
+//! TPM attestation (spec 9.7): a `register` body with `tpm` and no `Authorization` is the
+//! first step: 401 `{"authenticationKey": ...}` when the EK matches the enrollment, else 401
+//! with 401002 (no TPM enrollment for the ID) or 401003 (the EK is not the enrolled one);
+//! 400004 when a TPM key cannot be parsed or used. The device then registers with a SAS token
+//! signed by the issued HMAC key, as a symmetric-key device does.
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::{
     reply::{dps_error, Reply},
-    state::{Credential, Outcome, Plan, RegistrationRec, State},
+    state::{Credential, Outcome, Plan, RegistrationRec, State, TpmReject, TpmSeen},
+    tpm::TpmError,
     util::{self, ApiVersion},
 };
 
@@ -79,64 +86,153 @@ pub(crate) fn handle(state: &mut State, req: &RequestInfo<'_>, segs: &[String]) 
     if let Err(r) = check_api_version(req.query) {
         return r;
     }
+    let tpm_seen = match route {
+        None => match tpm_in_body(req.body) {
+            Ok(seen) => seen,
+            Err(r) => return r,
+        },
+        Some(_) => None,
+    };
+    if let Some(seen) = &tpm_seen {
+        if !matches!(req.cred, Credential::Sas(_)) {
+            return tpm_challenge(state, req, reg_id, seen).with_tpm(tpm_seen.clone());
+        }
+    }
     let attested = match state.authenticate_registration(reg_id, req.cred, util::now_secs()) {
         Ok(a) => a,
         Err(why) => {
             log::info!("DPS: registration {reg_id:?} rejected: {why}");
             return dps_error(StatusCode::UNAUTHORIZED, 401_002, "Unauthorized")
-                .with_auth(Some(false));
+                .with_auth(Some(false))
+                .with_tpm(tpm_seen);
         }
     };
     let reply = match route {
-        None => register(state, req, reg_id, attested),
+        None => register(state, req, reg_id, attested, tpm_seen.as_ref()),
         Some(op) => poll(state, reg_id, op),
     };
-    reply.with_auth(Some(true))
+    reply.with_auth(Some(true)).with_tpm(tpm_seen)
+}
+
+/// The `tpm` object of a `register` body (`None` when the body has none or is not JSON; the
+/// body is validated later). A `tpm` without both keys as strings is a 400.
+fn tpm_in_body(body: &[u8]) -> Result<Option<TpmSeen>, Reply> {
+    let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
+    };
+    let tpm = match o.get("tpm") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(t) => t,
+    };
+    let key = |name: &str| match tpm.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        _ => Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_004,
+            &format!("tpm.{name} must be a base64 string"),
+        )),
+    };
+    Ok(Some(TpmSeen {
+        endorsement_key: key("endorsementKey")?,
+        storage_root_key: key("storageRootKey")?,
+    }))
+}
+
+/// First TPM step: 401 with the `authenticationKey` blob, or 401/400 naming why not.
+fn tpm_challenge(state: &mut State, req: &RequestInfo<'_>, reg_id: &str, seen: &TpmSeen) -> Reply {
+    if let Err(r) = parse_body(req, reg_id) {
+        return r;
+    }
+    match state.tpm_challenge(reg_id, seen) {
+        Ok(blob) => {
+            log::info!("DPS: {reg_id:?}: TPM endorsement key matches; authentication key issued");
+            Reply::json(
+                StatusCode::UNAUTHORIZED,
+                json!({ "authenticationKey": util::b64(&blob) }),
+            )
+        }
+        Err(why) => tpm_reject(reg_id, why),
+    }
+}
+
+/// The DPS error for a refused TPM registration (the reason is logged and in the message).
+fn tpm_reject(reg_id: &str, why: TpmReject) -> Reply {
+    let (status, code) = match &why {
+        TpmReject::BadKey(TpmError::Crypto(_)) => {
+            log::error!("DPS: {reg_id:?}: could not build the TPM authentication key: {why}");
+            return dps_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                500_000,
+                "could not build the TPM authentication key",
+            );
+        }
+        TpmReject::BadKey(_) => (StatusCode::BAD_REQUEST, 400_004),
+        TpmReject::EkMismatch(_) => (StatusCode::UNAUTHORIZED, 401_003),
+        TpmReject::NoEnrollment(_) | TpmReject::NotTpm(_) => (StatusCode::UNAUTHORIZED, 401_002),
+    };
+    log::info!("DPS: TPM registration {reg_id:?} rejected: {why}");
+    dps_error(status, code, &why.to_string()).with_auth(Some(false))
+}
+
+/// Parses a `register` body: a JSON object whose `registrationId` equals the path's.
+fn parse_body(req: &RequestInfo<'_>, reg_id: &str) -> Result<Value, Reply> {
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_004,
+            "request body is required",
+        ));
+    }
+    let body: Value = match serde_json::from_slice(req.body) {
+        Ok(Value::Object(o)) => Value::Object(o),
+        Ok(_) => {
+            return Err(dps_error(
+                StatusCode::BAD_REQUEST,
+                400_004,
+                "request body must be a JSON object",
+            ))
+        }
+        Err(e) => {
+            return Err(dps_error(
+                StatusCode::BAD_REQUEST,
+                400_004,
+                &format!("invalid request body: {e}"),
+            ))
+        }
+    };
+    match body.get("registrationId") {
+        Some(Value::String(s)) if s == reg_id => Ok(body),
+        Some(Value::String(_)) => Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_005,
+            "registrationId in the body does not match the path",
+        )),
+        _ => Err(dps_error(
+            StatusCode::BAD_REQUEST,
+            400_004,
+            "registrationId missing from the body",
+        )),
+    }
 }
 
 fn register(
     state: &mut State,
     req: &RequestInfo<'_>,
     reg_id: &str,
-    attested: crate::state::Attested,
+    mut attested: crate::state::Attested,
+    tpm_seen: Option<&TpmSeen>,
 ) -> Reply {
-    if req.body.iter().all(u8::is_ascii_whitespace) {
-        return dps_error(StatusCode::BAD_REQUEST, 400_004, "request body is required");
-    }
-    let body: Value = match serde_json::from_slice(req.body) {
-        Ok(Value::Object(o)) => Value::Object(o),
-        Ok(_) => {
-            return dps_error(
-                StatusCode::BAD_REQUEST,
-                400_004,
-                "request body must be a JSON object",
-            )
-        }
-        Err(e) => {
-            return dps_error(
-                StatusCode::BAD_REQUEST,
-                400_004,
-                &format!("invalid request body: {e}"),
-            )
-        }
+    let body = match parse_body(req, reg_id) {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    match body.get("registrationId") {
-        Some(Value::String(s)) if s == reg_id => {}
-        Some(Value::String(_)) => {
-            return dps_error(
-                StatusCode::BAD_REQUEST,
-                400_005,
-                "registrationId in the body does not match the path",
-            )
-        }
-        _ => {
-            return dps_error(
-                StatusCode::BAD_REQUEST,
-                400_004,
-                "registrationId missing from the body",
-            )
-        }
-    }
+    let tpm_authentication_key = match attested.tpm.as_mut() {
+        None => None,
+        Some(issued) => match issued.assigned_key(reg_id, tpm_seen) {
+            Ok(blob) => Some(util::b64(&blob)),
+            Err(why) => return tpm_reject(reg_id, why),
+        },
+    };
     let request_payload = body.get("payload").filter(|p| !p.is_null()).cloned();
 
     let outcome = match &state.settings.fail_registrations {
@@ -153,6 +249,8 @@ fn register(
             group_id: attested.group_id,
             source: attested.source,
             request_payload,
+            tpm_seen: attested.tpm.map(|t| t.seen),
+            tpm_authentication_key,
         })),
     };
     let operation_id = format!(
@@ -255,6 +353,7 @@ fn finish(state: &mut State, reg_id: &str, outcome: Outcome) -> (&'static str, V
                     assignments: 0,
                     last_request_payload: None,
                     device_generation_id: String::new(),
+                    tpm: None,
                 });
             rec.assignments += 1;
             rec.device_id.clone_from(&plan.device_id);
@@ -263,6 +362,7 @@ fn finish(state: &mut State, reg_id: &str, outcome: Outcome) -> (&'static str, V
             rec.updated_ms = now;
             rec.etag.clone_from(&etag);
             rec.last_request_payload.clone_from(&plan.request_payload);
+            rec.tpm.clone_from(&plan.tpm_seen);
             rec.device_generation_id = device["generationId"]
                 .as_str()
                 .unwrap_or_default()
@@ -272,9 +372,10 @@ fn finish(state: &mut State, reg_id: &str, outcome: Outcome) -> (&'static str, V
             } else {
                 "reprovisionedToInitialAssignment"
             };
-            let attestation = match &plan.group_id {
-                Some(g) => json!({ "enrollmentGroupId": g }),
-                None => json!({}),
+            let attestation = match (&plan.group_id, &plan.tpm_authentication_key) {
+                (Some(g), _) => json!({ "enrollmentGroupId": g }),
+                (None, Some(key)) => json!({ "authenticationKey": key }),
+                (None, None) => json!({}),
             };
             let mut reg_state = json!({
                 "registrationId": reg_id,

@@ -25,6 +25,7 @@ mod reply;
 pub mod sas;
 mod server;
 mod state;
+pub mod tpm;
 pub mod util;
 
 use std::{
@@ -41,7 +42,7 @@ pub use crate::{
         GroupEnrollment, IndividualEnrollment, SettingsPatch, Target,
     },
     control::Control,
-    state::{LogEntry, Settings},
+    state::{LogEntry, Settings, TpmSeen},
 };
 
 /// Errors of the emulator library.

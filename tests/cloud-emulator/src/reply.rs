@@ -20,6 +20,9 @@ pub(crate) struct Reply {
     pub auth_ok: Option<bool>,
     /// True for injected faults.
     pub fault: bool,
+    /// TPM keys from a DPS `register` body, for the request log (boxed: rarely present, and
+    /// it keeps `Reply` small).
+    pub tpm: Option<Box<crate::state::TpmSeen>>,
 }
 
 impl Reply {
@@ -33,6 +36,7 @@ impl Reply {
             etag: None,
             auth_ok: None,
             fault: false,
+            tpm: None,
         }
     }
 
@@ -53,6 +57,12 @@ impl Reply {
     /// Records the authentication result.
     pub fn with_auth(mut self, ok: Option<bool>) -> Self {
         self.auth_ok = ok;
+        self
+    }
+
+    /// Records the TPM keys of the request (for the log).
+    pub fn with_tpm(mut self, tpm: Option<crate::state::TpmSeen>) -> Self {
+        self.tpm = tpm.map(Box::new);
         self
     }
 

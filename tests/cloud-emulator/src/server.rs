@@ -281,6 +281,7 @@ async fn handle_cloud(
         status: reply.status.as_u16(),
         retry_after: reply.retry_after,
         fault: reply.fault,
+        tpm: reply.tpm.as_deref().cloned(),
     });
     drop(st);
     log::debug!(

@@ -19,6 +19,7 @@ use crate::{
     },
     pki,
     sas::{SasError, SasToken},
+    tpm::{self, TpmError},
     util, EmulatorError,
 };
 
@@ -253,6 +254,8 @@ pub(crate) enum IndividualCred {
         certs: Vec<X509>,
         thumbprints: Vec<String>,
     },
+    /// TPM: the enrolled endorsement key.
+    Tpm { ek: tpm::Public },
 }
 
 /// A validated individual enrollment.
@@ -344,6 +347,10 @@ impl IndividualRec {
                 }
                 IndividualCred::X509 { certs, thumbprints }
             }
+            Attestation::Tpm { endorsement_key } => IndividualCred::Tpm {
+                ek: tpm::Public::parse_b64(endorsement_key, "endorsement_key")
+                    .map_err(|e| invalid(e.to_string()))?,
+            },
         };
         Ok(IndividualRec { spec, cred })
     }
@@ -392,12 +399,87 @@ pub(crate) struct Plan {
     pub device_auth: HubAuth,
     pub iot_edge: bool,
     pub payload: Option<Value>,
-    /// `symmetricKey` or `x509`.
+    /// `symmetricKey`, `x509` or `tpm`.
     pub attestation_field: &'static str,
     pub group_id: Option<String>,
     pub source: String,
     /// The `payload` the device sent.
     pub request_payload: Option<Value>,
+    /// TPM attestation: the keys the device sent.
+    pub tpm_seen: Option<TpmSeen>,
+    /// TPM attestation: `registrationState.tpm.authenticationKey` (base64 blob).
+    pub tpm_authentication_key: Option<String>,
+}
+
+/// The TPM public keys a device sent, base64 as received (for the admin API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TpmSeen {
+    /// `tpm.endorsementKey` of the request.
+    pub endorsement_key: String,
+    /// `tpm.storageRootKey` of the request.
+    pub storage_root_key: String,
+}
+
+/// The HMAC key DPS issued to a TPM registration, with the keys it was wrapped for.
+#[derive(Clone)]
+pub(crate) struct TpmAssign {
+    pub hmac_key: Vec<u8>,
+    pub ek: tpm::Public,
+    pub srk: tpm::Public,
+    pub seen: TpmSeen,
+}
+
+impl TpmAssign {
+    /// Second TPM step, once the SAS token verified: the blob for
+    /// `registrationState.tpm.authenticationKey`, a fresh wrap of the same HMAC key. The
+    /// register body may repeat the TPM keys (the C SDK does; the reference identity service
+    /// does not): the EK must still be the one the key was issued to, and the SRK given is the
+    /// one the new blob is wrapped for.
+    pub fn assigned_key(
+        &mut self,
+        registration_id: &str,
+        seen: Option<&TpmSeen>,
+    ) -> Result<Vec<u8>, TpmReject> {
+        if let Some(seen) = seen {
+            let ek = tpm::Public::parse_b64(&seen.endorsement_key, "tpm.endorsementKey")?;
+            let srk = tpm::Public::parse_b64(&seen.storage_root_key, "tpm.storageRootKey")?;
+            if !ek.same_key(&self.ek) {
+                return Err(TpmReject::EkMismatch(registration_id.to_string()));
+            }
+            self.srk = srk;
+            self.seen = seen.clone();
+        }
+        Ok(tpm::authentication_key_blob(
+            &self.ek,
+            &self.srk,
+            &self.hmac_key,
+        )?)
+    }
+}
+
+impl std::fmt::Debug for TpmAssign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmAssign")
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why DPS gave a TPM registration no authentication key.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TpmReject {
+    /// No individual enrollment has this registration ID.
+    #[error("no enrollment for registration ID {0:?}")]
+    NoEnrollment(String),
+    /// The enrollment exists but uses another attestation.
+    #[error("the enrollment for registration ID {0:?} does not use TPM attestation")]
+    NotTpm(String),
+    /// The enrollment's endorsement key is another one.
+    #[error("the TPM endorsement key does not match the one enrolled for registration ID {0:?}")]
+    EkMismatch(String),
+    /// A key the device sent cannot be used.
+    #[error(transparent)]
+    BadKey(#[from] TpmError),
 }
 
 /// Final outcome decided at registration time.
@@ -433,6 +515,9 @@ pub(crate) struct RegistrationRec {
     pub last_request_payload: Option<Value>,
     /// Generation ID of the hub device at the last assignment.
     pub device_generation_id: String,
+    /// TPM attestation: the EK and SRK the device sent in its last accepted registration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmSeen>,
 }
 
 /// Run-time settings (see [`SettingsPatch`]).
@@ -479,6 +564,9 @@ pub struct LogEntry {
     pub retry_after: Option<u32>,
     /// True if the answer was an injected fault.
     pub fault: bool,
+    /// The TPM public keys in a DPS `register` body (`tpm.endorsementKey`, ...), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmSeen>,
 }
 
 /// Everything the emulator knows.
@@ -491,6 +579,8 @@ pub(crate) struct State {
     pub groups: BTreeMap<String, GroupRec>,
     pub registrations: BTreeMap<String, RegistrationRec>,
     pub operations: HashMap<String, Operation>,
+    /// TPM registrations: the HMAC key last issued per registration ID.
+    pub tpm_keys: HashMap<String, TpmAssign>,
     pub hubs: BTreeMap<String, Hub>,
     pub trusted_cas: Vec<X509>,
     pub faults: VecDeque<FaultSpec>,
@@ -529,6 +619,7 @@ pub(crate) struct Attested {
     pub assigned_hub: Option<String>,
     pub payload: Option<Value>,
     pub iot_edge: bool,
+    pub tpm: Option<TpmAssign>,
 }
 
 impl State {
@@ -562,6 +653,7 @@ impl State {
             groups: BTreeMap::new(),
             registrations: BTreeMap::new(),
             operations: HashMap::new(),
+            tpm_keys: HashMap::new(),
             hubs,
             trusted_cas: Vec::new(),
             faults: VecDeque::new(),
@@ -804,6 +896,9 @@ impl State {
             Credential::Sas(Ok(token)) => {
                 let audience = |t: &SasToken| t.check_exact_audience(&resource);
                 if let Some(rec) = individual {
+                    if let IndividualCred::Tpm { ek } = &rec.cred {
+                        return self.authenticate_tpm_sas(rec, ek, token, &resource, now);
+                    }
                     let IndividualCred::Sas { primary, secondary } = &rec.cred else {
                         return Err("enrollment does not use symmetric keys".to_string());
                     };
@@ -824,6 +919,7 @@ impl State {
                         assigned_hub: rec.spec.assigned_hub.clone(),
                         payload: rec.spec.payload.clone(),
                         iot_edge: rec.spec.iot_edge,
+                        tpm: None,
                     });
                 }
                 let mut last_err = "no enrollment for this registration ID".to_string();
@@ -846,6 +942,7 @@ impl State {
                                 assigned_hub: g.spec.assigned_hub.clone(),
                                 payload: g.spec.payload.clone(),
                                 iot_edge: g.spec.iot_edge,
+                                tpm: None,
                             })
                         }
                         Err(e) => last_err = e.to_string(),
@@ -895,6 +992,7 @@ impl State {
                         assigned_hub: rec.spec.assigned_hub.clone(),
                         payload: rec.spec.payload.clone(),
                         iot_edge: rec.spec.iot_edge,
+                        tpm: None,
                     });
                 }
                 for g in self.groups.values() {
@@ -911,12 +1009,88 @@ impl State {
                             assigned_hub: g.spec.assigned_hub.clone(),
                             payload: g.spec.payload.clone(),
                             iot_edge: g.spec.iot_edge,
+                            tpm: None,
                         });
                     }
                 }
                 Err("no enrollment accepts this client certificate".to_string())
             }
         }
+    }
+
+    /// Verifies the SAS token of a TPM registration with the HMAC key DPS last issued to it.
+    fn authenticate_tpm_sas(
+        &self,
+        rec: &IndividualRec,
+        enrolled_ek: &tpm::Public,
+        token: &SasToken,
+        resource: &str,
+        now: u64,
+    ) -> Result<Attested, String> {
+        let reg_id = &rec.spec.registration_id;
+        let issued = self
+            .tpm_keys
+            .get(reg_id)
+            .filter(|t| t.ek.same_key(enrolled_ek))
+            .ok_or_else(|| {
+                "no TPM authentication key has been issued for this registration ID \
+                 (register with tpm.endorsementKey and no Authorization first)"
+                    .to_string()
+            })?;
+        let key = util::b64(&issued.hmac_key);
+        token
+            .verify(
+                now,
+                |t| t.check_exact_audience(resource),
+                Some("registration"),
+                [key.as_str()],
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(Attested {
+            device_auth: HubAuth::sas(Some(key), None),
+            attestation_field: "tpm",
+            group_id: None,
+            source: format!("individual:{reg_id}"),
+            device_id: rec.spec.device_id.clone().unwrap_or_else(|| reg_id.clone()),
+            assigned_hub: rec.spec.assigned_hub.clone(),
+            payload: rec.spec.payload.clone(),
+            iot_edge: rec.spec.iot_edge,
+            tpm: Some(issued.clone()),
+        })
+    }
+
+    /// First step of TPM registration (spec 9.7): checks the device's EK against its
+    /// enrollment and issues a fresh HMAC key, returned as the `authenticationKey` blob only
+    /// that TPM can import. The key replaces any earlier one for this registration ID.
+    pub fn tpm_challenge(
+        &mut self,
+        registration_id: &str,
+        seen: &TpmSeen,
+    ) -> Result<Vec<u8>, TpmReject> {
+        let ek = tpm::Public::parse_b64(&seen.endorsement_key, "tpm.endorsementKey")?;
+        let srk = tpm::Public::parse_b64(&seen.storage_root_key, "tpm.storageRootKey")?;
+        let rec = self
+            .individual
+            .get(registration_id)
+            .ok_or_else(|| TpmReject::NoEnrollment(registration_id.to_string()))?;
+        let IndividualCred::Tpm { ek: enrolled } = &rec.cred else {
+            return Err(TpmReject::NotTpm(registration_id.to_string()));
+        };
+        if !enrolled.same_key(&ek) {
+            return Err(TpmReject::EkMismatch(registration_id.to_string()));
+        }
+        let hmac_key = util::random_bytes(tpm::HMAC_KEY_SIZE);
+        let blob = tpm::authentication_key_blob(&ek, &srk, &hmac_key)?;
+        self.tpm_keys.insert(
+            registration_id.to_string(),
+            TpmAssign {
+                hmac_key,
+                ek,
+                srk,
+                seen: seen.clone(),
+            },
+        );
+        Ok(blob)
     }
 
     /// Authenticates a Hub request as device `device_id` of hub `hub_key`, accessing
@@ -994,7 +1168,11 @@ impl State {
                     "registration_id": r.spec.registration_id,
                     "device_id": r.spec.device_id,
                     "assigned_hub": r.spec.assigned_hub,
-                    "attestation": match r.cred { IndividualCred::Sas { .. } => "symmetric_key", IndividualCred::X509 { .. } => "x509" },
+                    "attestation": match r.cred {
+                        IndividualCred::Sas { .. } => "symmetric_key",
+                        IndividualCred::X509 { .. } => "x509",
+                        IndividualCred::Tpm { .. } => "tpm",
+                    },
                 })
             })
             .collect();
