@@ -1254,8 +1254,8 @@ fn invalid_configuration_exits_153_naming_file_and_key() {
             "cloud_timeout_sec",
         ),
         (
-            "[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\n".to_owned(),
-            "TPM attestation is not supported by this build",
+            "[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\n".to_owned(),
+            "provisioning.attestation.registration_id",
         ),
         (
             "[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = \"pkcs11:object=x\"\n".to_owned(),

@@ -137,9 +137,7 @@ impl http_common::ApiError for KeyError {
             KeyError::Unreadable(..)
             | KeyError::Store(_)
             | KeyError::Task(_)
-            | KeyError::TpmThread(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            | KeyError::TpmThread(_) => StatusCode::INTERNAL_SERVER_ERROR,
             KeyError::TpmForbidden { .. } => StatusCode::FORBIDDEN,
             KeyError::Tpm(error) => match error {
                 TpmError::BadKey(_) | TpmError::Activation(_) | TpmError::DataTooLong { .. } => {

@@ -69,11 +69,15 @@ impl TpmAttestation {
         use base64::Engine as _;
         let blob = base64::engine::general_purpose::STANDARD
             .decode(key.trim())
-            .map_err(|error| protocol(format!("{when}: authenticationKey is not base64: {error}")))?;
+            .map_err(|error| {
+                protocol(format!("{when}: authenticationKey is not base64: {error}"))
+            })?;
         self.client
             .import_auth_key(&blob)
             .await
-            .map_err(IdentityError::tpm(format!("importing DPS's authentication key ({when})")))
+            .map_err(IdentityError::tpm(format!(
+                "importing DPS's authentication key ({when})"
+            )))
     }
 }
 
@@ -168,7 +172,10 @@ pub async fn register(
                     .ok_or_else(|| protocol("assigned without deviceId"))?;
                 if let (Some(tpm), Some(key)) = (
                     registration.tpm,
-                    state.tpm.as_ref().and_then(|tpm| tpm.authentication_key.as_deref()),
+                    state
+                        .tpm
+                        .as_ref()
+                        .and_then(|tpm| tpm.authentication_key.as_deref()),
                 ) {
                     tpm.import(key, "assigned").await?;
                 }

@@ -93,6 +93,37 @@ impl Stack {
         self.certd_extra.push_str(extra);
     }
 
+    /// Makes keyd serve the TPM service for the TPM at `tcti`, on [`Stack::tpmd_socket`].
+    pub fn enable_tpm(&mut self, tcti: &str) {
+        let config = self.path("tpmd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "tcti = \"{tcti}\"\n[endpoints]\naziot_tpmd = \"unix://{}\"\n",
+                self.tpmd_socket().display()
+            ),
+        )
+        .unwrap();
+        self.keyd.env = vec![
+            ("AZIOT_TPMD_CONFIG".to_owned(), config.display().to_string()),
+            (
+                "AZIOT_TPMD_CONFIG_DIR".to_owned(),
+                self.path("tpmd.d").display().to_string(),
+            ),
+        ];
+    }
+
+    /// keyd's tpmd socket (when [`Stack::enable_tpm`] was called).
+    pub fn tpmd_socket(&self) -> PathBuf {
+        self.keyd.dir.join("tpmd.sock")
+    }
+
+    /// The TPM service's client.
+    pub fn tpm_client(&self) -> key_api::tpm::TpmClient {
+        key_api::tpm::TpmClient::from_uri(&format!("unix://{}", self.tpmd_socket().display()))
+            .unwrap()
+    }
+
     /// Writes the keyd and certd configs and starts both.
     pub fn start_keyd_certd(&mut self) {
         let mut keyd_config = format!(
@@ -124,11 +155,12 @@ impl Stack {
     /// Writes identityd's base config (0600): `body` plus hostname, homedir and endpoints.
     pub fn write_identityd_config(&self, body: &str) {
         let text = format!(
-            "hostname = \"testhost\"\nhomedir = \"{}\"\n{body}\n[endpoints]\naziot_identityd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\naziot_certd = \"unix://{}\"\n",
+            "hostname = \"testhost\"\nhomedir = \"{}\"\n{body}\n[endpoints]\naziot_identityd = \"unix://{}\"\naziot_keyd = \"unix://{}\"\naziot_certd = \"unix://{}\"\naziot_tpmd = \"unix://{}\"\n",
             self.identityd.home().display(),
             self.identityd.socket.display(),
             self.keyd.socket.display(),
-            self.certd.socket.display()
+            self.certd.socket.display(),
+            self.tpmd_socket().display()
         );
         let path = self.identityd.config_file();
         std::fs::write(&path, text).unwrap();

@@ -53,7 +53,10 @@ impl std::fmt::Debug for TpmConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TpmConfig")
             .field("tcti", &self.tcti)
-            .field("auth_key_index", &format_args!("{:#x}", self.auth_key_index))
+            .field(
+                "auth_key_index",
+                &format_args!("{:#x}", self.auth_key_index),
+            )
             .field("max_requests", &self.max_requests)
             .field("endpoint", &self.endpoint)
             .field("principal_uids", &self.principal_uids)

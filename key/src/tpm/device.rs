@@ -22,9 +22,9 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, Data, Digest, EncryptedSecret, IdObject, MaxBuffer, Nonce, Private, Public,
-    PublicBuffer, PublicBuilder, PublicKeyRsa, PublicRsaParametersBuilder, RsaExponent,
-    RsaScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    Auth, Data, Digest, EncryptedSecret, IdObject, MaxBuffer, Nonce, Private, Public, PublicBuffer,
+    PublicBuilder, PublicKeyRsa, PublicRsaParametersBuilder, RsaExponent, RsaScheme,
+    SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::{DeviceConfig, TctiNameConf};
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -87,9 +87,8 @@ impl Device {
     /// the EK and SRK; finds the authentication key if one was imported before.
     pub fn open(config: &TpmConfig) -> Result<Device, TpmError> {
         let tcti = tcti_name_conf(&config.tcti).map_err(TpmError::Open)?;
-        let mut context = Context::new(tcti).map_err(|error| {
-            TpmError::Open(format!("TCTI {:?}: {error}", config.tcti))
-        })?;
+        let mut context = Context::new(tcti)
+            .map_err(|error| TpmError::Open(format!("TCTI {:?}: {error}", config.tcti)))?;
         for (hierarchy, secret) in [
             (Hierarchy::Endorsement, &config.endorsement_auth),
             (Hierarchy::Owner, &config.owner_auth),
@@ -139,7 +138,10 @@ impl Device {
                 .and_then(|buffer| buffer.marshall())
                 .map_err(tss("marshalling a public area"))
         };
-        Ok((public(self.endorsement_key)?, public(self.storage_root_key)?))
+        Ok((
+            public(self.endorsement_key)?,
+            public(self.storage_root_key)?,
+        ))
     }
 
     /// HMAC-SHA256 of `data` with the authentication key, computed in the TPM.
@@ -202,15 +204,15 @@ impl Device {
             .map_err(tss("TPM2_Load of the authentication key"))?;
 
         if let Some(previous) = self.auth_key.take() {
-            let evicted = self
-                .context
-                .execute_with_session(Some(AuthSession::Password), |context| {
-                    context.evict_control(
-                        Provision::Owner,
-                        previous,
-                        persistent(self.auth_key_handle)?,
-                    )
-                });
+            let evicted =
+                self.context
+                    .execute_with_session(Some(AuthSession::Password), |context| {
+                        context.evict_control(
+                            Provision::Owner,
+                            previous,
+                            persistent(self.auth_key_handle)?,
+                        )
+                    });
             if let Err(error) = evicted {
                 // Another TPM user may have evicted it; the new key takes the handle anyway.
                 log::warn!("could not evict the previous authentication key: {error}");

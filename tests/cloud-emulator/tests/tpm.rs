@@ -9,12 +9,7 @@
 
 mod common;
 
-use std::{
-    net::{TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use cloud_emulator::{Attestation, IndividualEnrollment, RunningEmulator};
@@ -34,106 +29,25 @@ fn unb64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
 
-/// A swtpm process on free loopback ports with its own state directory, plus the EK and SRK
-/// provisioned the way the reference tpmd expects them.
-struct Swtpm {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
+/// The shared harness's swtpm with what these tests do on it (provisioning as the reference
+/// tpmd expects, the reference's import with tpm2-tools, HMAC in the TPM).
+use system_tests::Swtpm;
+
+trait TestTpm {
+    fn start_provisioned() -> Swtpm;
+    fn provision(&self);
+    fn ek(&self) -> Vec<u8>;
+    fn srk(&self) -> Vec<u8>;
+    fn import_auth_key(&self, blob: &[u8], tag: &str) -> String;
+    fn hmac(&self, key_ctx: &str, data: &[u8]) -> Vec<u8>;
+    fn sas(&self, key_ctx: &str, resource: &str, skn: Option<&str>) -> String;
 }
 
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Two consecutive free TCP ports (server, control).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let dir = tempfile::tempdir().unwrap();
-        // Another process may grab a port between our probe and swtpm's bind: try a few pairs.
-        for _ in 0..5 {
-            let port = free_port_pair();
-            let state = dir.path().join("state");
-            std::fs::create_dir_all(&state).unwrap();
-            let mut child = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", state.display()))
-                .args([
-                    "--server",
-                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                ])
-                .args([
-                    "--ctrl",
-                    &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                ])
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("swtpm must be installed (tools/install-deps.sh)");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let ready = loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break false;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    break true;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "swtpm did not listen within 30 s"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            if ready {
-                let tpm = Swtpm { child, dir, port };
-                tpm.provision();
-                return tpm;
-            }
-        }
-        panic!("swtpm could not start on a free port");
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Runs a tpm2-tools command against this TPM; panics with its stderr on failure.
-    fn tool(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .env(
-                "TPM2TOOLS_TCTI",
-                format!("swtpm:host=127.0.0.1,port={}", self.port),
-            )
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("tpm2-tools must be installed (tools/install-deps.sh)");
-        assert!(
-            out.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-
-    /// Without a resource manager, transient objects stay loaded until flushed.
-    fn flush_transient(&self) {
-        self.tool(&["tpm2_flushcontext", "-t"]);
+impl TestTpm for Swtpm {
+    fn start_provisioned() -> Swtpm {
+        let tpm = Swtpm::start();
+        tpm.provision();
+        tpm
     }
 
     /// EK (TCG RSA template) at 0x81010001 and an RSA-2048 / AES-128-CFB storage primary at
@@ -164,20 +78,6 @@ impl Swtpm {
         ]);
         self.tool(&["tpm2_evictcontrol", "-C", "o", "-c", "srk.ctx", SRK_HANDLE]);
         self.flush_transient();
-    }
-
-    /// `tpm2_readpublic -o` of a handle in the given format (`tss` = TPM2B_PUBLIC, `tpmt`).
-    fn read_public(&self, handle: &str, format: &str) -> Vec<u8> {
-        let file = format!("{handle}.{format}.pub");
-        self.tool(&["tpm2_readpublic", "-c", handle, "-f", format, "-o", &file]);
-        std::fs::read(self.path(&file)).unwrap()
-    }
-
-    /// The TPM's own name of a handle (nameAlg || digest).
-    fn name(&self, handle: &str) -> Vec<u8> {
-        let file = format!("{handle}.name");
-        self.tool(&["tpm2_readpublic", "-c", handle, "-n", &file]);
-        std::fs::read(self.path(&file)).unwrap()
     }
 
     fn ek(&self) -> Vec<u8> {
@@ -359,7 +259,7 @@ async fn register_and_poll(emu: &RunningEmulator, reg: &str, token: &str) -> Val
 
 #[tokio::test]
 async fn tpm_registration_end_to_end_on_swtpm() {
-    let tpm = Swtpm::start();
+    let tpm = Swtpm::start_provisioned();
     let ek = tpm.ek();
     let srk = tpm.srk();
     assert_eq!(
@@ -505,7 +405,7 @@ async fn tpm_registration_end_to_end_on_swtpm() {
 
 #[tokio::test]
 async fn wrong_or_missing_tpm_enrollment_is_a_clear_dps_error() {
-    let tpm = Swtpm::start();
+    let tpm = Swtpm::start_provisioned();
     let ek = tpm.ek();
     let srk = tpm.srk();
     let emu = cloud_emulator::start(test_config()).await.unwrap();
