@@ -46,6 +46,12 @@ fn tpmd_config() -> Option<TpmConfig> {
 }
 
 fn main() -> ExitCode {
+    // tpm2-tss writes its own error lines to stderr (an absent EK at first use, say, is an
+    // "error" to it); keyd reports every TPM failure itself, with the TPM's response code.
+    // An operator's own TSS2_LOG wins. Set before any thread exists.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     daemon::main(
         &INFO,
         load,
