@@ -1,0 +1,266 @@
+//! DPS-issued operational certificates (spec 9.6): identityd sends a CSR for a key in keyd with
+//! its registration, stores the chain DPS issues in certd, authenticates to the emulator's hub
+//! over mutual TLS with it, and renews it by registering again before it expires, without the
+//! device losing its hub connection.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{emulator, eventually, random_key_b64, Stack};
+use http::{Method, StatusCode};
+
+fn enrollment(registration_id: &str, key: &str) -> cloud_emulator::IndividualEnrollment {
+    cloud_emulator::IndividualEnrollment {
+        registration_id: registration_id.into(),
+        device_id: None,
+        assigned_hub: None,
+        payload: None,
+        iot_edge: false,
+        attestation: cloud_emulator::Attestation::SymmetricKey {
+            primary_key: key.into(),
+            secondary_key: None,
+        },
+    }
+}
+
+fn config(emu: &cloud_emulator::RunningEmulator, registration_id: &str, renew: &str) -> String {
+    format!(
+        "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nid_scope = \"{}\"\n\
+         [provisioning.attestation]\nmethod = \"symmetric_key\"\nregistration_id = \"{registration_id}\"\n\
+         symmetric_key = \"key://device-id\"\n\
+         [provisioning.operational_cert]\ncert = \"op-cert\"\npk = \"op-key\"\n{renew}\n\
+         [[principal]]\nuid = 4321\nname = \"hostmodule1\"\nidtype = [\"module\"]\n",
+        emu.dps_endpoint(),
+        emu.id_scope()
+    )
+}
+
+fn leaf(pem: &str) -> openssl::x509::X509 {
+    openssl::x509::X509::from_pem(pem.as_bytes()).unwrap()
+}
+
+fn serial(pem: &str) -> String {
+    leaf(pem)
+        .serial_number()
+        .to_bn()
+        .unwrap()
+        .to_hex_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `openssl verify` of the stored chain against the emulator's DPS issuing CA.
+fn openssl_verify(stack: &Stack, ca_pem: &str, chain_pem: &str) {
+    let ca = stack.path("dps-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let chain = stack.path("op-cert.pem");
+    std::fs::write(&chain, chain_pem).unwrap();
+    let output = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca)
+        .arg(&chain)
+        .output()
+        .expect("openssl is needed (tools/install-deps.sh)");
+    assert!(
+        output.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Waits for a hub request authenticated by client certificate after `after`.
+async fn hub_accepted_x509(emu: &cloud_emulator::RunningEmulator, after: u64) -> u64 {
+    eventually(
+        "a hub request over mutual TLS",
+        Duration::from_secs(60),
+        || {
+            emu.control()
+                .requests()
+                .into_iter()
+                .find(|entry| {
+                    entry.seq > after
+                        && entry.service == "hub"
+                        && entry.auth == "x509"
+                        && entry.auth_ok == Some(true)
+                })
+                .map(|entry| entry.seq)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(enrollment("op-device", &key));
+        // 60 s certificates (70 s lifetime with the 10 s backdating): renewed at 50 %.
+        config
+            .certificate_issuance
+            .push(cloud_emulator::config::CertificateIssuance {
+                enrollment: "op-device".into(),
+                validity_secs: 60,
+            });
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&config(
+        &emu,
+        "op-device",
+        "auto_renew = { rotate_key = true, threshold = \"50%\", retry = \"10%\" }",
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+
+    let device = stack.wait_for_device(Duration::from_secs(60)).await;
+    assert_eq!(device["spec"]["auth"]["type"], "x509", "{device}");
+    assert_eq!(device["spec"]["auth"]["certId"], "op-cert", "{device}");
+    let first = stack.certd_client().get_cert("op-cert").await.unwrap();
+    openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &first);
+    let cn = leaf(&first)
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .unwrap()
+        .data()
+        .to_string()
+        .unwrap();
+    assert_eq!(cn, "op-device");
+    // DPS got the CSR on the certificate-issuing api-version.
+    assert!(emu
+        .control()
+        .requests()
+        .iter()
+        .any(|entry| entry.service == "dps"
+            && entry
+                .query
+                .as_deref()
+                .is_some_and(|q| q.contains("2025-07-01-preview"))));
+    // The hub authenticates the device by the issued certificate (module reconciliation).
+    let seen = hub_accepted_x509(&emu, 0).await;
+
+    // Renewal: a new serial and, with rotate_key, a new key; the device keeps working.
+    let first_serial = serial(&first);
+    let first_key = leaf(&first)
+        .public_key()
+        .unwrap()
+        .public_key_to_der()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let renewed = loop {
+        let pem = stack.certd_client().get_cert("op-cert").await.unwrap();
+        if serial(&pem) != first_serial {
+            break pem;
+        }
+        // The hub keeps accepting the device meanwhile.
+        let (status, body, _) = stack
+            .request(
+                Method::GET,
+                "/identities/modules/hostmodule1?api-version=2020-09-01&type=aziot",
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the operational certificate was not renewed\n{}",
+            stack.identityd.log()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &renewed);
+    let renewed_key = leaf(&renewed)
+        .public_key()
+        .unwrap()
+        .public_key_to_der()
+        .unwrap();
+    assert_ne!(
+        renewed_key, first_key,
+        "rotate_key gives the renewal a new key"
+    );
+    // The hub now accepts the renewed certificate: a module created after the renewal.
+    let (status, body, _) = stack
+        .request(
+            Method::POST,
+            "/identities/modules?api-version=2020-09-01",
+            r#"{"type":"aziot","moduleId":"after-renewal"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    hub_accepted_x509(&emu, seen).await;
+    // No hub request of this device was ever refused.
+    let refused: Vec<_> = emu
+        .control()
+        .requests()
+        .into_iter()
+        .filter(|entry| entry.service == "hub" && entry.auth_ok == Some(false))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    // The temporary key was moved over the operational key.
+    let error = stack
+        .keyd_client()
+        .load_key_pair("op-key-temp")
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("not found"), "{error}");
+
+    // A restart works from the backup and the stored operational certificate.
+    let last = emu.control().requests().last().map_or(0, |entry| entry.seq);
+    stack.identityd.stop();
+    stack.start_identityd(emu.ca_cert_path());
+    stack.wait_for_device(Duration::from_secs(60)).await;
+    hub_accepted_x509(&emu, last).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_without_an_issuance_policy_is_a_clear_provisioning_error() {
+    let key = random_key_b64();
+    let emu = emulator(|config| {
+        config
+            .individual_enrollments
+            .push(enrollment("no-policy", &key));
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.start_keyd_certd();
+    stack
+        .keyd_client()
+        .import_key("device-id", "sign", &common::unb64(&key))
+        .await
+        .unwrap();
+    stack.write_identityd_config(&config(&emu, "no-policy", ""));
+    stack.start_identityd(emu.ca_cert_path());
+    let info = eventually(
+        "a failed provisioning status",
+        Duration::from_secs(60),
+        || {
+            let runtime = tokio::runtime::Handle::current();
+            let (_, info, _) = tokio::task::block_in_place(|| {
+                runtime.block_on(stack.request(
+                    Method::GET,
+                    "/identities/provisioning?api-version=2021-12-01",
+                    "",
+                ))
+            });
+            (info["status"] == "failed").then_some(info)
+        },
+    )
+    .await;
+    let error = info["error"].as_str().unwrap();
+    assert!(error.contains("400000"), "{info}");
+    assert!(error.contains("no certificate issuance policy"), "{info}");
+    // Nothing was stored.
+    let error = stack.certd_client().get_cert("op-cert").await.unwrap_err();
+    assert!(error.is_not_found(), "{error}");
+}
