@@ -264,3 +264,126 @@ async fn a_csr_without_an_issuance_policy_is_a_clear_provisioning_error() {
     let error = stack.certd_client().get_cert("op-cert").await.unwrap_err();
     assert!(error.is_not_found(), "{error}");
 }
+
+/// The hub device's thumbprint is the stored operational leaf's (not the attestation cert's).
+fn assert_hub_uses_operational_cert(
+    emu: &cloud_emulator::RunningEmulator,
+    device: &str,
+    pem: &str,
+) {
+    let thumbprint = cloud_emulator::pki::thumbprints(&leaf(pem)).1;
+    let hub_device = emu.control().device(None, device).unwrap();
+    assert_eq!(
+        hub_device["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+        serde_json::json!(thumbprint),
+        "{hub_device}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_attestation_with_a_dps_issued_operational_cert() {
+    let attestation = cloud_emulator::pki::self_signed_client("x509-op").unwrap();
+    let enrolled = attestation.cert_pem();
+    let emu = emulator(move |config| {
+        config
+            .individual_enrollments
+            .push(cloud_emulator::IndividualEnrollment {
+                registration_id: "x509-op".into(),
+                device_id: None,
+                assigned_hub: None,
+                payload: None,
+                iot_edge: false,
+                attestation: cloud_emulator::Attestation::X509 {
+                    cert_pem: Some(enrolled),
+                    cert_file: None,
+                    thumbprints: Vec::new(),
+                },
+            });
+        config
+            .certificate_issuance
+            .push(cloud_emulator::config::CertificateIssuance {
+                enrollment: "x509-op".into(),
+                validity_secs: 3600,
+            });
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.add_key_pair("device-id", &attestation.key);
+    stack.start_keyd_certd();
+    stack
+        .certd_client()
+        .import_cert("device-id", &attestation.cert_pem())
+        .await
+        .unwrap();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nid_scope = \"{}\"\n\
+         [provisioning.attestation]\nmethod = \"x509\"\nregistration_id = \"x509-op\"\n\
+         identity_cert = \"device-id\"\nidentity_pk = \"device-id\"\n\
+         [provisioning.operational_cert]\ncert = \"op-cert\"\npk = \"op-key\"\n\
+         [[principal]]\nuid = 4321\nname = \"hostmodule1\"\nidtype = [\"module\"]\n",
+        emu.dps_endpoint(),
+        emu.id_scope()
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.wait_for_device(Duration::from_secs(60)).await;
+    assert_eq!(device["spec"]["auth"]["certId"], "op-cert", "{device}");
+    let pem = stack.certd_client().get_cert("op-cert").await.unwrap();
+    openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &pem);
+    assert_hub_uses_operational_cert(&emu, "x509-op", &pem);
+    hub_accepted_x509(&emu, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_attestation_with_a_dps_issued_operational_cert() {
+    use base64::Engine as _;
+    let tpm = system_tests::Swtpm::start();
+    let emu = emulator(|config| {
+        config
+            .certificate_issuance
+            .push(cloud_emulator::config::CertificateIssuance {
+                enrollment: "tpm-op".into(),
+                validity_secs: 3600,
+            });
+    })
+    .await;
+    let mut stack = Stack::new();
+    stack.enable_tpm(&tpm.tcti());
+    stack.start_keyd_certd();
+    let keys = stack.tpm_client().get_tpm_keys().await.unwrap();
+    emu.control()
+        .add_individual_enrollment(cloud_emulator::IndividualEnrollment {
+            registration_id: "tpm-op".into(),
+            device_id: None,
+            assigned_hub: None,
+            payload: None,
+            iot_edge: false,
+            attestation: cloud_emulator::Attestation::Tpm {
+                endorsement_key: base64::engine::general_purpose::STANDARD
+                    .encode(&keys.endorsement_key),
+            },
+        })
+        .unwrap();
+    stack.write_identityd_config(&format!(
+        "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nid_scope = \"{}\"\n\
+         [provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"tpm-op\"\n\
+         [provisioning.operational_cert]\n\
+         [[principal]]\nuid = 4321\nname = \"hostmodule1\"\nidtype = [\"module\"]\n",
+        emu.dps_endpoint(),
+        emu.id_scope()
+    ));
+    stack.start_identityd(emu.ca_cert_path());
+    let device = stack.wait_for_device(Duration::from_secs(90)).await;
+    // The default IDs.
+    assert_eq!(
+        device["spec"]["auth"]["certId"], "aziot-dps-operational",
+        "{device}"
+    );
+    let pem = stack
+        .certd_client()
+        .get_cert("aziot-dps-operational")
+        .await
+        .unwrap();
+    openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &pem);
+    assert_hub_uses_operational_cert(&emu, "tpm-op", &pem);
+    hub_accepted_x509(&emu, 0).await;
+}
