@@ -150,6 +150,17 @@ async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again(
     // The hub authenticates the device by the issued certificate (module reconciliation).
     let seen = hub_accepted_x509(&emu, 0).await;
 
+    // DPS is down for the first two renewal attempts: each is retried after `retry` (10 % of
+    // the 70 s lifetime, raised to the 10 s floor), and the renewal then goes through.
+    emu.control()
+        .add_fault(cloud_emulator::FaultSpec {
+            target: cloud_emulator::Target::Dps,
+            status: 503,
+            count: 2,
+            retry_after_secs: None,
+        })
+        .unwrap();
+
     // Renewal: a new serial and, with rotate_key, a new key; the device keeps working.
     let first_serial = serial(&first);
     let first_key = leaf(&first)
@@ -180,6 +191,14 @@ async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again(
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &renewed);
+    let log = stack.identityd.log();
+    assert_eq!(
+        log.matches("renewing operational certificate \"op-cert\" failed, retrying in 10 s")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(emu.control().faults().is_empty(), "both faults were hit");
     let renewed_key = leaf(&renewed)
         .public_key()
         .unwrap()
