@@ -13,17 +13,13 @@ use common::{emulator, eventually, random_key_b64, Stack};
 use http::{Method, StatusCode};
 
 fn enrollment(registration_id: &str, key: &str) -> cloud_emulator::IndividualEnrollment {
-    cloud_emulator::IndividualEnrollment {
-        registration_id: registration_id.into(),
-        device_id: None,
-        assigned_hub: None,
-        payload: None,
-        iot_edge: false,
-        attestation: cloud_emulator::Attestation::SymmetricKey {
+    common::individual(
+        registration_id,
+        cloud_emulator::Attestation::SymmetricKey {
             primary_key: key.into(),
             secondary_key: None,
         },
-    }
+    )
 }
 
 fn config(emu: &cloud_emulator::RunningEmulator, registration_id: &str, renew: &str) -> String {
@@ -260,22 +256,7 @@ async fn a_csr_without_an_issuance_policy_is_a_clear_provisioning_error() {
         .unwrap();
     stack.write_identityd_config(&config(&emu, "no-policy", ""));
     stack.start_identityd(emu.ca_cert_path());
-    let info = eventually(
-        "a failed provisioning status",
-        Duration::from_secs(60),
-        || {
-            let runtime = tokio::runtime::Handle::current();
-            let (_, info, _) = tokio::task::block_in_place(|| {
-                runtime.block_on(stack.request(
-                    Method::GET,
-                    "/identities/provisioning?api-version=2021-12-01",
-                    "",
-                ))
-            });
-            (info["status"] == "failed").then_some(info)
-        },
-    )
-    .await;
+    let info = common::provisioning_status(&stack, "failed").await;
     let error = info["error"].as_str().unwrap();
     assert!(error.contains("400000"), "{info}");
     assert!(error.contains("no certificate issuance policy"), "{info}");
@@ -304,20 +285,14 @@ async fn x509_attestation_with_a_dps_issued_operational_cert() {
     let attestation = cloud_emulator::pki::self_signed_client("x509-op").unwrap();
     let enrolled = attestation.cert_pem();
     let emu = emulator(move |config| {
-        config
-            .individual_enrollments
-            .push(cloud_emulator::IndividualEnrollment {
-                registration_id: "x509-op".into(),
-                device_id: None,
-                assigned_hub: None,
-                payload: None,
-                iot_edge: false,
-                attestation: cloud_emulator::Attestation::X509 {
-                    cert_pem: Some(enrolled),
-                    cert_file: None,
-                    thumbprints: Vec::new(),
-                },
-            });
+        config.individual_enrollments.push(common::individual(
+            "x509-op",
+            cloud_emulator::Attestation::X509 {
+                cert_pem: Some(enrolled),
+                cert_file: None,
+                thumbprints: Vec::new(),
+            },
+        ));
         config
             .certificate_issuance
             .push(cloud_emulator::config::CertificateIssuance {
@@ -370,17 +345,13 @@ async fn tpm_attestation_with_a_dps_issued_operational_cert() {
     stack.start_keyd_certd();
     let keys = stack.tpm_client().get_tpm_keys().await.unwrap();
     emu.control()
-        .add_individual_enrollment(cloud_emulator::IndividualEnrollment {
-            registration_id: "tpm-op".into(),
-            device_id: None,
-            assigned_hub: None,
-            payload: None,
-            iot_edge: false,
-            attestation: cloud_emulator::Attestation::Tpm {
+        .add_individual_enrollment(common::individual(
+            "tpm-op",
+            cloud_emulator::Attestation::Tpm {
                 endorsement_key: base64::engine::general_purpose::STANDARD
                     .encode(&keys.endorsement_key),
             },
-        })
+        ))
         .unwrap();
     stack.write_identityd_config(&format!(
         "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nid_scope = \"{}\"\n\

@@ -159,26 +159,12 @@ impl IdentityService {
             },
         )
         .await?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .install_renewed(
-                    cert_id, key_id, &temp_cert, &temp_key, &new_chain, rotate_key,
-                )
-                .await
-            {
-                Ok(()) => break,
-                Err(error) if attempt < 5 => {
-                    log::warn!(
-                        "installing the renewed credentials failed (attempt {attempt}), retrying: {}",
-                        http_common::error::error_chain(&error)
-                    );
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        retry_local_steps("the renewed credentials", || {
+            self.install_renewed(
+                cert_id, key_id, &temp_cert, &temp_key, &new_chain, rotate_key,
+            )
+        })
+        .await?;
         let credentials = DeviceCredentials::X509 {
             cert_id: cert_id.to_owned(),
             key_id: key_id.to_owned(),
@@ -279,42 +265,28 @@ impl IdentityService {
                 }),
             )
             .await?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let installed = async {
-                if rotate_key {
-                    match self
-                        .keyd
-                        .move_key_pair(&temp_key, &operational.key_id)
-                        .await
-                    {
-                        Ok(()) => {}
-                        // Already moved by an earlier attempt.
-                        Err(error) if error.is_not_found() => {}
-                        Err(error) => {
-                            return Err(IdentityError::keyd(format!(
-                                "moving key pair {temp_key:?} to {:?}",
-                                operational.key_id
-                            ))(error))
-                        }
+        retry_local_steps("the renewed operational certificate", || async {
+            if rotate_key {
+                match self
+                    .keyd
+                    .move_key_pair(&temp_key, &operational.key_id)
+                    .await
+                {
+                    Ok(()) => {}
+                    // Already moved by an earlier attempt.
+                    Err(error) if error.is_not_found() => {}
+                    Err(error) => {
+                        return Err(IdentityError::keyd(format!(
+                            "moving key pair {temp_key:?} to {:?}",
+                            operational.key_id
+                        ))(error))
                     }
                 }
-                self.store_operational_cert(&operational.cert_id, &assignment)
-                    .await
-            };
-            match installed.await {
-                Ok(()) => break,
-                Err(error) if attempt < 5 => {
-                    log::warn!(
-                        "installing the renewed operational certificate failed (attempt {attempt}), retrying: {}",
-                        http_common::error::error_chain(&error)
-                    );
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-                Err(error) => return Err(error),
             }
-        }
+            self.store_operational_cert(&operational.cert_id, &assignment)
+                .await
+        })
+        .await?;
         let credentials = DeviceCredentials::X509 {
             cert_id: operational.cert_id.clone(),
             key_id: operational.key_id.clone(),
@@ -488,5 +460,29 @@ impl IdentityService {
         }
         .map_err(IdentityError::keyd("signing the CSR"))?;
         crate::renewal::signed_csr(unsigned, kind, &signature).map_err(IdentityError::Credentials)
+    }
+}
+
+/// Runs a renewal's local steps (certd, keyd) up to five times, 5 s apart: DPS already accepted
+/// the new credentials, so giving up early would strand the device.
+async fn retry_local_steps<F, Fut>(what: &str, mut steps: F) -> Result<(), IdentityError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), IdentityError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match steps().await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 5 => {
+                log::warn!(
+                    "installing {what} failed (attempt {attempt}), retrying: {}",
+                    http_common::error::error_chain(&error)
+                );
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
