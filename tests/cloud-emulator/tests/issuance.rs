@@ -83,6 +83,20 @@ async fn register(emu: &RunningEmulator, reg: &str, key: &str, extra: Value, api
     }
 }
 
+/// The hub's module list of `issued-1`, asked over mutual TLS as `identity`.
+async fn modules_as(emu: &RunningEmulator, identity: &ClientIdentity) -> Answer {
+    https(
+        emu.https_addr(),
+        emu.ca_cert_path(),
+        Some(identity),
+        Req::new(
+            Method::GET,
+            "/devices/issued-1/modules?api-version=2021-04-12".to_owned(),
+        ),
+    )
+    .await
+}
+
 fn enrollment(reg: &str, key: &str) -> IndividualEnrollment {
     IndividualEnrollment {
         registration_id: reg.into(),
@@ -164,32 +178,14 @@ async fn csr_registrations_get_certificates_in_both_generations() {
         },
         chain: Vec::new(),
     };
-    let twin = https(
-        emu.https_addr(),
-        emu.ca_cert_path(),
-        Some(&identity),
-        Req::new(
-            Method::GET,
-            "/devices/issued-1/modules?api-version=2021-04-12".to_owned(),
-        ),
-    )
-    .await;
+    let twin = modules_as(&emu, &identity).await;
     assert_eq!(twin.status, StatusCode::OK, "{:?}", twin.json);
     // A certificate DPS did not issue is refused.
     let stranger = ClientIdentity {
         leaf: cloud_emulator::pki::self_signed_client("issued-1").unwrap(),
         chain: Vec::new(),
     };
-    let refused = https(
-        emu.https_addr(),
-        emu.ca_cert_path(),
-        Some(&stranger),
-        Req::new(
-            Method::GET,
-            "/devices/issued-1/modules?api-version=2021-04-12".to_owned(),
-        ),
-    )
-    .await;
+    let refused = modules_as(&emu, &stranger).await;
     assert_eq!(
         refused.status,
         StatusCode::UNAUTHORIZED,
@@ -224,16 +220,7 @@ async fn csr_registrations_get_certificates_in_both_generations() {
         json!(ca_pem)
     );
     // The previous certificate stays accepted until the device uses the new one.
-    let twin = https(
-        emu.https_addr(),
-        emu.ca_cert_path(),
-        Some(&identity),
-        Req::new(
-            Method::GET,
-            "/devices/issued-1/modules?api-version=2021-04-12".to_owned(),
-        ),
-    )
-    .await;
+    let twin = modules_as(&emu, &identity).await;
     assert_eq!(twin.status, StatusCode::OK, "{:?}", twin.json);
 
     // A CSR whose CN is not the registration ID, or whose signature is broken: 400 naming it.
