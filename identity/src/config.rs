@@ -132,11 +132,11 @@ fn operational_cert_from_raw(
         ("threshold", &auto_renew.threshold),
         ("retry", &auto_renew.retry),
     ] {
-        if !crate::util::valid_renewal_policy(value) {
+        if config_common::renewal::Policy::parse(value).is_none() {
             return Err(ConfigError::invalid(
                 loaded,
                 format!("provisioning.operational_cert.auto_renew.{name}"),
-                "expected N% (1-99), Nmin or Nday with N > 0",
+                config_common::renewal::Policy::EXPECTED,
             ));
         }
     }
@@ -903,11 +903,11 @@ fn provisioning_from_raw(
                     )?;
                     if let Some(renew) = &attestation.identity_auto_renew {
                         for (name, value) in [("threshold", &renew.threshold), ("retry", &renew.retry)] {
-                            if !crate::util::valid_renewal_policy(value) {
+                            if config_common::renewal::Policy::parse(value).is_none() {
                                 return Err(ConfigError::invalid(
                                     loaded,
                                     format!("provisioning.attestation.identity_auto_renew.{name}"),
-                                    "expected N% (1-99), Nmin or Nday with N > 0",
+                                    config_common::renewal::Policy::EXPECTED,
                                 ));
                             }
                         }

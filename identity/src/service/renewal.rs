@@ -66,7 +66,8 @@ impl IdentityService {
             {
                 Ok(()) => log::info!("identity certificate {cert_id:?} renewed"),
                 Err(error) => {
-                    let delay = retry.retry_delay(not_before, not_after);
+                    let delay =
+                        retry.retry_delay(not_before, not_after, crate::renewal::RETRY_FLOOR);
                     log::error!(
                         "renewing identity certificate {cert_id:?} failed, retrying in {} s: {}",
                         delay.as_secs(),
@@ -217,7 +218,8 @@ impl IdentityService {
             match self.renew_operational_cert().await {
                 Ok(()) => log::info!("operational certificate {cert_id:?} renewed"),
                 Err(error) => {
-                    let delay = retry.retry_delay(not_before, not_after);
+                    let delay =
+                        retry.retry_delay(not_before, not_after, crate::renewal::RETRY_FLOOR);
                     log::error!(
                         "renewing operational certificate {cert_id:?} failed, retrying in {} s: {}",
                         delay.as_secs(),
