@@ -61,7 +61,7 @@ struct CallerKey {
 
 /// The start time of process `pid` (clock ticks since boot, field 22 of `/proc/<pid>/stat`);
 /// `None` when the process is gone or the entry cannot be read.
-fn process_start_time(pid: i32) -> Option<u64> {
+pub(crate) fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_time(&stat)
 }

@@ -1,0 +1,883 @@
+//! The process runtime (`agent.type = "process"`) with the real edged, keyd and certd and real
+//! host processes in real cgroups; no Docker. One module is a Python program on the real
+//! `azure-iot-device` SDK, installed from PyPI into a virtual environment the first test builds
+//! (cached across runs in the temp folder, keyed by the SDK version).
+//!
+//! A request "from inside a module" is made by a helper that moves itself into the module's
+//! tracking cgroup before it connects (the equivalent of `docker exec`); the test runs as root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{b64, hmac_sha256, log_frames, sibling_binary, Daemon, DEVICE, HUB, V};
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// The SDK version the Python module runs on (pinned).
+const SDK_VERSION: &str = "2.14.0";
+
+const LOOP: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
+
+/// Builds (once per machine and SDK version) a venv with `azure-iot-device`; returns its python.
+fn sdk_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = std::env::temp_dir()
+                .join(format!("edged-test-venv-azure-iot-device-{SDK_VERSION}"));
+            let python = venv.join("bin/python3");
+            if venv.join(".complete").exists() {
+                return python;
+            }
+            // Built under a unique name and renamed into place, so a half-built venv is never used.
+            let building = std::env::temp_dir().join(format!(
+                "edged-test-venv-building-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            // Debian's interpreter: module uids must be able to reach it (not under /root).
+            let status = Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&building)
+                .status()
+                .expect(
+                    "/usr/bin/python3 must exist (tools/install-deps.sh installs python3-venv)",
+                );
+            assert!(
+                status.success(),
+                "python3 -m venv failed: install python3-venv"
+            );
+            let output = Command::new(building.join("bin/pip"))
+                .args([
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                    "-q",
+                    &format!("azure-iot-device=={SDK_VERSION}"),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "pip install azure-iot-device failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            // Only bin/python3 is used: a moved venv's interpreter still finds its packages
+            // (pyvenv.cfg sits beside it), unlike its scripts' shebangs.
+            std::fs::write(building.join(".complete"), SDK_VERSION).unwrap();
+            if std::fs::rename(&building, &venv).is_err() {
+                // Another test binary finished first: use its venv.
+                let _ = std::fs::remove_dir_all(&building);
+            }
+            assert!(venv.join(".complete").exists());
+            python
+        })
+        .clone()
+}
+
+/// keyd, certd, the fake identityd and edged with the process runtime.
+struct Stack {
+    root: tempfile::TempDir,
+    base: PathBuf,
+    runtime: tokio::runtime::Runtime,
+    _keyd: Daemon,
+    _certd: Daemon,
+    edged: Daemon,
+    identity: std::sync::Arc<common::FakeIdentityd>,
+    identity_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    homedir: PathBuf,
+    mgmt: PathBuf,
+    agent: String,
+    cgroup_name: String,
+}
+
+impl Stack {
+    fn new() -> Self {
+        let suffix = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let root = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(root.path()).unwrap();
+        // Modules run as their own uids: they must reach their socket and their program.
+        std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (keyd, certd) = common::start_keyd_certd(
+            &base,
+            "",
+            "[cert_issuance.aziot-edged-ca]\nmethod = \"self_signed\"\nexpiry_days = 90\n\
+             [preloaded_certs]\naziot-edged-trust-bundle = [\"aziot-edged-ca\"]\n",
+        );
+        let identity_socket = base.join("identityd.sock");
+        let (identity, identity_stop) =
+            common::start_fake_identityd(&runtime, &keyd.socket, &identity_socket);
+        let homedir = base.join("edged-home");
+        let mgmt = base.join("mgmt.sock");
+        let workload = base.join("workload.sock");
+        let agent = "edgeAgent".to_owned();
+        let cgroup_name = format!("edged-test-{suffix}");
+        let edged = Daemon::new(
+            "edged",
+            PathBuf::from(env!("CARGO_BIN_EXE_edged")),
+            &base,
+            "AZIOT_EDGED_CONFIG",
+            "AZIOT_EDGED_CONFIG_DIR",
+        )
+        .with_socket(mgmt.clone());
+        let config = format!(
+            r#"hostname = "edged-test-host"
+homedir = "{homedir}"
+[agent]
+name = "{agent}"
+type = "process"
+imagePullPolicy = "never"
+[agent.config]
+image = "/bin/sh"
+createOptions = {{ Cmd = ["-c", "{LOOP}"] }}
+[connect]
+workload_uri = "unix://{workload}"
+management_uri = "unix://{mgmt}"
+[listen]
+workload_uri = "unix://{workload}"
+management_uri = "unix://{mgmt}"
+[process_runtime]
+uid_start = 910000
+uid_count = 100
+cgroup_name = "{cgroup_name}"
+log_max_bytes = 1048576
+[image_garbage_collection]
+enabled = false
+[endpoints]
+aziot_keyd_url = "unix://{keyd}"
+aziot_certd_url = "unix://{certd}"
+aziot_identityd_url = "unix://{identityd}"
+"#,
+            homedir = homedir.display(),
+            workload = workload.display(),
+            mgmt = mgmt.display(),
+            keyd = keyd.socket.display(),
+            certd = certd.socket.display(),
+            identityd = identity_socket.display(),
+        );
+        std::fs::write(edged.config_file(), config).unwrap();
+        let mut stack = Stack {
+            root,
+            base,
+            runtime,
+            _keyd: keyd,
+            _certd: certd,
+            edged,
+            identity,
+            identity_stop: Some(identity_stop),
+            homedir,
+            mgmt,
+            agent,
+            cgroup_name,
+        };
+        stack.start_edged();
+        stack
+    }
+
+    /// Starts edged and waits until the watchdog runs the agent.
+    fn start_edged(&mut self) {
+        self.edged.spawn_within(Duration::from_secs(60));
+        let agent = self.agent.clone();
+        self.wait_for("the agent to run", || {
+            self.status_of(&agent).as_deref() == Some("running")
+        });
+    }
+
+    fn wait_for(&self, what: &str, mut predicate: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !predicate() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nedged log:\n{}",
+                self.edged.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn call_raw(
+        &self,
+        socket: &Path,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, Vec<u8>) {
+        let client = http_common::UdsClient::new(socket);
+        let headers: &[(&str, &str)] = if body.is_empty() {
+            &[]
+        } else {
+            &[("content-type", "application/json")]
+        };
+        let response = self
+            .runtime
+            .block_on(client.send(method, path, headers, body.to_owned().into()))
+            .unwrap();
+        (response.status, response.body.to_vec())
+    }
+
+    /// A management call from the test process (a host process, not a module).
+    fn mgmt(&self, method: Method, path: &str, body: &str) -> (StatusCode, Value) {
+        let (status, bytes) = self.call_raw(&self.mgmt, method, path, body);
+        (status, common::parse_json(&bytes))
+    }
+
+    fn status_of(&self, module: &str) -> Option<String> {
+        let (status, body) = self.mgmt(Method::GET, &format!("/modules/{module}?{V}"), "");
+        (status == StatusCode::OK).then(|| {
+            body["status"]["runtimeStatus"]["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+    }
+
+    fn module_dir(&self, module: &str) -> PathBuf {
+        self.homedir.join("process").join(module)
+    }
+
+    fn record(&self, module: &str) -> Value {
+        let bytes = std::fs::read(self.module_dir(module).join("module.json")).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn supervisor_status(&self, module: &str) -> Value {
+        std::fs::read(self.module_dir(module).join("status.json"))
+            .map(|bytes| serde_json::from_slice(&bytes).unwrap())
+            .unwrap_or(Value::Null)
+    }
+
+    fn tracking_dir(&self, module: &str) -> PathBuf {
+        PathBuf::from(
+            self.record(module)["cgroups"]["tracking_dir"]
+                .as_str()
+                .unwrap(),
+        )
+    }
+
+    /// The pids in a module's tracking cgroup.
+    fn module_pids(&self, module: &str) -> Vec<i32> {
+        std::fs::read_to_string(self.tracking_dir(module).join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect()
+    }
+
+    /// A request made by a process inside `module`'s cgroup: (status, body).
+    fn call_from(
+        &self,
+        module: &str,
+        socket: &Path,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, Value) {
+        let procs = self.tracking_dir(module).join("cgroup.procs");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/uds-request.py");
+        let output = Command::new("/bin/sh")
+            .args(["-c", "echo $$ > \"$1\" && shift && exec \"$@\"", "sh"])
+            .arg(&procs)
+            .arg("/usr/bin/python3")
+            .arg(&script)
+            .arg(socket)
+            .args([method, path, body])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "the in-module request failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+        let body = body.trim();
+        let json = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()))
+        };
+        (status.trim().parse().unwrap(), json)
+    }
+
+    /// A management call made by the agent.
+    fn agent_call(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        self.call_from(&self.agent, &self.mgmt, method, path, body)
+    }
+
+    fn socket_of(&self, module: &str) -> PathBuf {
+        self.homedir.join("mnt").join(format!("{module}.sock"))
+    }
+
+    /// Creates a module through the agent (201 expected) and starts it.
+    fn create_and_start(&self, name: &str, image: &str, create_options: Value, env: Value) {
+        let spec = json!({"name": name, "type": "process", "imagePullPolicy": "on-create",
+            "config": {"settings": {"image": image, "createOptions": create_options}, "env": env}});
+        let (status, body) = self.agent_call("POST", &format!("/modules?{V}"), &spec.to_string());
+        assert_eq!(status, 201, "create {name}: {body}\n{}", self.edged.log());
+        let (status, body) = self.mgmt(Method::POST, &format!("/modules/{name}/start?{V}"), "");
+        assert_eq!(
+            status,
+            StatusCode::NO_CONTENT,
+            "start {name}: {body}\n{}",
+            self.edged.log()
+        );
+    }
+
+    /// The module's log, demultiplexed.
+    fn logs(&self, module: &str, query: &str) -> Vec<(u8, String)> {
+        let (status, bytes) = self.call_raw(
+            &self.mgmt,
+            Method::GET,
+            &format!("/modules/{module}/logs?{V}{query}"),
+            "",
+        );
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        log_frames(&bytes)
+    }
+
+    fn stdout_lines(&self, module: &str) -> Vec<String> {
+        self.logs(module, "")
+            .into_iter()
+            .filter(|(stream, _)| *stream == 1)
+            .map(|(_, line)| line.trim_end().to_owned())
+            .collect()
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.edged.stop();
+        if let Some(stop) = self.identity_stop.take() {
+            let _ = stop.send(());
+        }
+        // Modules outlive edged by design: end them and their cgroups here.
+        let layout = edged::runtime::process::cgroup::detect().unwrap();
+        let probe = layout.module_cgroups(&self.cgroup_name, "probe");
+        for parent in probe.dirs.iter().filter_map(|dir| dir.parent()) {
+            let Ok(children) = std::fs::read_dir(parent) else {
+                continue;
+            };
+            for child in children.flatten().filter(|entry| entry.path().is_dir()) {
+                let module = edged::runtime::process::cgroup::ModuleCgroups {
+                    tracking_dir: child.path(),
+                    tracking_version: Some(edged::runtime::process::cgroup::Version::V1),
+                    ..Default::default()
+                };
+                module.kill_all(Duration::from_secs(10));
+                let _ = std::fs::remove_dir(child.path());
+            }
+            let _ = std::fs::remove_dir(parent);
+        }
+        if let Ok(modules) = std::fs::read_dir(self.homedir.join("process")) {
+            for module in modules.flatten() {
+                if let Ok(bytes) = std::fs::read(module.path().join("status.json")) {
+                    let status: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    if let Some(pid) = status["shim_pid"].as_i64() {
+                        let started = status["shim_started"].as_u64();
+                        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                            .unwrap_or_default();
+                        let current = stat
+                            .rsplit_once(')')
+                            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+                            .and_then(|field| field.parse::<u64>().ok());
+                        if current.is_some() && current == started {
+                            // SAFETY: kill(2) on a supervisor pid checked against its start time.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+        let _ = &self.root;
+        let _ = &self.base;
+    }
+}
+
+const PY_MODULE: &str = r#"
+import json, os, sys, time
+import requests
+from azure.iot.device import IoTHubModuleClient
+from azure.iot.device.iothub.edge_hsm import IoTEdgeHsm
+
+client = IoTHubModuleClient.create_from_edge_environment()
+print("client created", flush=True)
+hsm = IoTEdgeHsm(os.environ["IOTEDGE_MODULEID"], os.environ["IOTEDGE_MODULEGENERATIONID"],
+                 os.environ["IOTEDGE_WORKLOADURI"], os.environ["IOTEDGE_APIVERSION"])
+print(json.dumps({"signed": hsm.sign("hello from a process module")}), flush=True)
+print(json.dumps({"trust_bundle": hsm.get_certificate()}), flush=True)
+answer = requests.post(
+    hsm.workload_uri + "modules/{}/genid/{}/certificate/server".format(
+        hsm.module_id, hsm.generation_id),
+    params={"api-version": "2020-07-07"},
+    data=json.dumps({"commonName": "pymodule.example", "expiration": "2099-01-01T00:00:00Z"}))
+print(json.dumps({"server_status": answer.status_code, "server": answer.json()}), flush=True)
+print(json.dumps({"workload_uri": os.environ["IOTEDGE_WORKLOADURI"], "uid": os.getuid()}), flush=True)
+print("module ready", file=sys.stderr, flush=True)
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn a_python_sdk_module_signs_gets_a_verified_server_cert_and_serves_its_logs() {
+    let python = sdk_python();
+    let stack = Stack::new();
+    let script = stack.base.join("pymodule.py");
+    std::fs::write(&script, PY_MODULE).unwrap();
+    let name = "pymodule";
+    let (status, identity) = stack.agent_call(
+        "POST",
+        &format!("/identities?{V}"),
+        &json!({"moduleId": name}).to_string(),
+    );
+    assert_eq!(status, 200, "{identity}");
+    let gen_id = identity["generationId"].as_str().unwrap().to_owned();
+    // The variables edgeAgent injects, with a container's socket path the runtime replaces.
+    let env = json!([
+        {"key": "IOTEDGE_WORKLOADURI", "value": "unix:///var/run/iotedge/workload.sock"},
+        {"key": "IOTEDGE_DEVICEID", "value": DEVICE},
+        {"key": "IOTEDGE_MODULEID", "value": name},
+        {"key": "IOTEDGE_IOTHUBHOSTNAME", "value": HUB},
+        {"key": "IOTEDGE_GATEWAYHOSTNAME", "value": "edged-test-host"},
+        {"key": "IOTEDGE_APIVERSION", "value": "2022-08-03"},
+        {"key": "IOTEDGE_AUTHSCHEME", "value": "sasToken"},
+        {"key": "IOTEDGE_MODULEGENERATIONID", "value": gen_id},
+    ]);
+    stack.create_and_start(
+        name,
+        python.to_str().unwrap(),
+        json!({"Cmd": [script.to_str().unwrap()], "HostConfig": {"PidsLimit": 64, "Memory": 268435456}}),
+        env,
+    );
+    stack.wait_for("the module to report ready", || {
+        stack
+            .logs(name, "")
+            .iter()
+            .any(|(stream, line)| *stream == 2 && line.contains("module ready"))
+            || stack.status_of(name).as_deref() != Some("running")
+    });
+    let lines = stack.stdout_lines(name);
+    assert_eq!(
+        stack.status_of(name).as_deref(),
+        Some("running"),
+        "the module ended: {lines:?}\n{:?}",
+        stack.logs(name, "")
+    );
+    assert_eq!(lines[0], "client created");
+    let find = |key: &str| -> Value {
+        lines
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|value| value.get(key).is_some())
+            .unwrap_or_else(|| panic!("no {key} line in {lines:?}"))
+    };
+
+    // The signature is HMAC-SHA256 under the module's own key.
+    let key = stack.runtime.block_on(stack.identity.module_key(name));
+    let signed = find("signed");
+    assert_eq!(
+        signed["signed"].as_str().unwrap(),
+        b64(&hmac_sha256(&key, b"hello from a process module"))
+    );
+
+    // The trust bundle is edged's, and the server certificate verifies against it.
+    let trust_bundle = find("trust_bundle")["trust_bundle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, bytes) = stack.call_raw(
+        &stack.base.join("workload.sock"),
+        Method::GET,
+        "/trust-bundle?api-version=2020-07-07",
+        "",
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        common::parse_json(&bytes)["certificate"],
+        trust_bundle.as_str()
+    );
+    let server = find("server_status");
+    assert_eq!(server["server_status"], 201, "{server}");
+    let chain = openssl::x509::X509::stack_from_pem(
+        server["server"]["certificate"].as_str().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let mut store = openssl::x509::store::X509StoreBuilder::new().unwrap();
+    for certificate in openssl::x509::X509::stack_from_pem(trust_bundle.as_bytes()).unwrap() {
+        store.add_cert(certificate).unwrap();
+    }
+    let store = store.build();
+    let mut untrusted = openssl::stack::Stack::new().unwrap();
+    for certificate in chain.iter().skip(1) {
+        untrusted.push(certificate.clone()).unwrap();
+    }
+    let mut context = openssl::x509::X509StoreContext::new().unwrap();
+    let verified = context
+        .init(&store, &chain[0], &untrusted, |context| {
+            context.verify_cert()
+        })
+        .unwrap();
+    assert!(
+        verified,
+        "the server certificate does not verify against the trust bundle"
+    );
+    let common_name = chain[0]
+        .subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .unwrap()
+        .data()
+        .to_string()
+        .unwrap();
+    assert_eq!(common_name, "pymodule.example");
+    let private_key = server["server"]["privateKey"]["bytes"].as_str().unwrap();
+    let private_key = openssl::pkey::PKey::private_key_from_pem(private_key.as_bytes()).unwrap();
+    assert!(chain[0].public_key().unwrap().public_eq(&private_key));
+
+    // It ran as its own uid, with its own socket as IOTEDGE_WORKLOADURI.
+    let facts = find("uid");
+    let uid = facts["uid"].as_u64().unwrap();
+    assert!((910_000..910_100).contains(&uid), "uid {uid}");
+    assert_ne!(Some(uid), stack.record(&stack.agent)["uid"].as_u64());
+    assert_eq!(
+        facts["workload_uri"].as_str().unwrap(),
+        format!("unix://{}", stack.socket_of(name).display())
+    );
+
+    // The management API's logs: framed, with stderr apart, tail and timestamps.
+    let frames = stack.logs(name, "&tail=1&timestamps=true");
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0].0, 2);
+    let (stamp, text) = frames[0].1.split_once(' ').unwrap();
+    assert!(stamp.ends_with('Z') && stamp.contains('T'), "{stamp}");
+    assert_eq!(text, "module ready\n");
+    assert!(stack.logs(name, "&since=4102444800").is_empty());
+    assert_eq!(stack.logs(name, "&until=1000000000").len(), 0);
+
+    // `iotedge logs` shows the same lines.
+    let output = Command::new(sibling_binary("iotedge"))
+        .arg("-H")
+        .arg(format!("unix://{}", stack.mgmt.display()))
+        .args(["logs", name])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("client created"), "{stdout}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("module ready"));
+
+    // The module's details as edgeAgent reads them.
+    let (_, details) = stack.mgmt(Method::GET, &format!("/modules/{name}?{V}"), "");
+    assert_eq!(
+        details["config"]["settings"]["image"],
+        python.to_str().unwrap()
+    );
+    assert!(details["config"]["settings"]["imageHash"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert_eq!(
+        details["config"]["settings"]["createOptions"]["Labels"]["net.azure-devices.edge.owner"],
+        "Microsoft.Azure.Devices.Edge.Agent"
+    );
+    assert!(details["status"]["startTime"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+}
+
+#[test]
+fn another_modules_process_and_host_processes_are_refused_on_a_module_socket() {
+    let stack = Stack::new();
+    for name in ["alpha", "beta"] {
+        let (status, _) = stack.agent_call(
+            "POST",
+            &format!("/identities?{V}"),
+            &json!({"moduleId": name}).to_string(),
+        );
+        assert_eq!(status, 200);
+        stack.create_and_start(name, "/bin/sh", json!({"Cmd": ["-c", LOOP]}), json!([]));
+    }
+    let sign = format!("/modules/alpha/genid/1/sign?{V}");
+    let body = json!({"keyId": "primary", "algo": "HMACSHA256", "data": b64(b"x")}).to_string();
+    let alpha_socket = stack.socket_of("alpha");
+    let (status, answer) = stack.call_from("alpha", &alpha_socket, "POST", &sign, &body);
+    assert_eq!(status, 200, "{answer}");
+    let key = stack.runtime.block_on(stack.identity.module_key("alpha"));
+    assert_eq!(answer["digest"], b64(&hmac_sha256(&key, b"x")));
+    let (status, answer) = stack.call_from("beta", &alpha_socket, "POST", &sign, &body);
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer, json!({"message": "forbidden"}));
+    // Nor does beta's own socket help it.
+    let (status, _) = stack.call_from("beta", &stack.socket_of("beta"), "POST", &sign, &body);
+    assert_eq!(status, 403);
+    // A host process (this test) is refused too.
+    let (status, bytes) = stack.call_raw(&alpha_socket, Method::POST, &sign, &body);
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    // Management writes are the agent's alone.
+    let spec = json!({"name": "gamma", "type": "process",
+        "config": {"settings": {"image": "/bin/true"}}})
+    .to_string();
+    let (status, _) = stack.call_from("beta", &stack.mgmt, "POST", &format!("/modules?{V}"), &spec);
+    assert_eq!(status, 403);
+    // The two modules run as two different uids, neither of them root.
+    let (alpha, beta) = (
+        stack.record("alpha")["uid"].clone(),
+        stack.record("beta")["uid"].clone(),
+    );
+    assert_ne!(alpha, beta);
+    for pid in stack
+        .module_pids("alpha")
+        .into_iter()
+        .chain(stack.module_pids("beta"))
+    {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid_line = status
+            .lines()
+            .find(|line| line.starts_with("Uid:"))
+            .unwrap_or("Uid: 0");
+        assert!(
+            !uid_line.split_whitespace().skip(1).any(|id| id == "0"),
+            "{uid_line}"
+        );
+    }
+}
+
+#[test]
+fn docker_only_create_options_are_a_400_naming_the_field() {
+    let stack = Stack::new();
+    let cases = [
+        (
+            json!({"HostConfig": {"Binds": ["/a:/b"]}}),
+            "createOptions.HostConfig.Binds",
+        ),
+        (
+            json!({"ExposedPorts": {"80/tcp": {}}}),
+            "createOptions.ExposedPorts",
+        ),
+        (
+            json!({"NetworkingConfig": {"EndpointsConfig": {}}}),
+            "createOptions.NetworkingConfig",
+        ),
+        (json!({"User": "1000"}), "createOptions.User"),
+    ];
+    for (options, field) in &cases {
+        let spec = json!({"name": "bad", "type": "process",
+            "config": {"settings": {"image": "/bin/sh", "createOptions": options}}});
+        let (status, body) = stack.agent_call("POST", &format!("/modules?{V}"), &spec.to_string());
+        assert_eq!(status, 400, "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(field), "{field} not in {message}");
+    }
+    let missing = json!({"name": "missing", "type": "process",
+        "config": {"settings": {"image": "/no/such/program"}}});
+    let (status, body) = stack.agent_call("POST", &format!("/modules?{V}"), &missing.to_string());
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = stack.mgmt(Method::GET, &format!("/modules/bad?{V}"), "");
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[test]
+fn stop_restart_and_delete_work_and_leave_no_process_behind() {
+    let stack = Stack::new();
+    let name = "worker";
+    // A main process with a child of its own.
+    stack.create_and_start(
+        name,
+        "/bin/sh",
+        json!({"Cmd": ["-c", "sleep 1000 & echo started; trap 'kill $!; exit 0' TERM; while true; do sleep 1; done"]}),
+        json!([]),
+    );
+    stack.wait_for("two processes in the module", || {
+        stack.module_pids(name).len() >= 2
+    });
+    let first = stack.module_pids(name);
+
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/{name}/stop?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(stack.module_pids(name).is_empty());
+    assert!(
+        first.iter().all(|pid| !alive(*pid)),
+        "left behind: {first:?}"
+    );
+    assert_eq!(stack.status_of(name).as_deref(), Some("stopped"));
+    let (_, details) = stack.mgmt(Method::GET, &format!("/modules/{name}?{V}"), "");
+    assert_eq!(details["status"]["exitStatus"]["statusCode"], "0");
+    // Stopping a stopped module is fine.
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/{name}/stop?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/{name}/start?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(stack.status_of(name).as_deref(), Some("running"));
+    stack.wait_for("the module's processes", || {
+        stack.module_pids(name).len() >= 2
+    });
+    let second = stack.module_pids(name);
+    assert!(second.iter().all(|pid| !first.contains(pid)));
+
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/{name}/restart?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(stack.status_of(name).as_deref(), Some("running"));
+    assert!(
+        second.iter().all(|pid| !alive(*pid)),
+        "left behind: {second:?}"
+    );
+    stack.wait_for("the module's processes", || {
+        stack.module_pids(name).len() >= 2
+    });
+    let third = stack.module_pids(name);
+    stack.wait_for("the third start's line", || {
+        stack
+            .stdout_lines(name)
+            .iter()
+            .filter(|line| *line == "started")
+            .count()
+            == 3
+    });
+
+    let tracking = stack.tracking_dir(name);
+    let (status, _) = stack.agent_call("DELETE", &format!("/modules/{name}?{V}"), "");
+    assert_eq!(status, 204);
+    assert!(
+        third.iter().all(|pid| !alive(*pid)),
+        "left behind: {third:?}"
+    );
+    assert!(
+        !tracking.exists(),
+        "the cgroup {} is still there",
+        tracking.display()
+    );
+    assert!(!stack.module_dir(name).exists());
+    assert!(!stack.socket_of(name).exists());
+    let (status, _) = stack.mgmt(Method::GET, &format!("/modules/{name}?{V}"), "");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = stack.agent_call("DELETE", &format!("/modules/{name}?{V}"), "");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_crashing_module_is_restarted_per_its_restart_policy() {
+    let stack = Stack::new();
+    let crash = json!({"Cmd": ["-c", "echo run; exit 3"],
+        "HostConfig": {"RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 2}}});
+    stack.create_and_start("crasher", "/bin/sh", crash, json!([]));
+    let never = json!({"Cmd": ["-c", "echo run; exit 3"]});
+    stack.create_and_start("once", "/bin/sh", never, json!([]));
+    // Both supervisors end once their policy says so; then nothing can restart them any more.
+    for name in ["crasher", "once"] {
+        stack.wait_for("the supervisor to give up", || {
+            stack.supervisor_status(name)["state"] == "exited"
+        });
+        assert_eq!(stack.status_of(name).as_deref(), Some("failed"));
+        let (_, details) = stack.mgmt(Method::GET, &format!("/modules/{name}?{V}"), "");
+        assert_eq!(details["status"]["exitStatus"]["statusCode"], "3");
+    }
+    let runs = |name: &str| {
+        stack
+            .stdout_lines(name)
+            .iter()
+            .filter(|line| *line == "run")
+            .count()
+    };
+    assert_eq!(runs("crasher"), 3, "one run and two restarts");
+    assert_eq!(stack.supervisor_status("crasher")["restart_count"], 2);
+    assert_eq!(runs("once"), 1);
+
+    // `always` restarts even a clean exit, until the module is stopped.
+    let always = json!({"Cmd": ["-c", "echo run; exit 0"],
+        "HostConfig": {"RestartPolicy": {"Name": "always"}}});
+    stack.create_and_start("looper", "/bin/sh", always, json!([]));
+    stack.wait_for("three runs", || runs("looper") >= 3);
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/looper/stop?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(stack.supervisor_status("looper")["state"], "exited");
+    assert!(stack.module_pids("looper").is_empty());
+}
+
+#[test]
+fn killing_edged_leaves_modules_running_and_a_new_edged_adopts_them() {
+    let mut stack = Stack::new();
+    let name = "survivor";
+    let (status, _) = stack.agent_call(
+        "POST",
+        &format!("/identities?{V}"),
+        &json!({"moduleId": name}).to_string(),
+    );
+    assert_eq!(status, 200);
+    stack.create_and_start(name, "/bin/sh", json!({"Cmd": ["-c", LOOP]}), json!([]));
+    // The main processes (the loops' `sleep 1` children come and go).
+    let main_pid = |stack: &Stack, module: &str| {
+        stack.supervisor_status(module)["pid"].as_i64().unwrap() as i32
+    };
+    let pid = main_pid(&stack, name);
+    let agent_pid = main_pid(&stack, &stack.agent);
+    assert!(alive(pid) && alive(agent_pid));
+
+    stack.edged.kill();
+    assert!(alive(pid) && alive(agent_pid));
+
+    stack.start_edged();
+    assert_eq!(stack.status_of(name).as_deref(), Some("running"));
+    assert_eq!(
+        main_pid(&stack, name),
+        pid,
+        "the module was restarted, not adopted"
+    );
+    assert!(stack.module_pids(name).contains(&pid));
+    assert_eq!(main_pid(&stack, &stack.agent), agent_pid);
+    // The new edged serves the module on its socket, and manages it.
+    let sign = format!("/modules/{name}/genid/1/sign?{V}");
+    let body = json!({"data": b64(b"after the restart")}).to_string();
+    let (status, answer) = stack.call_from(name, &stack.socket_of(name), "POST", &sign, &body);
+    assert_eq!(status, 200, "{answer}\n{}", stack.edged.log());
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/{name}/stop?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!alive(pid));
+    assert!(stack.module_pids(name).is_empty());
+
+    // A clean stop (SIGTERM) of edged leaves them running as well.
+    stack.edged.stop();
+    assert!(alive(agent_pid));
+}
