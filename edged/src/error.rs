@@ -226,6 +226,16 @@ mod tests {
         let cases: Vec<(EdgedError, u16, &str)> = vec![
             (EdgedError::Forbidden, 403, "forbidden"),
             (
+                EdgedError::ImageNotFound("/opt/m".to_owned()),
+                404,
+                "image \"/opt/m\" not found",
+            ),
+            (
+                EdgedError::Conflict("the module name \"m\" is already in use".to_owned()),
+                409,
+                "the module name \"m\" is already in use",
+            ),
+            (
                 EdgedError::invalid("tail", "not a number"),
                 400,
                 "invalid parameter: tail",

@@ -6,6 +6,8 @@
 //! A request "from inside a module" is made by a helper that moves itself into the module's
 //! tracking cgroup before it connects (the equivalent of `docker exec`); the test runs as root.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -777,6 +779,36 @@ fn stop_restart_and_delete_work_and_leave_no_process_behind() {
             == 3
     });
 
+    // prepareupdate checks the new spec; an update replaces the process and starts the new one.
+    let update = |command: &str| {
+        json!({"name": name, "type": "process",
+            "config": {"settings": {"image": "/bin/sh", "createOptions": {"Cmd": ["-c", command]}}}})
+        .to_string()
+    };
+    let updated = format!("echo updated; {LOOP}");
+    let prepare = format!("/modules/{name}/prepareupdate?{V}");
+    let (status, body) = stack.agent_call("POST", &prepare, &update(&updated));
+    assert_eq!(status, 204, "{body}");
+    let docker_only = json!({"name": name, "type": "process", "config": {"settings":
+        {"image": "/bin/sh", "createOptions": {"HostConfig": {"Binds": ["/:/host"]}}}}});
+    let (status, body) = stack.agent_call("POST", &prepare, &docker_only.to_string());
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = stack.agent_call(
+        "PUT",
+        &format!("/modules/{name}?{V}&start=true"),
+        &update(&updated),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        third.iter().all(|pid| !alive(*pid)),
+        "left behind: {third:?}"
+    );
+    stack.wait_for("the updated module's line", || {
+        stack.stdout_lines(name) == vec!["updated".to_owned()]
+    });
+    assert_eq!(stack.status_of(name).as_deref(), Some("running"));
+    let third = stack.module_pids(name);
+
     let tracking = stack.tracking_dir(name);
     let (status, _) = stack.agent_call("DELETE", &format!("/modules/{name}?{V}"), "");
     assert_eq!(status, 204);
@@ -834,6 +866,28 @@ fn a_crashing_module_is_restarted_per_its_restart_policy() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(stack.supervisor_status("looper")["state"], "exited");
     assert!(stack.module_pids("looper").is_empty());
+}
+
+#[test]
+fn followed_logs_stream_until_the_module_ends() {
+    let stack = Stack::new();
+    let name = "ticker";
+    let spec = json!({"name": name, "type": "process", "config": {"settings": {"image": "/bin/sh",
+        "createOptions": {"Cmd": ["-c", "sleep 1; for i in 1 2 3 4 5; do echo tick $i; sleep 0.2; done; echo bye >&2"]}}}});
+    let (status, body) = stack.agent_call("POST", &format!("/modules?{V}"), &spec.to_string());
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/{name}/start?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Asked while the module has printed nothing yet: the answer grows, and ends with the module.
+    let frames = stack.logs(name, "&follow=true");
+    let texts: Vec<(u8, String)> = frames
+        .into_iter()
+        .map(|(stream, line)| (stream, line.trim_end().to_owned()))
+        .collect();
+    let mut expected: Vec<(u8, String)> = (1..=5).map(|tick| (1, format!("tick {tick}"))).collect();
+    expected.push((2, "bye".to_owned()));
+    assert_eq!(texts, expected);
+    assert_eq!(stack.status_of(name).as_deref(), Some("stopped"));
 }
 
 #[test]

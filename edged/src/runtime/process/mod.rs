@@ -19,7 +19,7 @@ pub mod state;
 
 use std::collections::BTreeSet;
 use std::io::{Read as _, Seek as _};
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -505,6 +505,7 @@ impl ProcessRuntime {
         let errors = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(dir.join("shim.err"))
             .map_err(io_error("could not open the supervisor's error file"))?;
         let mut command = tokio::process::Command::new(&self.shim_program);

@@ -134,19 +134,19 @@ fn command(record: &ModuleRecord) -> std::io::Result<tokio::process::Command> {
         .map(|dir| c_path(&dir.join("cgroup.procs")))
         .collect::<std::io::Result<_>>()?;
     let ids = (record.uid != 0).then_some((record.uid, record.gid));
+    let working_dir = c_path(&record.working_dir)?;
     let mut command = tokio::process::Command::new(&record.program);
     command
         .args(&record.args)
         .env_clear()
         .envs(&record.env)
-        .current_dir(&record.working_dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(false);
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // calls are allowed: it makes raw system calls (open, write, close, setsid, setgroups,
-    // setgid, setuid) on data prepared before the fork, and neither allocates nor locks.
+    // setgid, setuid, chdir) on data prepared before the fork, and neither allocates nor locks.
     unsafe {
         command.pre_exec(move || {
             for file in &cgroup_files {
@@ -171,6 +171,10 @@ fn command(record: &ModuleRecord) -> std::io::Result<tokio::process::Command> {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // As the module's uid: a folder it may not enter is an error, not root's favour.
+            if libc::chdir(working_dir.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

@@ -3,7 +3,8 @@
 //! - `module.json` (edged, on create): what to run, as whom, in which cgroups;
 //! - `status.json` (the module's supervisor, on every change): supervisor pid and start time,
 //!   process pid, start and exit times, exit code, restart count;
-//! - `log`, `log.1`: the captured output (`logs.rs`);
+//! - `log`, `log.1`: the captured output (`logs.rs`); `shim.err`: the supervisor's own stderr
+//!   (only what it cannot put into `log`);
 //! - `data/` (owned by the module's uid, mode 0700): its home and default working folder;
 //! - `root/` (archive images): the unpacked archive, owned by the module's uid.
 //!
