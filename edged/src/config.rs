@@ -1147,6 +1147,36 @@ uri = "unix:///var/run/docker.sock"
     }
 
     #[test]
+    fn the_runtime_is_chosen_by_agent_type_with_process_settings() {
+        let docker = Config::from_toml(
+            "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"i\"\n",
+        )
+        .unwrap();
+        assert_eq!(docker.runtime, RuntimeKind::Docker);
+        assert_eq!(docker.process, ProcessRuntime::default());
+        let process = Config::from_toml(PROCESS).unwrap();
+        assert_eq!(process.runtime, RuntimeKind::Process);
+        assert_eq!(process.process.uid_start, DEFAULT_PROCESS_UID_START);
+        let tuned = Config::from_toml(&format!(
+            "{PROCESS}[process_runtime]\nuid_start = 70000\nuid_count = 50\ncgroup_name = \"mods\"\nlog_max_bytes = 8192\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            tuned.process,
+            ProcessRuntime {
+                uid_start: 70_000,
+                uid_count: 50,
+                cgroup_name: "mods".to_owned(),
+                log_max_bytes: 8192,
+            }
+        );
+    }
+
+    /// A minimal process-runtime config.
+    const PROCESS: &str =
+        "hostname = \"h\"\nhomedir = \"/h\"\n[agent]\ntype = \"process\"\n[agent.config]\nimage = \"/bin/agent\"\n";
+
+    #[test]
     fn rejects_invalid_configs() {
         let base = "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"i\"\n";
         let cases: Vec<(String, &str)> = vec![
@@ -1178,6 +1208,34 @@ uri = "unix:///var/run/docker.sock"
                 "moby_runtime.uri",
             ),
             ("hostname = \"h\"\nhomedir = \"relative\"\n[agent.config]\nimage = \"i\"\n".into(), "absolute"),
+            (
+                "hostname = \"h\"\nhomedir = \"/h\"\n[agent]\ntype = \"rkt\"\n[agent.config]\nimage = \"i\"\n".into(),
+                "agent.type",
+            ),
+            (
+                format!("{base}[process_runtime]\nuid_start = 5000\n"),
+                "only used with agent.type = \"process\"",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nuid_start = 0\n"),
+                "process_runtime.uid_start",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nuid_start = 4294967000\nuid_count = 1000\n"),
+                "process_runtime.uid_count",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\ncgroup_name = \"a/b\"\n"),
+                "process_runtime.cgroup_name",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nlog_max_bytes = 10\n"),
+                "process_runtime.log_max_bytes",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nuid_range = 1\n"),
+                "unknown field `uid_range`",
+            ),
         ];
         for (text, expected) in cases {
             let message = error_of(&text);

@@ -604,6 +604,23 @@ fn a_python_sdk_module_signs_gets_a_verified_server_cert_and_serves_its_logs() {
     assert!(stdout.contains("client created"), "{stdout}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("module ready"));
 
+    // The limits are in its cgroups.
+    let record = stack.record(name);
+    let memory = &record["cgroups"]["memory"];
+    let memory_file = if memory[1] == "V2" {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    let limit =
+        std::fs::read_to_string(Path::new(memory[0].as_str().unwrap()).join(memory_file)).unwrap();
+    assert_eq!(limit.trim(), "268435456");
+    let pids = std::fs::read_to_string(
+        Path::new(record["cgroups"]["pids"].as_str().unwrap()).join("pids.max"),
+    )
+    .unwrap();
+    assert_eq!(pids.trim(), "64");
+
     // The module's details as edgeAgent reads them.
     let (_, details) = stack.mgmt(Method::GET, &format!("/modules/{name}?{V}"), "");
     assert_eq!(
@@ -866,6 +883,61 @@ fn a_crashing_module_is_restarted_per_its_restart_policy() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(stack.supervisor_status("looper")["state"], "exited");
     assert!(stack.module_pids("looper").is_empty());
+}
+
+#[test]
+fn an_archive_image_is_unpacked_into_the_modules_folder_and_run_as_its_uid() {
+    let stack = Stack::new();
+    let tree = stack.base.join("app");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(
+        tree.join("bin/run"),
+        "#!/bin/sh\necho \"archive $(id -u) $(pwd) $1\"\nexec sleep 1000\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        tree.join("bin/run"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let archive = stack.base.join("app.tar.gz");
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&tree)
+        .arg("bin")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let name = "archived";
+    stack.create_and_start(
+        name,
+        archive.to_str().unwrap(),
+        json!({"Entrypoint": ["bin/run"], "Cmd": ["hello"]}),
+        json!([]),
+    );
+    stack.wait_for("the archive's line", || {
+        !stack.stdout_lines(name).is_empty()
+    });
+    let uid = stack.record(name)["uid"].as_u64().unwrap();
+    let root = stack.module_dir(name).join("root");
+    assert_eq!(
+        stack.stdout_lines(name),
+        vec![format!("archive {uid} {} hello", root.display())]
+    );
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(root.join("bin/run")).unwrap());
+    assert_eq!(u64::from(owner), uid);
+    // A program the archive does not hold is refused at create, and nothing is left.
+    let spec = json!({"name": "hollow", "type": "process", "config": {"settings": {
+        "image": archive.to_str().unwrap(), "createOptions": {"Cmd": ["bin/missing"]}}}});
+    let (status, body) = stack.agent_call("POST", &format!("/modules?{V}"), &spec.to_string());
+    assert_eq!(status, 400, "{body}");
+    assert!(!stack.module_dir("hollow").exists());
+    let (status, _) = stack.agent_call("DELETE", &format!("/modules/{name}?{V}"), "");
+    assert_eq!(status, 204);
+    assert!(!root.exists());
 }
 
 #[test]
