@@ -963,6 +963,66 @@ fn followed_logs_stream_until_the_module_ends() {
 }
 
 #[test]
+fn modules_whose_supervisor_vanished_are_recovered_when_edged_starts() {
+    let mut stack = Stack::new();
+    let always = json!({"Cmd": ["-c", LOOP], "HostConfig": {"RestartPolicy": {"Name": "always"}}});
+    stack.create_and_start("phoenix", "/bin/sh", always, json!([]));
+    stack.create_and_start("ash", "/bin/sh", json!({"Cmd": ["-c", LOOP]}), json!([]));
+    let agent = stack.agent.clone();
+    let before: Vec<i64> = ["phoenix", "ash", agent.as_str()]
+        .iter()
+        .map(|module| stack.supervisor_status(module)["pid"].as_i64().unwrap())
+        .collect();
+    // What a power cut does: edged, every supervisor and every module process end at once.
+    stack.edged.kill();
+    for module in ["phoenix", "ash", agent.as_str()] {
+        let shim = stack.supervisor_status(module)["shim_pid"]
+            .as_i64()
+            .unwrap() as i32;
+        assert!(alive(shim));
+        // SAFETY: kill(2) on the supervisor pid this test's edged recorded a moment ago.
+        unsafe { libc::kill(shim, libc::SIGKILL) };
+        for pid in stack.module_pids(module) {
+            // SAFETY: kill(2) on a pid read from the module's cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        stack.wait_for("the module's cgroup to empty", || {
+            stack.module_pids(module).is_empty() && !alive(shim)
+        });
+    }
+    // The agent has no restart policy: the watchdog starts it.
+    stack.start_edged();
+    assert_eq!(stack.status_of("phoenix").as_deref(), Some("running"));
+    let phoenix = stack.supervisor_status("phoenix")["pid"].as_i64().unwrap();
+    assert_ne!(
+        phoenix,
+        before[0],
+        "{}\n{}",
+        stack.supervisor_status("phoenix"),
+        stack.edged.log()
+    );
+    assert!(alive(phoenix as i32));
+    assert_eq!(stack.status_of("ash").as_deref(), Some("failed"));
+    assert!(stack.module_pids("ash").is_empty());
+    let (_, details) = stack.mgmt(Method::GET, &format!("/modules/ash?{V}"), "");
+    let description = details["status"]["runtimeStatus"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(
+        description.contains("without recording an exit"),
+        "{description}"
+    );
+    assert_ne!(
+        stack.supervisor_status(&agent)["pid"].as_i64().unwrap(),
+        before[2]
+    );
+    // And "ash" starts again when asked.
+    let (status, _) = stack.mgmt(Method::POST, &format!("/modules/ash/start?{V}"), "");
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(stack.status_of("ash").as_deref(), Some("running"));
+}
+
+#[test]
 fn killing_edged_leaves_modules_running_and_a_new_edged_adopts_them() {
     let mut stack = Stack::new();
     let name = "survivor";

@@ -138,7 +138,13 @@ fn runtime_status(status: Option<&state::ModuleStatus>) -> (&'static str, String
     };
     let alive = status.supervisor_alive();
     match status.state {
-        ProcessState::Exited => exited(status.exit_code, &status.finished_at),
+        ProcessState::Exited => {
+            let (state, text) = exited(status.exit_code, &status.finished_at);
+            match &status.error {
+                Some(error) => (state, format!("{text}: {error}")),
+                None => (state, text),
+            }
+        }
         _ if !alive => (
             "dead",
             "the module's supervisor ended without recording an exit".to_owned(),
@@ -501,6 +507,47 @@ impl ProcessRuntime {
         }
     }
 
+    /// At startup: a module whose supervisor vanished without recording an end (the device
+    /// restarted, or someone killed it) has its leftovers killed and its end recorded (exit code
+    /// unknown: `failed`); with `always` or `unless-stopped` it is started again, as Docker
+    /// restarts such containers when it starts. Running modules are left alone (adopted).
+    async fn recover(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let (Ok(record), Some(mut status)) = (self.record(&name), self.status(&name)) else {
+                continue;
+            };
+            if status.state == ProcessState::Exited || status.supervisor_alive() {
+                continue;
+            }
+            log::warn!("module {name}: its supervisor ended without recording an exit");
+            self.kill_cgroup(&record).await;
+            status.state = ProcessState::Exited;
+            status.exit_code = None;
+            status.finished_at = Some(now_rfc3339());
+            status.error =
+                Some("the module's supervisor ended without recording an exit".to_owned());
+            if let Err(error) = state::write_json(&entry.path(), state::STATUS_FILE, &status) {
+                log::warn!("module {name}: could not record its end: {error}");
+                continue;
+            }
+            if matches!(
+                record.restart.name,
+                spec::RestartName::Always | spec::RestartName::UnlessStopped
+            ) {
+                log::info!("module {name}: starting it again (restart policy)");
+                if let Err(error) = self.start(&name).await {
+                    log::warn!("module {name} did not start again: {error}");
+                }
+            }
+        }
+    }
+
     fn spawn_supervisor(&self, dir: &Path) -> Result<u32, EdgedError> {
         let errors = std::fs::OpenOptions::new()
             .create(true)
@@ -768,16 +815,18 @@ impl ModuleRuntime for ProcessRuntime {
 
     async fn prepare(&self) -> Result<(), EdgedError> {
         make_dir(&self.root, 0o711).map_err(io_error("could not create <homedir>/process"))?;
-        let mut layout = self
-            .layout
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let warnings = layout
-            .prepare(&self.settings.cgroup_name)
-            .map_err(io_error("could not create the modules' parent cgroup"))?;
+        let warnings = {
+            let mut layout = self
+                .layout
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            layout.prepare(&self.settings.cgroup_name)
+        }
+        .map_err(io_error("could not create the modules' parent cgroup"))?;
         for warning in warnings {
             log::warn!("process runtime: {warning}");
         }
+        self.recover().await;
         Ok(())
     }
 

@@ -109,11 +109,27 @@ pub struct ModuleStatus {
 }
 
 impl ModuleStatus {
-    /// Whether the supervisor that wrote this is still alive (same pid, same start time).
+    /// Whether the supervisor that wrote this is still alive: same pid, same start time, and not
+    /// a zombie (an adopted supervisor that ended waits for init, not edged, to reap it).
     pub fn supervisor_alive(&self) -> bool {
         self.shim_pid > 0
-            && crate::service::process_start_time(self.shim_pid) == Some(self.shim_started)
+            && std::fs::read_to_string(format!("/proc/{}/stat", self.shim_pid))
+                .ok()
+                .and_then(|stat| living_start_time(&stat))
+                == Some(self.shim_started)
     }
+}
+
+/// The start time (field 22) of a `/proc/<pid>/stat` line whose process has not ended (state,
+/// field 3, is not `Z` or `X`); counted from the last `)`, since the command may hold spaces.
+pub fn living_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Reads a JSON state file; `None` when absent or unreadable.
@@ -131,4 +147,23 @@ pub fn write_json<T: Serialize>(dir: &Path, file: &str, value: &T) -> std::io::R
 /// A module's state folder.
 pub fn module_dir(root: &Path, name: &str) -> PathBuf {
     root.join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_has_no_living_start_time() {
+        let fields = "1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(
+            living_start_time(&format!("4242 (a) b) S {fields}")),
+            Some(987_654)
+        );
+        assert_eq!(living_start_time(&format!("4242 (sh) Z {fields}")), None);
+        assert_eq!(living_start_time(&format!("4242 (sh) X {fields}")), None);
+        assert_eq!(living_start_time("4242 (short) S 1 2"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(living_start_time(&own).is_some());
+    }
 }
