@@ -57,6 +57,8 @@ pub fn docker_lock() -> DockerLock {
 
 pub use system_tests::Daemon;
 
+pub mod process;
+
 /// A binary built next to edged's (keyd, certd, identityd).
 pub fn sibling_binary(name: &str) -> PathBuf {
     system_tests::sibling_binary(env!("CARGO_BIN_EXE_edged"), name)
