@@ -205,6 +205,14 @@ pub fn details(record: &ModuleRecord, status: Option<&state::ModuleStatus>) -> M
 impl ProcessRuntime {
     /// A runtime keeping its state under `<homedir>/process`; finds this machine's cgroup layout.
     pub fn new(config: &config::Config, homedir: &Path) -> Result<Self, EdgedError> {
+        // SAFETY: geteuid(2) reads a process attribute; it cannot fail and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(EdgedError::io(
+                "the process runtime needs edged to run as root (it runs each module as its own \
+                 uid and writes the modules' cgroups)",
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            ));
+        }
         let layout = cgroup::detect().map_err(io_error("could not find the cgroup layout"))?;
         let shim_program = std::env::current_exe().map_err(io_error(
             "could not find the edged binary for module supervisors",

@@ -124,12 +124,11 @@ impl ModuleStatus {
 /// field 3, is not `Z` or `X`); counted from the last `)`, since the command may hold spaces.
 pub fn living_start_time(stat: &str) -> Option<u64> {
     let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?;
+    let state = rest.split_ascii_whitespace().next()?;
     if state == "Z" || state == "X" {
         return None;
     }
-    fields.nth(18)?.parse().ok()
+    crate::service::parse_start_time(stat)
 }
 
 /// Reads a JSON state file; `None` when absent or unreadable.
