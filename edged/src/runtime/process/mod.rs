@@ -556,7 +556,12 @@ impl ProcessRuntime {
         }
     }
 
-    fn spawn_supervisor(&self, dir: &Path) -> Result<u32, EdgedError> {
+    /// Starts a supervisor for the module folder `dir`; returns its pid and a receiver that
+    /// fires when it ends while this edged runs.
+    fn spawn_supervisor(
+        &self,
+        dir: &Path,
+    ) -> Result<(u32, tokio::sync::oneshot::Receiver<()>), EdgedError> {
         let errors = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -587,11 +592,13 @@ impl ProcessRuntime {
             .spawn()
             .map_err(io_error("could not start the module's supervisor"))?;
         let pid = child.id().unwrap_or(0);
+        let (ended, ended_receiver) = tokio::sync::oneshot::channel();
         // Reap it when it ends while this edged runs (after a restart, init does).
         tokio::spawn(async move {
             let _ = child.wait().await;
+            let _ = ended.send(());
         });
-        Ok(pid)
+        Ok((pid, ended_receiver))
     }
 }
 
@@ -665,9 +672,10 @@ impl ModuleRuntime for ProcessRuntime {
                     std::io::Error::other(message),
                 )
             })?;
-        let pid = self.spawn_supervisor(&dir)?;
+        let (pid, mut ended) = self.spawn_supervisor(&dir)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
+            let supervisor_ended = ended.try_recv().is_ok();
             if let Some(status) = self.status(name) {
                 if u32::try_from(status.shim_pid).ok() == Some(pid)
                     && status.state != ProcessState::Starting
@@ -680,6 +688,13 @@ impl ModuleRuntime for ProcessRuntime {
                     log::info!("started process module {name} (pid {:?})", status.pid);
                     return Ok(());
                 }
+            }
+            if supervisor_ended {
+                let errors = std::fs::read_to_string(dir.join("shim.err")).unwrap_or_default();
+                return Err(EdgedError::Internal(format!(
+                    "the supervisor of module {name} ended before starting it: {}",
+                    errors.lines().last().unwrap_or("no reason given")
+                )));
             }
             if Instant::now() >= deadline {
                 return Err(EdgedError::Internal(format!(
