@@ -552,7 +552,15 @@ fn packages_install_and_run_under_systemd() {
     );
     // Docker's own package would make the `docker` group owning its socket; here the socket is
     // the host's, so the group takes the host's gid (the packages' sysusers adds iotedge to it).
-    device.sh("groupadd --system --gid $(stat -c %g /var/run/docker.sock) docker");
+    // A system group of the image that has that gid (tpm-udev's `tss`, say) moves aside first.
+    device.sh(
+        "gid=$(stat -c %g /var/run/docker.sock); taken=$(getent group \"$gid\" | cut -d: -f1); \
+         if [ -n \"$taken\" ]; then \
+           free=900; while getent group $free >/dev/null; do free=$((free + 1)); done; \
+           groupmod -g $free \"$taken\"; \
+         fi; \
+         groupadd --system --gid \"$gid\" docker",
+    );
     device.copy_in(packages, "/tmp/packages");
     device.sh(INSTALL);
     assert_eq!(

@@ -722,7 +722,7 @@ fn check_set(name: &str, expect: Expect) {
             ))
             .unwrap_or_else(|error| {
                 panic!(
-                    "{name}: identityd did not answer: {error}\n{}",
+                    "{name}: identityd did not answer: {error:?}\n{}",
                     identityd.log()
                 )
             });
