@@ -2,8 +2,9 @@
 //!
 //! [`plan`] parses the file strictly (unknown keys are errors), validates it (every error names
 //! the key, never the value of a secret) and returns a [`Plan`]: the `config.d/00-super.toml`
-//! table of keyd, certd, identityd and, when the file has IoT Edge keys, edged, plus the secret
-//! files (decoded inline keys) to put under `/var/secrets/aziot/keyd/`. Writing the plan is
+//! table of keyd, certd, identityd, the TPM service (tpmd, served by keyd) and, when the file
+//! has IoT Edge keys, edged, plus the secret files (decoded inline keys) to put under
+//! `/var/secrets/aziot/keyd/`. Writing the plan is
 //! [`crate::apply`]'s job; this module touches no file except the ones the super-config points
 //! at (`additional_info`, `imported_master_encryption_key`).
 //!
@@ -22,6 +23,7 @@ use crate::error::{ApplyError, Problem};
 mod edge;
 mod provisioning;
 mod raw;
+mod tpm;
 
 use edge::{map_agent, map_edge_ca};
 use provisioning::map_provisioning;
@@ -72,6 +74,8 @@ pub struct Plan {
     pub certd: Table,
     /// identityd's `00-super.toml`.
     pub identityd: Table,
+    /// The TPM service's `00-super.toml` (`/etc/aziot/tpmd/`, read by keyd); often empty.
+    pub tpmd: Table,
     /// edged's `00-super.toml`, when the super-config has IoT Edge keys.
     pub edged: Option<Table>,
     /// Secret files for keyd.
@@ -1221,6 +1225,9 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
         keyd.insert("max_requests".into(), Value::Integer(*limit));
     }
 
+    // The TPM service (keyd reads the tpmd files).
+    let tpmd = tpm::map_tpm(raw.tpm.as_ref(), max_requests.get("tpmd").copied())?;
+
     // certd.
     let mut certd = Table::new();
     certd.insert("homedir_path".into(), string(CERTD_HOMEDIR));
@@ -1293,6 +1300,7 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
         keyd,
         certd,
         identityd,
+        tpmd,
         edged,
         secrets: mapper.secrets,
         warnings: mapper.warnings,
@@ -1419,6 +1427,9 @@ mod tests {
             (&format!("cloud_timeout_sec = 10\n{MANUAL}"), "`cloud_timeout_sec`: cloud_timeout_sec must be at least 70 seconds"),
             ("parent_hostname = \"p\"\n[provisioning]\nsource = \"dps\"\nid_scope = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\n", "DPS provisioning is not supported in nested mode"),
             (&format!("[aziot_max_requests]\nkeyd = 1\ncertd = 1\ntpmd = 1\n{MANUAL}"), "`aziot_max_requests.identityd`"),
+            (&format!("[tpm]\nauth_key_index = \"0x00_01_00\"\n{MANUAL}"), "`tpm.auth_key_index`"),
+            (&format!("[tpm]\ntcti = \"carrier-pigeon\"\n{MANUAL}"), "`tpm.tcti`: unsupported TCTI"),
+            (&format!("[tpm]\nsurprise = 1\n{MANUAL}"), "unknown field `surprise`"),
             ("[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d\"\n", "the SharedAccessKey component is missing"),
             ("[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=!!!\"\n", "not valid base64"),
             ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = { value = \"%%\" }\n", "`provisioning.authentication.device_id_pk.value`"),
