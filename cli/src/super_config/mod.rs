@@ -185,37 +185,17 @@ fn positive(value: i64, key: &str) -> Result<i64, Problem> {
     }
 }
 
-/// Checks a renewal policy string: `N%` (1–99), `Nmin` or `Nday`, N > 0.
+/// Checks a renewal policy string: `N%` (1–99), `Nmin` or `Nday`, N > 0 (config-common's
+/// policy language, the one the daemons read).
 fn check_policy(value: &str, key: &str) -> Result<(), Problem> {
-    let invalid = || {
-        Problem::new(
+    match config_common::renewal::Policy::parse(value) {
+        Some(_) => Ok(()),
+        None => Err(Problem::new(
             key,
             format!(
                 "{value:?} is not a renewal policy (N% with 1 <= N <= 99, Nmin or Nday, N > 0)"
             ),
-        )
-    };
-    let (number, unit) = if let Some(number) = value.strip_suffix('%') {
-        (number, "%")
-    } else if let Some(number) = value.strip_suffix("min") {
-        (number, "min")
-    } else if let Some(number) = value.strip_suffix("day") {
-        (number, "day")
-    } else {
-        return Err(invalid());
-    };
-    if number.is_empty() || !number.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(invalid());
-    }
-    let number: u64 = number.parse().map_err(|_| invalid())?;
-    let in_range = match unit {
-        "%" => (1..=99).contains(&number),
-        _ => number > 0,
-    };
-    if in_range {
-        Ok(())
-    } else {
-        Err(invalid())
+        )),
     }
 }
 
