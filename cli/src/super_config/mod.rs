@@ -1438,6 +1438,43 @@ mod tests {
     }
 
     #[test]
+    fn operational_cert_goes_to_identityd_with_its_rights() {
+        let text = "[provisioning]\nsource = \"dps\"\nid_scope = \"s\"\n[provisioning.attestation]\n\
+                    method = \"tpm\"\nregistration_id = \"r\"\n[provisioning.operational_cert]\ncert = \"op\"\n";
+        let plan = plan(text, Path::new("/etc/aziot/config.toml"), &Fixed).unwrap();
+        let operational = &plan.identityd["provisioning"]["operational_cert"];
+        assert_eq!(operational["cert"].as_str(), Some("op"));
+        assert_eq!(operational["pk"].as_str(), Some("aziot-dps-operational"));
+        let rights = |table: &Table, field: &str| -> Vec<String> {
+            table["principal"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|principal| principal["uid"].as_integer() == Some(5557))
+                .flat_map(|principal| principal[field].as_array().unwrap().clone())
+                .map(|id| id.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let keys = rights(&plan.keyd, "keys");
+        assert!(
+            keys.contains(&"aziot-dps-operational".to_owned()),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&"aziot-dps-operational-temp".to_owned()),
+            "{keys:?}"
+        );
+        assert!(rights(&plan.certd, "certs").contains(&"op".to_owned()));
+        let manual = error(&format!("{MANUAL}[provisioning.operational_cert]\n"));
+        assert!(manual.contains("provisioning.operational_cert"), "{manual}");
+        let file = error(&text.replace("cert = \"op\"", "cert = \"file:///op.pem\""));
+        assert!(
+            file.contains("provisioning.operational_cert.cert"),
+            "{file}"
+        );
+    }
+
+    #[test]
     fn policies() {
         for good in ["1%", "99%", "5min", "1day"] {
             check_policy(good, "k").unwrap();

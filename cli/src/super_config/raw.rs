@@ -100,6 +100,17 @@ pub(super) struct RawProvisioning {
     pub(super) scope_id: Option<String>,
     pub(super) payload: Option<RawPayload>,
     pub(super) attestation: Option<RawAttestation>,
+    /// Ours: DPS issues the operational certificate (identityd's same table).
+    pub(super) operational_cert: Option<RawOperationalCert>,
+}
+
+/// `[provisioning.operational_cert]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOperationalCert {
+    pub(super) cert: Option<String>,
+    pub(super) pk: Option<String>,
+    pub(super) auto_renew: Option<RawAutoRenew>,
 }
 
 impl std::fmt::Debug for RawProvisioning {
