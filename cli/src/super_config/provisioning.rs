@@ -354,12 +354,12 @@ fn map_operational_cert(mapper: &mut Mapper, raw: RawOperationalCert) -> Result<
     if let Some(renew) = &raw.auto_renew {
         let renew = AutoRenew::parse(renew, &format!("{KEY}.auto_renew"))?;
         if renew.rotate_key {
-            push_unique(&mut mapper.keyd_identityd, &format!("{pk}-temp"));
+            push_unique(&mut mapper.keyd_identityd, format!("{pk}-temp"));
         }
         table.insert("auto_renew".into(), renew.table());
     } else {
         // identityd's default renewal rotates the key.
-        push_unique(&mut mapper.keyd_identityd, &format!("{pk}-temp"));
+        push_unique(&mut mapper.keyd_identityd, format!("{pk}-temp"));
     }
     push_unique(&mut mapper.keyd_identityd, &pk);
     push_unique(&mut mapper.certd_identityd, &cert);
