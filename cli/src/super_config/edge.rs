@@ -161,10 +161,10 @@ pub(super) fn map_agent(raw: Option<RawAgent>) -> Result<Table, Problem> {
         string(raw.name.unwrap_or_else(|| "edgeAgent".into())),
     );
     let agent_type = raw.agent_type.unwrap_or_else(|| "docker".into());
-    if agent_type != "docker" {
+    if agent_type != "docker" && agent_type != "process" {
         return Err(Problem::new(
             "agent.type",
-            format!("unknown type {agent_type:?} (expected docker)"),
+            format!("unknown type {agent_type:?} (expected docker or process)"),
         ));
     }
     table.insert("type".into(), string(agent_type));

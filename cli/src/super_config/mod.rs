@@ -662,7 +662,8 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
         || raw.watchdog.is_some()
         || raw.edge_ca.is_some()
         || raw.image_garbage_collection.is_some()
-        || raw.moby_runtime.is_some();
+        || raw.moby_runtime.is_some()
+        || raw.process_runtime.is_some();
     let mut mapper = Mapper {
         keyd_preloaded: BTreeMap::new(),
         certd_preloaded: BTreeMap::new(),
@@ -1039,7 +1040,72 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
         }
         edged_table.insert("edge_ca".into(), Value::Table(edge_ca_table));
 
-        edged_table.insert("agent".into(), Value::Table(map_agent(raw.agent)?));
+        let agent = map_agent(raw.agent)?;
+        let process = agent.get("type").and_then(Value::as_str) == Some("process");
+        edged_table.insert("agent".into(), Value::Table(agent));
+        match (raw.process_runtime, process) {
+            (Some(_), false) => {
+                return Err(Problem::new(
+                    "process_runtime",
+                    "is only used with agent.type = \"process\"",
+                )
+                .into())
+            }
+            (Some(settings), true) => {
+                // edged refuses these values at start; refuse them here first, naming the key.
+                let problem = |key: &str, message: &str| -> MapError {
+                    Problem::new(format!("process_runtime.{key}"), message).into()
+                };
+                if settings.uid_start == Some(0) {
+                    return Err(problem("uid_start", "must not be 0"));
+                }
+                let (start, count) = (
+                    settings.uid_start.unwrap_or(900_000),
+                    settings.uid_count.unwrap_or(10_000),
+                );
+                if count == 0 || start.checked_add(count).is_none() {
+                    return Err(problem(
+                        "uid_count",
+                        "must be positive and keep the range below 2^32",
+                    ));
+                }
+                if let Some(name) = &settings.cgroup_name {
+                    let valid = !name.is_empty()
+                        && name != "."
+                        && name != ".."
+                        && name
+                            .bytes()
+                            .all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte));
+                    if !valid {
+                        return Err(problem(
+                            "cgroup_name",
+                            "expected one path component of letters, digits, '_', '.' and '-'",
+                        ));
+                    }
+                }
+                if settings.log_max_bytes.is_some_and(|bytes| bytes < 4096) {
+                    return Err(problem("log_max_bytes", "must be at least 4096"));
+                }
+                let mut table = Table::new();
+                if let Some(uid_start) = settings.uid_start {
+                    table.insert("uid_start".into(), Value::Integer(i64::from(uid_start)));
+                }
+                if let Some(uid_count) = settings.uid_count {
+                    table.insert("uid_count".into(), Value::Integer(i64::from(uid_count)));
+                }
+                if let Some(cgroup_name) = settings.cgroup_name {
+                    table.insert("cgroup_name".into(), string(cgroup_name));
+                }
+                if let Some(log_max_bytes) = settings.log_max_bytes {
+                    let bytes = i64::try_from(log_max_bytes).map_err(|_| {
+                        Problem::new("process_runtime.log_max_bytes", "is too large")
+                    })?;
+                    table.insert("log_max_bytes".into(), Value::Integer(bytes));
+                }
+                edged_table.insert("process_runtime".into(), Value::Table(table));
+            }
+            (None, _) => {}
+        }
         let uris = |raw: Option<RawUris>, workload: &str, management: &str| {
             let raw = raw.unwrap_or(RawUris {
                 workload_uri: None,
@@ -1472,6 +1538,42 @@ mod tests {
             file.contains("provisioning.operational_cert.cert"),
             "{file}"
         );
+    }
+
+    #[test]
+    fn the_process_runtime_goes_to_edged() {
+        let edge = "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=AAAA\"\n";
+        let text = format!(
+            "{edge}[agent]\ntype = \"process\"\n[agent.config]\nimage = \"/usr/lib/agent/agent\"\n\
+             [process_runtime]\nuid_start = 800000\ncgroup_name = \"mods\"\n"
+        );
+        let plan = plan(&text, Path::new("/etc/aziot/config.toml"), &Fixed).unwrap();
+        let edged = plan.edged.unwrap();
+        assert_eq!(edged["agent"]["type"].as_str(), Some("process"));
+        assert_eq!(
+            edged["process_runtime"]["uid_start"].as_integer(),
+            Some(800_000)
+        );
+        assert_eq!(
+            edged["process_runtime"]["cgroup_name"].as_str(),
+            Some("mods")
+        );
+        for (extra, key) in [
+            ("log_max_bytes = 10\n", "process_runtime.log_max_bytes"),
+            ("cgroup_name = \"a/b\"\n", "process_runtime.cgroup_name"),
+            ("uid_start = 0\n", "process_runtime.uid_start"),
+            ("surprise = 1\n", "surprise"),
+        ] {
+            let base = format!(
+                "{edge}[agent]\ntype = \"process\"\n[agent.config]\nimage = \"/a\"\n[process_runtime]\n"
+            );
+            let message = error(&format!("{base}{extra}"));
+            assert!(message.contains(key), "{extra}: {message}");
+        }
+        let docker = error(&format!("{edge}[process_runtime]\n"));
+        assert!(docker.contains("only used with agent.type"), "{docker}");
+        let unknown = error(&format!("{edge}[agent]\ntype = \"vm\"\n"));
+        assert!(unknown.contains("expected docker or process"), "{unknown}");
     }
 
     #[test]

@@ -42,6 +42,18 @@ pub(super) struct RawSuperConfig {
     pub(super) edge_ca: Option<RawEdgeCa>,
     pub(super) image_garbage_collection: Option<RawImageGc>,
     pub(super) moby_runtime: Option<RawMoby>,
+    /// Ours: the process runtime's settings (edged's same table, with `agent.type = "process"`).
+    pub(super) process_runtime: Option<RawProcessRuntime>,
+}
+
+/// `[process_runtime]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProcessRuntime {
+    pub(super) uid_start: Option<u32>,
+    pub(super) uid_count: Option<u32>,
+    pub(super) cgroup_name: Option<String>,
+    pub(super) log_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
