@@ -6,7 +6,8 @@
 #           statically, see docs/install.md)
 #   tests:  softhsm2 (a real PKCS#11 token), opensc (pkcs11-tool), openssl (the CLI that
 #           verifies issued certificates and runs s_server/s_client with keyd.so), binutils (nm),
-#           python3 (the other-uid client), curl, and
+#           python3 (the other-uid client), python3-venv (edged's process-runtime test installs
+#           the azure-iot-device SDK from PyPI into a venv of /usr/bin/python3), curl, and
 #           busybox-static (edged's FROM-scratch test image), systemd (systemd-analyze verify,
 #           systemd-sysusers and systemd-socket-activate run the units' checks; systemd need not
 #           run), util-linux (unshare), mmdebstrap (the device test's Debian image; with
@@ -27,6 +28,7 @@ if [ "${1:-all}" != build ]; then
   # nm checks that the OpenSSL provider (keyd.so) carries no OpenSSL symbols.
   command -v nm >/dev/null || needed+=(binutils)
   command -v python3 >/dev/null || needed+=(python3)
+  /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || needed+=(python3-venv)
   command -v curl >/dev/null || needed+=(curl)
   { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || needed+=(systemd)
   command -v unshare >/dev/null || needed+=(util-linux)

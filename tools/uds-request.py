@@ -25,5 +25,6 @@ while True:
     data += chunk
 status_line, _, rest = data.partition(b"\r\n")
 headers, _, response_body = rest.partition(b"\r\n\r\n")
-print(status_line.split(b" ")[1].decode())
-print(response_body.decode())
+print(status_line.split(b" ")[1].decode(), flush=True)
+# As bytes: a body need not be text (support bundles, framed logs).
+sys.stdout.buffer.write(response_body + b"\n")

@@ -8,11 +8,12 @@
 //!
 //! The merged table is then deserialized strictly into the daemon's own config type. Every error
 //! names the file and, where there is one, the key path. [`files`] holds the one way state
-//! files are written (atomic, private, reference file names) and [`glob_matches`] the principal
-//! glob language. This crate knows nothing about any daemon's keys, certificates or modules.
+//! files are written (atomic, private, reference file names), [`glob_matches`] the principal
+//! glob language and [`renewal`] the certificate renewal policy strings every daemon reads. This crate knows nothing about any daemon's keys, certificates or modules.
 
 pub mod files;
 mod glob;
+pub mod renewal;
 
 pub use glob::glob_matches;
 

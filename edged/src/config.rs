@@ -65,6 +65,10 @@ pub struct Config {
     pub image_gc: ImageGc,
     /// The Docker engine.
     pub moby: Moby,
+    /// Which runtime runs the modules (`agent.type`): Docker (default) or host processes.
+    pub runtime: RuntimeKind,
+    /// `[process_runtime]`: settings of the process runtime (defaults when absent).
+    pub process: ProcessRuntime,
     /// Peer daemons' sockets.
     pub endpoints: Endpoints,
 }
@@ -122,6 +126,49 @@ pub enum RenewalTime {
     Percent(u32),
     /// Absolute seconds.
     Seconds(u64),
+}
+
+/// The module runtime, chosen by `agent.type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// `docker` (the default): modules are Docker containers.
+    #[default]
+    Docker,
+    /// `process`: modules are supervised host processes (spec section 10).
+    Process,
+}
+
+/// `[process_runtime]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessRuntime {
+    /// First uid (and gid) handed to modules; each module gets the lowest free one.
+    pub uid_start: u32,
+    /// How many uids the range holds (at most this many modules).
+    pub uid_count: u32,
+    /// Name of the cgroup (under edged's own cgroup) that holds one child cgroup per module.
+    pub cgroup_name: String,
+    /// Size at which a module's log file is rotated (one older file is kept).
+    pub log_max_bytes: u64,
+}
+
+/// Default `process_runtime.uid_start`: far above the uids of ordinary accounts.
+pub const DEFAULT_PROCESS_UID_START: u32 = 900_000;
+/// Default `process_runtime.uid_count`.
+pub const DEFAULT_PROCESS_UID_COUNT: u32 = 10_000;
+/// Default `process_runtime.cgroup_name`.
+pub const DEFAULT_PROCESS_CGROUP_NAME: &str = "edged-modules";
+/// Default `process_runtime.log_max_bytes`.
+pub const DEFAULT_PROCESS_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
+
+impl Default for ProcessRuntime {
+    fn default() -> Self {
+        ProcessRuntime {
+            uid_start: DEFAULT_PROCESS_UID_START,
+            uid_count: DEFAULT_PROCESS_UID_COUNT,
+            cgroup_name: DEFAULT_PROCESS_CGROUP_NAME.to_owned(),
+            log_max_bytes: DEFAULT_PROCESS_LOG_MAX_BYTES,
+        }
+    }
 }
 
 /// `imagePullPolicy`.
@@ -294,7 +341,17 @@ struct RawConfig {
     watchdog: Option<RawWatchdog>,
     image_garbage_collection: Option<RawGc>,
     moby_runtime: Option<RawMoby>,
+    process_runtime: Option<RawProcessRuntime>,
     endpoints: Option<RawEndpoints>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcessRuntime {
+    uid_start: Option<u32>,
+    uid_count: Option<u32>,
+    cgroup_name: Option<String>,
+    log_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -590,11 +647,63 @@ impl Config {
         let raw_agent = raw
             .agent
             .ok_or_else(|| invalid("agent", "is required ([agent.config] image)"))?;
-        if let Some(agent_type) = &raw_agent.agent_type {
-            if agent_type != "docker" {
-                return Err(invalid("agent.type", "only \"docker\" is supported"));
-            }
+        let runtime = match raw_agent.agent_type.as_deref() {
+            None | Some("docker") => RuntimeKind::Docker,
+            Some("process") => RuntimeKind::Process,
+            Some(_) => return Err(invalid("agent.type", "expected \"docker\" or \"process\"")),
+        };
+        if raw.process_runtime.is_some() && runtime != RuntimeKind::Process {
+            return Err(invalid(
+                "process_runtime",
+                "is only used with agent.type = \"process\"",
+            ));
         }
+        let process = match raw.process_runtime {
+            None => ProcessRuntime::default(),
+            Some(table) => {
+                let defaults = ProcessRuntime::default();
+                let process = ProcessRuntime {
+                    uid_start: table.uid_start.unwrap_or(defaults.uid_start),
+                    uid_count: table.uid_count.unwrap_or(defaults.uid_count),
+                    cgroup_name: table.cgroup_name.unwrap_or(defaults.cgroup_name),
+                    log_max_bytes: table.log_max_bytes.unwrap_or(defaults.log_max_bytes),
+                };
+                if process.uid_start == 0 {
+                    return Err(invalid(
+                        "process_runtime.uid_start",
+                        "must not be 0 (modules never run as root by allocation)",
+                    ));
+                }
+                if process.uid_count == 0
+                    || process.uid_start.checked_add(process.uid_count).is_none()
+                {
+                    return Err(invalid(
+                        "process_runtime.uid_count",
+                        "must be positive and keep the range below 2^32",
+                    ));
+                }
+                let name = &process.cgroup_name;
+                let valid_name = !name.is_empty()
+                    && name != "."
+                    && name != ".."
+                    && name
+                        .bytes()
+                        .all(|byte| byte.is_ascii_alphanumeric() || b"_.-".contains(&byte));
+                if !valid_name {
+                    return Err(invalid(
+                        "process_runtime.cgroup_name",
+                        "expected one path component of letters, digits, '_', '.' and '-'",
+                    ));
+                }
+                if process.log_max_bytes < 4096 {
+                    return Err(invalid(
+                        "process_runtime.log_max_bytes",
+                        "must be at least 4096",
+                    ));
+                }
+                process
+            }
+        };
         let image_pull_policy = match &raw_agent.image_pull_policy {
             None => PullPolicy::OnCreate,
             Some(text) => PullPolicy::parse(text).ok_or_else(|| {
@@ -845,6 +954,8 @@ impl Config {
             watchdog_max_retries,
             image_gc,
             moby,
+            runtime,
+            process,
             endpoints,
         })
     }
@@ -1036,6 +1147,36 @@ uri = "unix:///var/run/docker.sock"
     }
 
     #[test]
+    fn the_runtime_is_chosen_by_agent_type_with_process_settings() {
+        let docker = Config::from_toml(
+            "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"i\"\n",
+        )
+        .unwrap();
+        assert_eq!(docker.runtime, RuntimeKind::Docker);
+        assert_eq!(docker.process, ProcessRuntime::default());
+        let process = Config::from_toml(PROCESS).unwrap();
+        assert_eq!(process.runtime, RuntimeKind::Process);
+        assert_eq!(process.process.uid_start, DEFAULT_PROCESS_UID_START);
+        let tuned = Config::from_toml(&format!(
+            "{PROCESS}[process_runtime]\nuid_start = 70000\nuid_count = 50\ncgroup_name = \"mods\"\nlog_max_bytes = 8192\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            tuned.process,
+            ProcessRuntime {
+                uid_start: 70_000,
+                uid_count: 50,
+                cgroup_name: "mods".to_owned(),
+                log_max_bytes: 8192,
+            }
+        );
+    }
+
+    /// A minimal process-runtime config.
+    const PROCESS: &str =
+        "hostname = \"h\"\nhomedir = \"/h\"\n[agent]\ntype = \"process\"\n[agent.config]\nimage = \"/bin/agent\"\n";
+
+    #[test]
     fn rejects_invalid_configs() {
         let base = "hostname = \"h\"\nhomedir = \"/h\"\n[agent.config]\nimage = \"i\"\n";
         let cases: Vec<(String, &str)> = vec![
@@ -1067,6 +1208,34 @@ uri = "unix:///var/run/docker.sock"
                 "moby_runtime.uri",
             ),
             ("hostname = \"h\"\nhomedir = \"relative\"\n[agent.config]\nimage = \"i\"\n".into(), "absolute"),
+            (
+                "hostname = \"h\"\nhomedir = \"/h\"\n[agent]\ntype = \"rkt\"\n[agent.config]\nimage = \"i\"\n".into(),
+                "agent.type",
+            ),
+            (
+                format!("{base}[process_runtime]\nuid_start = 5000\n"),
+                "only used with agent.type = \"process\"",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nuid_start = 0\n"),
+                "process_runtime.uid_start",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nuid_start = 4294967000\nuid_count = 1000\n"),
+                "process_runtime.uid_count",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\ncgroup_name = \"a/b\"\n"),
+                "process_runtime.cgroup_name",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nlog_max_bytes = 10\n"),
+                "process_runtime.log_max_bytes",
+            ),
+            (
+                format!("{PROCESS}[process_runtime]\nuid_range = 1\n"),
+                "unknown field `uid_range`",
+            ),
         ];
         for (text, expected) in cases {
             let message = error_of(&text);

@@ -33,6 +33,12 @@ pub enum EdgedError {
     /// No such module.
     #[error("module {0:?} not found")]
     ModuleNotFound(String),
+    /// No such image (process runtime: the image file is missing).
+    #[error("image {0:?} not found")]
+    ImageNotFound(String),
+    /// The request conflicts with what exists (a module name in use, no free module uid).
+    #[error("{0}")]
+    Conflict(String),
     /// Docker refused or failed; its status is kept for 4xx.
     #[error(transparent)]
     Docker(#[from] DockerError),
@@ -155,9 +161,10 @@ impl http_common::ApiError for EdgedError {
             | EdgedError::BadRequest(_)
             | EdgedError::LocalIdentity(_) => StatusCode::BAD_REQUEST,
             EdgedError::Forbidden => StatusCode::FORBIDDEN,
-            EdgedError::ModuleNotFound(_) | EdgedError::CertificateNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            EdgedError::ModuleNotFound(_)
+            | EdgedError::ImageNotFound(_)
+            | EdgedError::CertificateNotFound(_) => StatusCode::NOT_FOUND,
+            EdgedError::Conflict(_) => StatusCode::CONFLICT,
             EdgedError::Docker(error) => match error.status() {
                 Some(status) if status.is_client_error() => status,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -218,6 +225,16 @@ mod tests {
         };
         let cases: Vec<(EdgedError, u16, &str)> = vec![
             (EdgedError::Forbidden, 403, "forbidden"),
+            (
+                EdgedError::ImageNotFound("/opt/m".to_owned()),
+                404,
+                "image \"/opt/m\" not found",
+            ),
+            (
+                EdgedError::Conflict("the module name \"m\" is already in use".to_owned()),
+                409,
+                "the module name \"m\" is already in use",
+            ),
             (
                 EdgedError::invalid("tail", "not a number"),
                 400,

@@ -1,4 +1,5 @@
-//! edged, the module runtime: runs edge modules as Docker containers, keeps edgeAgent alive,
+//! edged, the module runtime: runs edge modules as Docker containers (or, with
+//! `agent.type = "process"`, as supervised host processes), keeps edgeAgent alive,
 //! owns the Edge CA, and serves the IoT Edge management API (edgeAgent, the CLI) and workload
 //! API (every module) over Unix sockets. Keys, certificates and identities come from keyd, certd
 //! and identityd through their sockets.
@@ -6,7 +7,7 @@
 //! Request flow: `http-common` server → [`routes`] (the two route tables) → [`handlers`] (parse,
 //! shape answers) → [`service::Edged`] (caller checks, per-module ordering, listeners, identities,
 //! crypto through keyd, certificates through certd) → [`runtime::ModuleRuntime`]
-//! ([`runtime::docker::DockerRuntime`] on [`docker`]). Nothing below `handlers` builds HTTP
+//! ([`runtime::docker::DockerRuntime`] on [`docker`], or [`runtime::process::ProcessRuntime`]). Nothing below `handlers` builds HTTP
 //! answers; the runtime never sees edged's API types.
 
 pub mod certs;
@@ -40,6 +41,7 @@ pub use service::{Edged, ExitReason};
 
 use crate::identity::{DeviceIdentity, HttpIdentityClient, IdentityClient};
 use crate::runtime::docker::DockerRuntime;
+use crate::runtime::process::ProcessRuntime;
 use crate::runtime::ModuleRuntime;
 
 /// Why startup failed before anything was served.
@@ -142,34 +144,58 @@ pub async fn run(
     let identity = HttpIdentityClient::from_uri(&config.endpoints.identityd)
         .map_err(|source| EdgedError::identity("invalid identityd endpoint", source))
         .map_err(step("connecting to identityd"))?;
-    let docker =
-        docker::DockerClient::from_uri(&config.moby.uri).ok_or_else(|| StartupError::Step {
-            step: "connecting to Docker",
-            source: EdgedError::BadRequest(format!(
-                "invalid moby_runtime.uri {:?}",
-                config.moby.uri
-            )),
-        })?;
-    let runtime = DockerRuntime::new(
-        docker,
-        config.allow_elevated_docker_permissions,
-        config.moby.network.clone(),
-    );
-    let backends = Backends {
-        runtime,
-        identity,
-        keyd,
-        certd,
-    };
-    run_with(
-        config,
-        homedir,
-        backends,
-        systemd,
-        &passed_fd_names,
-        &mut shutdown,
-    )
-    .await
+    match config.runtime {
+        config::RuntimeKind::Docker => {
+            let docker = docker::DockerClient::from_uri(&config.moby.uri).ok_or_else(|| {
+                StartupError::Step {
+                    step: "connecting to Docker",
+                    source: EdgedError::BadRequest(format!(
+                        "invalid moby_runtime.uri {:?}",
+                        config.moby.uri
+                    )),
+                }
+            })?;
+            let runtime = DockerRuntime::new(
+                docker,
+                config.allow_elevated_docker_permissions,
+                config.moby.network.clone(),
+            );
+            let backends = Backends {
+                runtime,
+                identity,
+                keyd,
+                certd,
+            };
+            run_with(
+                config,
+                homedir,
+                backends,
+                systemd,
+                &passed_fd_names,
+                &mut shutdown,
+            )
+            .await
+        }
+        config::RuntimeKind::Process => {
+            let runtime = ProcessRuntime::new(&config, &homedir)
+                .map_err(step("preparing the process runtime"))?;
+            let backends = Backends {
+                runtime,
+                identity,
+                keyd,
+                certd,
+            };
+            run_with(
+                config,
+                homedir,
+                backends,
+                systemd,
+                &passed_fd_names,
+                &mut shutdown,
+            )
+            .await
+        }
+    }
 }
 
 /// What edged talks to.
@@ -253,6 +279,14 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
                 Err(error) => log::warn!("could not use the stored socket {name}: {error}"),
             }
         }
+    }
+    if edged.runtime.keeps_modules_across_restarts() {
+        // Host processes reach their sockets by path: every running module is adopted as is.
+        match edged.runtime.list().await {
+            Ok(modules) => kept = modules.into_iter().map(|module| module.name).collect(),
+            Err(error) => log::warn!("could not list modules to adopt them: {error}"),
+        }
+        log::info!("adopting {} existing module(s)", kept.len());
     }
     edged.stop_all(service::STOP_ALL_GRACE, &kept).await;
 
@@ -366,7 +400,10 @@ pub async fn run_with<R: ModuleRuntime, I: IdentityClient>(
         watchdog.abort();
     }
     edged.begin_shutdown();
-    if fdstore::enabled() && reason != ExitReason::Reprovision {
+    if edged.runtime.keeps_modules_across_restarts() && reason != ExitReason::Reprovision {
+        // The next edged adopts them (their supervisors and cgroups outlive this process).
+        log::info!("leaving the process modules running for the next edged to adopt");
+    } else if fdstore::enabled() && reason != ExitReason::Reprovision {
         // systemd keeps the sockets across a restart (and drops them on `systemctl stop`, after
         // which the next start stops the modules): leave the modules running.
         log::info!("leaving modules running; their sockets are in systemd's fd store");

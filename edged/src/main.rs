@@ -19,6 +19,18 @@ const INFO: DaemonInfo = DaemonInfo {
 };
 
 fn main() -> ExitCode {
+    // A process module's supervisor is this binary in another mode (runtime/process/shim.rs).
+    let mut arguments = std::env::args_os().skip(1);
+    if arguments.next().as_deref()
+        == Some(std::ffi::OsStr::new(
+            edged::runtime::process::shim::SHIM_ARGUMENT,
+        ))
+    {
+        return match arguments.next() {
+            Some(folder) => edged::runtime::process::shim::main(std::path::Path::new(&folder)),
+            None => ExitCode::FAILURE,
+        };
+    }
     daemon::main(
         &INFO,
         edged::Config::from_loaded,

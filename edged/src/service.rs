@@ -61,14 +61,14 @@ struct CallerKey {
 
 /// The start time of process `pid` (clock ticks since boot, field 22 of `/proc/<pid>/stat`);
 /// `None` when the process is gone or the entry cannot be read.
-fn process_start_time(pid: i32) -> Option<u64> {
+pub(crate) fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_time(&stat)
 }
 
 /// Field 22 of a `/proc/<pid>/stat` line. The command (field 2) is in parentheses and may itself
 /// hold spaces and parentheses, so fields are counted from the last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
+pub(crate) fn parse_start_time(stat: &str) -> Option<u64> {
     let (_, rest) = stat.rsplit_once(')')?;
     // After the command come field 3 (state) onwards: field 22 is the 20th of them.
     rest.split_ascii_whitespace().nth(19)?.parse().ok()

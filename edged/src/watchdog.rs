@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{Config, PullPolicy};
+use crate::config::{Config, PullPolicy, RuntimeKind};
 use crate::error::EdgedError;
 use crate::identity::{DeviceIdentity, IdentityClient};
 use crate::model::{EnvVar, ModuleConfig, ModuleSpec, Settings, CREATE_OPTIONS_LABEL, ENV_LABEL};
@@ -49,7 +49,8 @@ pub fn agent_spec(
         Value::Object(object) => object.clone(),
         _ => Map::new(),
     };
-    // Socket mounts, only for unix:// connect URIs.
+    let docker = config.runtime == RuntimeKind::Docker;
+    // Socket mounts (containers only), only for unix:// connect URIs.
     let mut binds: Vec<Value> = create_options
         .get("HostConfig")
         .and_then(|host| host.get("Binds"))
@@ -73,25 +74,27 @@ pub fn agent_spec(
             management.display()
         )));
     }
-    let host_config = create_options
-        .entry("HostConfig")
-        .or_insert_with(|| json!({}));
-    if let Value::Object(host_config) = host_config {
-        host_config.insert("Binds".to_owned(), Value::Array(binds));
-    }
-    // The module network, unless createOptions already names it.
     let network = config.moby.network.name.clone();
-    let networking = create_options
-        .entry("NetworkingConfig")
-        .or_insert_with(|| json!({}));
-    if let Value::Object(networking) = networking {
-        let endpoints = networking
-            .entry("EndpointsConfig")
+    if docker {
+        let host_config = create_options
+            .entry("HostConfig")
             .or_insert_with(|| json!({}));
-        if let Value::Object(endpoints) = endpoints {
-            endpoints
-                .entry(network.clone())
+        if let Value::Object(host_config) = host_config {
+            host_config.insert("Binds".to_owned(), Value::Array(binds));
+        }
+        // The module network, unless createOptions already names it.
+        let networking = create_options
+            .entry("NetworkingConfig")
+            .or_insert_with(|| json!({}));
+        if let Value::Object(networking) = networking {
+            let endpoints = networking
+                .entry("EndpointsConfig")
                 .or_insert_with(|| json!({}));
+            if let Value::Object(endpoints) = endpoints {
+                endpoints
+                    .entry(network.clone())
+                    .or_insert_with(|| json!({}));
+            }
         }
     }
     let labels = create_options.entry("Labels").or_insert_with(|| json!({}));
@@ -119,8 +122,10 @@ pub fn agent_spec(
             format!("unix://{}", homedir.join("mnt").display()),
         ),
         ("Mode", "iotedged".to_owned()),
-        ("NetworkId", network),
     ];
+    if docker {
+        fixed.push(("NetworkId", network));
+    }
     if device.gateway_host != device.hub_name {
         fixed.push(("IOTEDGE_GATEWAYHOSTNAME", device.gateway_host.clone()));
     }
@@ -135,7 +140,7 @@ pub fn agent_spec(
     });
     ModuleSpec {
         name: agent.name.clone(),
-        module_type: "docker".to_owned(),
+        module_type: if docker { "docker" } else { "process" }.to_owned(),
         image_pull_policy: Some(match agent.image_pull_policy {
             PullPolicy::OnCreate => "on-create".to_owned(),
             PullPolicy::Never => "never".to_owned(),

@@ -306,6 +306,77 @@ fn no_request_gets_a_5xx_and_modules_survive() {
     assert!(list.to_string().contains(&kept), "{list}");
 }
 
+/// The same tables against edged with the process runtime (no Docker): from a host process,
+/// and from inside the agent's cgroup (the caller whose creates, updates and deletes edged
+/// performs, here with real processes, uids and cgroups). Root is not allowed to modules
+/// (`allow_elevated_docker_permissions = false`), so no generated spec runs anything as root.
+#[test]
+fn the_process_runtime_answers_no_request_with_a_5xx() {
+    let stack = common::process::Stack::with_settings("allow_elevated_docker_permissions = false");
+    let target = Target {
+        api_versions: edged::routes::API_VERSIONS,
+        known_ids: vec!["fuzzmod".to_owned(), "primary".to_owned(), "1".to_owned()],
+        known_strings: vec![
+            "/bin/sh".to_owned(),
+            "/bin/true".to_owned(),
+            "/no/such/file.tar.gz".to_owned(),
+            "2099-01-01T00:00:00Z".to_owned(),
+        ],
+    };
+    let alive = || {
+        stack.runtime.block_on(fuzz::still_answers(
+            "edged",
+            &stack.mgmt,
+            &format!("/modules?{V}"),
+        ))
+    };
+    let management = fuzz::table_cases(MANAGEMENT, &target);
+    let host = proptest::prop_oneof![
+        (management.clone(), proptest::strategy::Just(true)),
+        (
+            fuzz::table_cases(WORKLOAD, &target),
+            proptest::strategy::Just(false)
+        ),
+    ]
+    .boxed();
+    let workload = stack.base.join("workload.sock");
+    fuzz::run(PROCESS_HOST_CASES, &host, |(case, management)| {
+        let socket = if *management { &stack.mgmt } else { &workload };
+        let (status, body) = stack
+            .runtime
+            .block_on(fuzz::send(socket, Duration::from_secs(30), case))
+            .map(|(status, body)| (status.as_u16(), body))?;
+        fuzz::check_answer(case, status, &body, false)?;
+        alive()
+    });
+    let agent_cases = management
+        .prop_filter("argv-safe body, not the agent itself", |case| {
+            std::str::from_utf8(&case.body).is_ok_and(|body| !body.contains('\0'))
+                && case.body.len() < 100_000
+                && !case.path_and_query.contains("edgeAgent")
+                && !case.path_and_query.contains("/device/reprovision")
+        })
+        .boxed();
+    fuzz::run(PROCESS_AGENT_CASES, &agent_cases, |case| {
+        let body = String::from_utf8(case.body.clone()).unwrap();
+        let (status, body) = stack.call_from_raw(
+            &stack.agent,
+            &stack.mgmt,
+            &case.method,
+            &case.path_and_query,
+            &body,
+        )?;
+        fuzz::check_answer(case, status, &body, false)?;
+        alive()
+    });
+    assert_eq!(stack.status_of(&stack.agent).as_deref(), Some("running"));
+}
+
+/// Requests per run against the process runtime: from the host (fast), and from the agent's
+/// cgroup (a helper process each, about 0.1 s).
+const PROCESS_HOST_CASES: u32 = 200;
+const PROCESS_AGENT_CASES: u32 = 60;
+
 /// `.` and `..` as module names (even percent-encoded) are 404 on every route that looks a module
 /// up and 400 as the module a PUT replaces, not the 500 "301 Moved Permanently" Docker's
 /// redirect used to become (found by the fuzz test above); other names that no container can

@@ -93,7 +93,58 @@ pub enum Provisioning {
         payload: Option<serde_json::Value>,
         /// The device credentials.
         attestation: DpsAttestation,
+        /// DPS issues the device's operational certificate (spec 9.6); `None`: the device
+        /// authenticates to Hub with its attestation credentials.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        operational_cert: Option<OperationalCert>,
     },
+}
+
+/// `[provisioning.operational_cert]`: DPS issues the certificate the device authenticates to
+/// Hub with, from a CSR identityd sends in every registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OperationalCert {
+    /// certd cert ID of the issued chain.
+    pub cert_id: String,
+    /// keyd key pair ID of its key.
+    pub key_id: String,
+    /// When to register again with a new CSR (and whether with a new key).
+    pub auto_renew: AutoRenew,
+}
+
+/// The default operational certificate ID (cert and key).
+pub const DEFAULT_OPERATIONAL_CERT_ID: &str = "aziot-dps-operational";
+
+fn operational_cert_from_raw(
+    loaded: &Loaded,
+    raw: RawOperationalCert,
+) -> Result<OperationalCert, ConfigError> {
+    let id = |key: &str, value: Option<String>, scheme: &str| match value {
+        None => Ok(DEFAULT_OPERATIONAL_CERT_ID.to_owned()),
+        Some(value) => credential_id(loaded, key, Some(&value), scheme),
+    };
+    let auto_renew = raw.auto_renew.unwrap_or_else(|| AutoRenew {
+        rotate_key: true,
+        threshold: "80%".to_owned(),
+        retry: "4%".to_owned(),
+    });
+    for (name, value) in [
+        ("threshold", &auto_renew.threshold),
+        ("retry", &auto_renew.retry),
+    ] {
+        if config_common::renewal::Policy::parse(value).is_none() {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("provisioning.operational_cert.auto_renew.{name}"),
+                config_common::renewal::Policy::EXPECTED,
+            ));
+        }
+    }
+    Ok(OperationalCert {
+        cert_id: id("provisioning.operational_cert.cert", raw.cert, "cert://")?,
+        key_id: id("provisioning.operational_cert.pk", raw.pk, "key://")?,
+        auto_renew,
+    })
 }
 
 impl Provisioning {
@@ -318,6 +369,15 @@ struct RawProvisioning {
     id_scope: Option<String>,
     payload: Option<RawPayload>,
     attestation: Option<RawAttestation>,
+    operational_cert: Option<RawOperationalCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperationalCert {
+    cert: Option<String>,
+    pk: Option<String>,
+    auto_renew: Option<AutoRenew>,
 }
 
 impl std::fmt::Debug for RawProvisioning {
@@ -565,6 +625,10 @@ fn provisioning_from_raw(
         ("provisioning.id_scope", raw.id_scope.is_some()),
         ("provisioning.payload", raw.payload.is_some()),
         ("provisioning.attestation", raw.attestation.is_some()),
+        (
+            "provisioning.operational_cert",
+            raw.operational_cert.is_some(),
+        ),
     ];
     match raw.source.as_str() {
         "none" => {
@@ -839,11 +903,11 @@ fn provisioning_from_raw(
                     )?;
                     if let Some(renew) = &attestation.identity_auto_renew {
                         for (name, value) in [("threshold", &renew.threshold), ("retry", &renew.retry)] {
-                            if !crate::util::valid_renewal_policy(value) {
+                            if config_common::renewal::Policy::parse(value).is_none() {
                                 return Err(ConfigError::invalid(
                                     loaded,
                                     format!("provisioning.attestation.identity_auto_renew.{name}"),
-                                    "expected N% (1-99), Nmin or Nday with N > 0",
+                                    config_common::renewal::Policy::EXPECTED,
                                 ));
                             }
                         }
@@ -907,11 +971,16 @@ fn provisioning_from_raw(
                     ))
                 }
             };
+            let operational_cert = raw
+                .operational_cert
+                .map(|raw| operational_cert_from_raw(loaded, raw))
+                .transpose()?;
             Ok(Provisioning::Dps {
                 global_endpoint,
                 scope_id,
                 payload,
                 attestation,
+                operational_cert,
             })
         }
         other => Err(ConfigError::invalid(
@@ -1214,10 +1283,53 @@ mod tests {
                     auto_renew: None,
                     csr_subject: None,
                 },
+                operational_cert: None,
             }
         );
         assert_eq!(config.endpoint, DEFAULT_ENDPOINT);
         assert_eq!(config.cloud_timeout, Duration::from_secs(70));
+    }
+
+    #[test]
+    fn operational_cert_settings() {
+        let dps =
+            "[provisioning]\nsource = \"dps\"\nscope_id = \"s\"\n[provisioning.attestation]\n\
+                   method = \"symmetric_key\"\nregistration_id = \"r\"\nsymmetric_key = \"k\"\n";
+        let config = parse(&format!("{BASE}{dps}[provisioning.operational_cert]\n")).unwrap();
+        let Provisioning::Dps {
+            operational_cert: Some(operational),
+            ..
+        } = &config.provisioning
+        else {
+            panic!("no operational cert: {:?}", config.provisioning);
+        };
+        assert_eq!(operational.cert_id, DEFAULT_OPERATIONAL_CERT_ID);
+        assert_eq!(operational.key_id, DEFAULT_OPERATIONAL_CERT_ID);
+        assert!(operational.auto_renew.rotate_key);
+        assert_eq!(operational.auto_renew.threshold, "80%");
+        // Without the table the provisioning digest is what it was before the table existed.
+        let plain = parse(&format!("{BASE}{dps}")).unwrap();
+        assert!(!serde_json::to_string(&plain.provisioning)
+            .unwrap()
+            .contains("operational_cert"));
+        for (extra, key) in [
+            (
+                "[provisioning.operational_cert]\ncert = \"file:///x\"\n",
+                "provisioning.operational_cert.cert",
+            ),
+            (
+                "[provisioning.operational_cert]\nauto_renew = { threshold = \"100%\", retry = \"1%\" }\n",
+                "provisioning.operational_cert.auto_renew.threshold",
+            ),
+            ("[provisioning.operational_cert]\nsurprise = 1\n", "surprise"),
+        ] {
+            let error = parse(&format!("{BASE}{dps}{extra}")).unwrap_err();
+            assert!(error.contains(key), "{extra}: {error}");
+        }
+        let manual = "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=YQ==\"\n\
+                      [provisioning.operational_cert]\n";
+        let error = parse(&format!("{BASE}{manual}")).unwrap_err();
+        assert!(error.contains("provisioning.operational_cert"), "{error}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Device identity certificate renewal (spec 6.6), the pure parts: the renewal policy
-//! (`N%`, `Nmin`, `Nday`), and a PKCS#10 CSR whose signature is made elsewhere (by keyd), since
+//! (`N%`, `Nmin`, `Nday`, config-common's), and a PKCS#10 CSR whose signature is made elsewhere (by keyd), since
 //! the private key never leaves keyd.
 
 use std::time::Duration;
@@ -10,58 +10,11 @@ use x509_cert::name::Name;
 use x509_cert::request::{CertReq, CertReqInfo, Version};
 use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 
-/// One policy value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    /// A share of the certificate's lifetime.
-    Percent(u64),
-    /// A duration.
-    Duration(Duration),
-}
+/// The renewal policy strings, shared with certd and edged.
+pub use config_common::renewal::Policy;
 
-impl Policy {
-    /// Parses `N%` (1–99), `Nmin` or `Nday` (N > 0).
-    pub fn parse(text: &str) -> Option<Policy> {
-        let number = |text: &str| text.parse::<u64>().ok().filter(|n| *n > 0);
-        if let Some(percent) = text.strip_suffix('%') {
-            number(percent).filter(|n| *n < 100).map(Policy::Percent)
-        } else if let Some(minutes) = text.strip_suffix("min") {
-            number(minutes).map(|n| Policy::Duration(Duration::from_secs(n * 60)))
-        } else if let Some(days) = text.strip_suffix("day") {
-            number(days).map(|n| Policy::Duration(Duration::from_secs(n * 86_400)))
-        } else {
-            None
-        }
-    }
-
-    fn of_lifetime(self, lifetime: u64) -> u64 {
-        match self {
-            Policy::Percent(percent) => lifetime.saturating_mul(percent) / 100,
-            Policy::Duration(duration) => duration.as_secs(),
-        }
-    }
-
-    /// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds):
-    /// `N%` of the lifetime has passed, or `N` minutes / days are left.
-    pub fn renew_at(self, not_before: i64, not_after: i64) -> i64 {
-        let lifetime = u64::try_from(not_after - not_before).unwrap_or(0);
-        match self {
-            Policy::Percent(_) => {
-                not_before + i64::try_from(self.of_lifetime(lifetime)).unwrap_or(0)
-            }
-            Policy::Duration(duration) => {
-                not_after - i64::try_from(duration.as_secs()).unwrap_or(i64::MAX / 2)
-            }
-        }
-    }
-
-    /// The pause before retrying a failed renewal of a certificate with this lifetime
-    /// (at least 10 s).
-    pub fn retry_delay(self, not_before: i64, not_after: i64) -> Duration {
-        let lifetime = u64::try_from(not_after - not_before).unwrap_or(0);
-        Duration::from_secs(self.of_lifetime(lifetime).max(10))
-    }
-}
+/// The shortest pause between failed renewal attempts.
+pub const RETRY_FLOOR: Duration = Duration::from_secs(10);
 
 /// Which signature the CSR carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,30 +144,6 @@ pub fn subject_der(pem: &str) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn policies() {
-        assert_eq!(Policy::parse("80%"), Some(Policy::Percent(80)));
-        assert_eq!(
-            Policy::parse("10min"),
-            Some(Policy::Duration(Duration::from_secs(600)))
-        );
-        assert_eq!(Policy::parse("0day"), None);
-        assert_eq!(Policy::parse("100%"), None);
-        assert_eq!(Policy::Percent(80).renew_at(1000, 2000), 1800);
-        assert_eq!(
-            Policy::Duration(Duration::from_secs(100)).renew_at(1000, 2000),
-            1900
-        );
-        assert_eq!(
-            Policy::Percent(4).retry_delay(0, 10_000),
-            Duration::from_secs(400)
-        );
-        assert_eq!(
-            Policy::Percent(4).retry_delay(0, 100),
-            Duration::from_secs(10)
-        );
-    }
 
     /// A CSR assembled here with a signature made by OpenSSL verifies with OpenSSL.
     #[test]

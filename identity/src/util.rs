@@ -48,20 +48,6 @@ pub fn split_authority(authority: &str) -> Option<(String, u16)> {
     }
 }
 
-/// Whether a renewal policy string is `N%` (1–99), `Nmin` or `Nday` with N > 0.
-pub fn valid_renewal_policy(value: &str) -> bool {
-    let number = |text: &str| text.parse::<u64>().ok().filter(|n| *n > 0);
-    if let Some(percent) = value.strip_suffix('%') {
-        number(percent).is_some_and(|n| n < 100)
-    } else if let Some(minutes) = value.strip_suffix("min") {
-        number(minutes).is_some()
-    } else if let Some(days) = value.strip_suffix("day") {
-        number(days).is_some()
-    } else {
-        false
-    }
-}
-
 /// Writes `contents` to `path` atomically (temp file in the same folder, fsync, rename, fsync
 /// of the folder), mode 0600 — config-common's one implementation.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -109,21 +95,6 @@ mod tests {
                 expected.map(|(h, p)| (h.to_owned(), p)),
                 "{input}"
             );
-        }
-    }
-
-    #[test]
-    fn renewal_policies() {
-        for (value, ok) in [
-            ("80%", true),
-            ("0%", false),
-            ("100%", false),
-            ("10min", true),
-            ("2day", true),
-            ("0day", false),
-            ("x", false),
-        ] {
-            assert_eq!(valid_renewal_policy(value), ok, "{value}");
         }
     }
 

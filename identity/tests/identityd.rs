@@ -1111,7 +1111,10 @@ async fn principals_decide_what_each_uid_gets() {
     )
     .await;
     assert_eq!(status, 200);
-    assert_eq!(body, serde_json::json!({"source": "manual", "auth": "sas"}));
+    assert_eq!(
+        body,
+        serde_json::json!({"source": "manual", "auth": "sas", "status": "provisioned"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

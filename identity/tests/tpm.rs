@@ -23,16 +23,14 @@ fn tpm_enrollment(
     registration_id: &str,
     endorsement_key: &[u8],
 ) -> cloud_emulator::IndividualEnrollment {
-    cloud_emulator::IndividualEnrollment {
-        registration_id: registration_id.into(),
-        device_id: Some(format!("{registration_id}-device")),
-        assigned_hub: None,
-        payload: None,
-        iot_edge: false,
-        attestation: cloud_emulator::Attestation::Tpm {
+    let mut enrollment = common::individual(
+        registration_id,
+        cloud_emulator::Attestation::Tpm {
             endorsement_key: b64(endorsement_key),
         },
-    }
+    );
+    enrollment.device_id = Some(format!("{registration_id}-device"));
+    enrollment
 }
 
 fn dps_tpm_config(emu: &cloud_emulator::RunningEmulator, registration_id: &str) -> String {
@@ -193,16 +191,7 @@ async fn a_wrong_endorsement_key_is_a_clear_provisioning_error() {
     stack.write_identityd_config(&dps_tpm_config(&emu, "tpm-wrong"));
     stack.start_identityd(emu.ca_cert_path());
 
-    let info = eventually(
-        "a failed provisioning status",
-        Duration::from_secs(60),
-        || {
-            let runtime = tokio::runtime::Handle::current();
-            let info = tokio::task::block_in_place(|| runtime.block_on(provisioning_info(&stack)));
-            (info["status"] == "failed").then_some(info)
-        },
-    )
-    .await;
+    let info = common::provisioning_status(&stack, "failed").await;
     let error = info["error"].as_str().unwrap();
     assert!(error.contains("401"), "{info}");
     assert!(error.contains("endorsement key does not match"), "{info}");

@@ -255,6 +255,14 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon with SIGKILL (no clean-up on its side) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits for the daemon to exit on its own and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = self.child.as_mut()?;

@@ -1,11 +1,13 @@
 //! The module runtime boundary: [`ModuleRuntime`] is everything edged asks of the thing that runs
-//! modules. [`docker::DockerRuntime`] implements it on the Moby Engine API; a host-process
-//! runtime (spec section 10) can implement the same trait.
+//! modules. [`docker::DockerRuntime`] implements it on the Moby Engine API (the default);
+//! [`process::ProcessRuntime`] runs modules as supervised host processes (spec section 10,
+//! `agent.type = "process"`).
 //!
 //! The service layer (per-module ordering, workload listeners, identities, image ledger) sits
 //! above this trait and never sees Docker types.
 
 pub mod docker;
+pub mod process;
 
 use std::future::Future;
 use std::time::Duration;
@@ -142,4 +144,11 @@ pub trait ModuleRuntime: Send + Sync + 'static {
     /// Resolves when module `name` is removed from the runtime (by anyone). Errors when the
     /// runtime cannot report removals (the caller retries later).
     fn wait_removed(&self, name: &str) -> impl Future<Output = Result<(), EdgedError>> + Send;
+
+    /// Whether running modules stay valid when edged restarts, so edged neither stops them at
+    /// shutdown nor at startup (host processes reach their workload socket by path; a
+    /// container's bind mount pins the old socket, which only systemd's fd store keeps).
+    fn keeps_modules_across_restarts(&self) -> bool {
+        false
+    }
 }

@@ -57,6 +57,8 @@ pub fn docker_lock() -> DockerLock {
 
 pub use system_tests::Daemon;
 
+pub mod process;
+
 /// A binary built next to edged's (keyd, certd, identityd).
 pub fn sibling_binary(name: &str) -> PathBuf {
     system_tests::sibling_binary(env!("CARGO_BIN_EXE_edged"), name)
@@ -312,6 +314,46 @@ impl FakeIdentityd {
 
 struct FakeRouter(Arc<FakeIdentityd>);
 
+/// Serves a fake identityd on `socket` (module keys derived in the keyd at `keyd_socket`) until
+/// the returned sender is used or dropped.
+pub fn start_fake_identityd(
+    runtime: &tokio::runtime::Runtime,
+    keyd_socket: &Path,
+    socket: &Path,
+) -> (Arc<FakeIdentityd>, tokio::sync::oneshot::Sender<()>) {
+    let keyd_client = key_api::Client::new(http_common::UdsClient::new(keyd_socket));
+    let master = runtime
+        .block_on(keyd_client.create_key_if_not_exists("edged-test-identity-master", "derive,sign"))
+        .unwrap();
+    let identity = Arc::new(FakeIdentityd {
+        keyd: keyd_client,
+        master,
+        modules: Mutex::new(BTreeMap::new()),
+        counter: std::sync::atomic::AtomicU64::new(1),
+        calls: Mutex::new(Vec::new()),
+    });
+    let listener = {
+        let _guard = runtime.enter();
+        http_common::listener::listen(
+            &http_common::listener::ListenerUri::Unix(socket.to_owned()),
+            &http_common::listener::SystemdFds::default(),
+            None,
+            0o660,
+        )
+        .unwrap()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(http_common::serve(
+        listener,
+        Arc::new(FakeRouter(Arc::clone(&identity))),
+        http_common::ServerOptions::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (identity, stop)
+}
+
 impl http_common::Handler for FakeRouter {
     async fn handle(&self, request: Request) -> Response {
         self.0.answer(&request).await
@@ -367,39 +409,9 @@ impl Harness {
              [preloaded_certs]\naziot-edged-trust-bundle = [\"aziot-edged-ca\"]\n",
         );
 
-        let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
-        let master = runtime
-            .block_on(
-                keyd_client.create_key_if_not_exists("edged-test-identity-master", "derive,sign"),
-            )
-            .unwrap();
-        let identity = Arc::new(FakeIdentityd {
-            keyd: keyd_client,
-            master,
-            modules: Mutex::new(BTreeMap::new()),
-            counter: std::sync::atomic::AtomicU64::new(1),
-            calls: Mutex::new(Vec::new()),
-        });
         let identity_socket = base.join("identityd.sock");
-        let listener = {
-            let _guard = runtime.enter();
-            http_common::listener::listen(
-                &http_common::listener::ListenerUri::Unix(identity_socket.clone()),
-                &http_common::listener::SystemdFds::default(),
-                None,
-                0o660,
-            )
-            .unwrap()
-        };
-        let (identity_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(http_common::serve(
-            listener,
-            Arc::new(FakeRouter(Arc::clone(&identity))),
-            http_common::ServerOptions::default(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let (identity, identity_stop) =
+            start_fake_identityd(&runtime, &keyd.socket, &identity_socket);
 
         let agent = format!("edged-test-agent-{suffix}");
         let network = format!("edged-test-net-{suffix}");

@@ -11,6 +11,9 @@ use crate::error::IdentityError;
 
 /// The api-version sent to DPS.
 pub const API_VERSION: &str = "2021-06-01";
+/// The api-version of registrations that carry a CSR (spec 9.6, `csr` →
+/// `issuedCertificateChain`).
+pub const CSR_API_VERSION: &str = "2025-07-01-preview";
 /// How long a registration may take overall.
 pub const POLL_DEADLINE: Duration = Duration::from_secs(300);
 
@@ -23,6 +26,8 @@ pub struct Assignment {
     pub device_id: String,
     /// The custom allocation answer.
     pub payload: Option<serde_json::Value>,
+    /// The certificate chain DPS issued for the registration's CSR, as PEM (leaf first).
+    pub issued_chain: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +48,48 @@ struct RegistrationState {
     error_code: Option<serde_json::Value>,
     error_message: Option<String>,
     payload: Option<serde_json::Value>,
+    /// `csr` answer: base64 DER (or PEM) certificates, leaf first.
+    issued_certificate_chain: Option<Vec<String>>,
+    /// `clientCertificateCsr` answer (earlier preview): the PEM leaf.
+    issued_client_certificate: Option<String>,
+}
+
+/// The issued chain of an assigned registration state as PEM, from either field generation
+/// (elements may be PEM or base64 DER).
+fn issued_chain(state: &RegistrationState) -> Result<Option<String>, IdentityError> {
+    use base64::Engine as _;
+    let elements: Vec<&str> = match (
+        &state.issued_certificate_chain,
+        &state.issued_client_certificate,
+    ) {
+        (Some(chain), _) => chain.iter().map(String::as_str).collect(),
+        (None, Some(leaf)) => vec![leaf.as_str()],
+        (None, None) => return Ok(None),
+    };
+    let mut pem = String::new();
+    for element in elements {
+        let element = element.trim();
+        let certs = if element.starts_with("-----BEGIN") {
+            openssl::x509::X509::stack_from_pem(element.as_bytes())
+                .map_err(|_| protocol("an issued certificate is not valid PEM"))?
+        } else {
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(element)
+                .map_err(|_| protocol("an issued certificate is neither PEM nor base64"))?;
+            vec![openssl::x509::X509::from_der(&der)
+                .map_err(|_| protocol("an issued certificate is not a DER certificate"))?]
+        };
+        for cert in certs {
+            let text = cert
+                .to_pem()
+                .map_err(|_| protocol("an issued certificate cannot be written as PEM"))?;
+            pem.push_str(&String::from_utf8_lossy(&text));
+        }
+    }
+    if pem.is_empty() {
+        return Err(protocol("the issued certificate chain is empty"));
+    }
+    Ok(Some(pem))
 }
 
 /// `tpm` of an assigned registration state, and the body of DPS's 401 to a TPM device's first
@@ -96,6 +143,8 @@ pub struct Registration<'a> {
     pub auth: RequestAuth,
     /// TPM attestation: the keys to send and the TPM to import DPS's key into.
     pub tpm: Option<&'a TpmAttestation>,
+    /// A CSR (base64 DER) asking DPS for an operational certificate (spec 9.6).
+    pub csr: Option<&'a str>,
 }
 
 fn protocol(reason: impl Into<String>) -> IdentityError {
@@ -121,6 +170,13 @@ pub async fn register(
     if let Some(payload) = registration.payload {
         body["payload"] = payload.clone();
     }
+    let api_version = match registration.csr {
+        Some(csr) => {
+            body["csr"] = serde_json::Value::String(csr.to_owned());
+            CSR_API_VERSION
+        }
+        None => API_VERSION,
+    };
     if let Some(tpm) = registration.tpm {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -131,13 +187,13 @@ pub async fn register(
     }
     let body = serde_json::to_vec(&body).unwrap_or_default();
     if let Some(tpm) = registration.tpm {
-        challenge(cloud, &registration, &base, &body, tpm).await?;
+        challenge(cloud, &registration, &base, &body, api_version, tpm).await?;
     }
     let request = CloudRequest {
         service: Service::Dps,
         method: Method::PUT,
         authority: registration.authority.to_owned(),
-        path_and_query: format!("{base}/register?api-version={API_VERSION}"),
+        path_and_query: format!("{base}/register?api-version={api_version}"),
         auth: registration.auth.clone(),
         headers: Vec::new(),
         body: Some(body),
@@ -162,6 +218,7 @@ pub async fn register(
                 let state = operation
                     .registration_state
                     .ok_or_else(|| protocol("assigned without registrationState"))?;
+                let issued_chain = issued_chain(&state)?;
                 let assigned_hub = state
                     .assigned_hub
                     .filter(|hub| crate::util::split_authority(hub).is_some())
@@ -184,6 +241,7 @@ pub async fn register(
                     assigned_hub,
                     device_id,
                     payload: state.payload,
+                    issued_chain,
                 });
             }
             Some("assigning") | Some("unassigned") if status == StatusCode::ACCEPTED => {}
@@ -231,7 +289,7 @@ pub async fn register(
             method: Method::GET,
             authority: registration.authority.to_owned(),
             path_and_query: format!(
-                "{base}/operations/{}?api-version={API_VERSION}",
+                "{base}/operations/{}?api-version={api_version}",
                 encode_segment(&operation_id, false)
             ),
             auth: registration.auth.clone(),
@@ -250,13 +308,14 @@ async fn challenge(
     registration: &Registration<'_>,
     base: &str,
     body: &[u8],
+    api_version: &str,
     tpm: &TpmAttestation,
 ) -> Result<(), IdentityError> {
     let request = CloudRequest {
         service: Service::Dps,
         method: Method::PUT,
         authority: registration.authority.to_owned(),
-        path_and_query: format!("{base}/register?api-version={API_VERSION}"),
+        path_and_query: format!("{base}/register?api-version={api_version}"),
         auth: RequestAuth::None,
         headers: Vec::new(),
         body: Some(body.to_vec()),
@@ -273,5 +332,69 @@ async fn challenge(
     match key {
         Some(key) => tpm.import(&key, "TPM challenge").await,
         None => Err(response.into_error(Service::Dps).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(cn: &str) -> openssl::x509::X509 {
+        let key = openssl::pkey::PKey::from_ec_key(
+            openssl::ec::EcKey::generate(
+                &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", cn).unwrap();
+        let name = name.build();
+        let mut builder = openssl::x509::X509::builder().unwrap();
+        builder.set_subject_name(&name).unwrap();
+        builder.set_issuer_name(&name).unwrap();
+        builder.set_pubkey(&key).unwrap();
+        builder
+            .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        builder
+            .set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        builder
+            .sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        builder.build()
+    }
+
+    fn state(json: serde_json::Value) -> RegistrationState {
+        serde_json::from_value(json).unwrap()
+    }
+
+    /// Both field generations, PEM or base64 DER elements, become one PEM chain in order.
+    #[test]
+    fn issued_chains_of_both_generations() {
+        use base64::Engine as _;
+        let (leaf, ca) = (certificate("dev"), certificate("ca"));
+        let b64 = |cert: &openssl::x509::X509| {
+            base64::engine::general_purpose::STANDARD.encode(cert.to_der().unwrap())
+        };
+        let pem = |cert: &openssl::x509::X509| String::from_utf8(cert.to_pem().unwrap()).unwrap();
+        let expected = format!("{}{}", pem(&leaf), pem(&ca));
+        let current =
+            state(serde_json::json!({ "issuedCertificateChain": [b64(&leaf), b64(&ca)] }));
+        assert_eq!(issued_chain(&current).unwrap().unwrap(), expected);
+        let mixed = state(serde_json::json!({ "issuedCertificateChain": [pem(&leaf), b64(&ca)] }));
+        assert_eq!(issued_chain(&mixed).unwrap().unwrap(), expected);
+        let earlier = state(serde_json::json!({ "issuedClientCertificate": pem(&leaf) }));
+        assert_eq!(issued_chain(&earlier).unwrap().unwrap(), pem(&leaf));
+        assert_eq!(issued_chain(&state(serde_json::json!({}))).unwrap(), None);
+        let broken = state(serde_json::json!({ "issuedCertificateChain": ["%%%"] }));
+        assert!(issued_chain(&broken)
+            .unwrap_err()
+            .to_string()
+            .contains("neither PEM nor base64"));
+        let empty = state(serde_json::json!({ "issuedCertificateChain": [] }));
+        assert!(issued_chain(&empty).is_err());
     }
 }

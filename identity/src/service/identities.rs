@@ -156,6 +156,7 @@ impl IdentityService {
                 scope_id,
                 payload,
                 attestation,
+                ..
             } => {
                 let (auth, registration_id) = match attestation {
                     DpsAttestation::SymmetricKey {

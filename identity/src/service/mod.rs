@@ -276,6 +276,8 @@ impl IdentityService {
         tokio::spawn(async move { watcher.reprovision_on_hub_rejection().await });
         let renewer = Arc::clone(self);
         tokio::spawn(async move { renewer.renew_identity_cert_when_due().await });
+        let renewer = Arc::clone(self);
+        tokio::spawn(async move { renewer.renew_operational_cert_when_due().await });
         let service = Arc::clone(self);
         tokio::spawn(async move {
             let mut backoff = BACKOFF_FIRST;

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::cloud::hub::HubTarget;
 use crate::cloud::{dps, tls, CloudError, RequestAuth};
-use crate::config::{DpsAttestation, ManualAuth, Provisioning};
+use crate::config::{DpsAttestation, ManualAuth, OperationalCert, Provisioning};
 use crate::error::IdentityError;
 use crate::state::DeviceInfo;
 
@@ -214,6 +214,7 @@ impl IdentityService {
                 scope_id,
                 payload,
                 attestation,
+                operational_cert,
             } => {
                 let credentials = match attestation {
                     DpsAttestation::SymmetricKey { key_id, .. } => DeviceCredentials::Sas {
@@ -227,6 +228,19 @@ impl IdentityService {
                         key_id: key_id.clone(),
                     },
                 };
+                // With a DPS-issued certificate, that is what Hub sees.
+                let credentials = match operational_cert {
+                    Some(operational) => DeviceCredentials::X509 {
+                        cert_id: operational.cert_id.clone(),
+                        key_id: operational.key_id.clone(),
+                    },
+                    None => credentials,
+                };
+                // The backup is only usable with its operational certificate in certd.
+                let operational_stored = match operational_cert {
+                    Some(operational) => self.certd.get_cert(&operational.cert_id).await.is_ok(),
+                    None => true,
+                };
                 let from_backup = |info: &DeviceInfo| Device {
                     hub_name: info.hub_name.clone(),
                     device_id: info.device_id.clone(),
@@ -237,7 +251,9 @@ impl IdentityService {
                 let stored_digest = self.store.provisioning_digest();
                 let digest_matches =
                     stored_digest.as_deref() == Some(settings.provisioning.digest().as_str());
-                if let (false, true, Some(previous)) = (force, digest_matches, previous) {
+                if let (false, true, Some(previous), true) =
+                    (force, digest_matches, previous, operational_stored)
+                {
                     log::info!(
                         "using the provisioning backup (device {:?} in hub {})",
                         previous.device_id,
@@ -245,10 +261,26 @@ impl IdentityService {
                     );
                     return Ok(Some(from_backup(previous)));
                 }
-                match self
-                    .register(global_endpoint, scope_id, payload.as_ref(), attestation)
-                    .await
-                {
+                let registered = self
+                    .register(
+                        global_endpoint,
+                        scope_id,
+                        payload.as_ref(),
+                        attestation,
+                        operational_cert.as_ref().map(|operational| Operational {
+                            cert: operational,
+                            key_id: &operational.key_id,
+                        }),
+                    )
+                    .await;
+                let registered = match (registered, operational_cert) {
+                    (Ok(assignment), Some(operational)) => self
+                        .store_operational_cert(&operational.cert_id, &assignment)
+                        .await
+                        .map(|()| assignment),
+                    (result, _) => result,
+                };
+                match registered {
                     Ok(assignment) => Ok(Some(Device {
                         hub_name: assignment.assigned_hub.clone(),
                         device_id: assignment.device_id,
@@ -277,13 +309,39 @@ impl IdentityService {
         }
     }
 
-    /// Registers with DPS.
-    async fn register(
+    /// Stores the chain DPS issued as `cert_id` in certd.
+    pub(super) async fn store_operational_cert(
+        &self,
+        cert_id: &str,
+        assignment: &dps::Assignment,
+    ) -> Result<(), IdentityError> {
+        let chain = assignment.issued_chain.as_deref().ok_or_else(|| {
+            IdentityError::Cloud(CloudError::Protocol {
+                service: "DPS",
+                reason: "the registration was assigned without the operational certificate \
+                         the CSR asked for"
+                    .to_owned(),
+            })
+        })?;
+        self.certd
+            .import_cert(cert_id, chain)
+            .await
+            .map_err(IdentityError::certd(format!(
+                "storing the DPS-issued certificate as {cert_id:?}"
+            )))?;
+        Ok(())
+    }
+
+    /// Registers with DPS; with `operational`, the registration carries a CSR (CN = the
+    /// registration ID) for key pair `operational.key_id`, created in keyd if absent, and the
+    /// assignment carries the issued chain.
+    pub(super) async fn register(
         &self,
         global_endpoint: &str,
         scope_id: &str,
         payload: Option<&serde_json::Value>,
         attestation: &DpsAttestation,
+        operational: Option<Operational<'_>>,
     ) -> Result<dps::Assignment, IdentityError> {
         let authority = global_endpoint
             .trim_start_matches("https://")
@@ -351,6 +409,29 @@ impl IdentityService {
                 )
             }
         };
+        let csr = match operational {
+            Some(operational) => {
+                let handle = self
+                    .keyd
+                    .create_key_pair_if_not_exists(operational.key_id, Some("ec-p256:rsa-2048:*"))
+                    .await
+                    .map_err(IdentityError::keyd(format!(
+                        "creating key pair {:?} for the operational certificate",
+                        operational.key_id
+                    )))?;
+                let subject = crate::renewal::subject_from_pairs(&[(
+                    "CN".to_owned(),
+                    registration_id.clone(),
+                )])
+                .map_err(IdentityError::Credentials)?;
+                log::info!(
+                    "asking DPS for operational certificate {:?}",
+                    operational.cert.cert_id
+                );
+                Some(self.keyd_signed_csr(&subject, &handle).await?)
+            }
+            None => None,
+        };
         dps::register(
             &self.cloud,
             dps::Registration {
@@ -360,6 +441,7 @@ impl IdentityService {
                 payload,
                 auth,
                 tpm: tpm.as_ref(),
+                csr: csr.as_deref(),
             },
         )
         .await
@@ -498,4 +580,14 @@ impl Drop for ReleaseHeapAfter {
     fn drop(&mut self) {
         http_common::memory::release_free_heap();
     }
+}
+
+/// The operational certificate a registration asks DPS for, with the key pair its CSR is made
+/// for (`pk`, or `<pk>-temp` when a renewal rotates the key).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Operational<'a> {
+    /// The configuration.
+    pub cert: &'a OperationalCert,
+    /// The key pair the CSR is for.
+    pub key_id: &'a str,
 }

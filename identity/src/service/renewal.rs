@@ -66,7 +66,8 @@ impl IdentityService {
             {
                 Ok(()) => log::info!("identity certificate {cert_id:?} renewed"),
                 Err(error) => {
-                    let delay = retry.retry_delay(not_before, not_after);
+                    let delay =
+                        retry.retry_delay(not_before, not_after, crate::renewal::RETRY_FLOOR);
                     log::error!(
                         "renewing identity certificate {cert_id:?} failed, retrying in {} s: {}",
                         delay.as_secs(),
@@ -97,6 +98,7 @@ impl IdentityService {
             attestation: DpsAttestation::X509 {
                 registration_id, ..
             },
+            ..
         } = &settings.provisioning
         else {
             return Ok(());
@@ -154,38 +156,161 @@ impl IdentityService {
                 payload: payload.as_ref(),
                 auth: RequestAuth::X509(identity),
                 tpm: None,
+                csr: None,
             },
         )
         .await?;
-        let mut attempt = 0;
+        retry_local_steps("the renewed credentials", || {
+            self.install_renewed(
+                cert_id, key_id, &temp_cert, &temp_key, &new_chain, rotate_key,
+            )
+        })
+        .await?;
+        let credentials = DeviceCredentials::X509 {
+            cert_id: cert_id.to_owned(),
+            key_id: key_id.to_owned(),
+        };
+        self.adopt_renewed_assignment(&settings, assignment, credentials)
+            .await
+    }
+
+    /// Renews the DPS-issued operational certificate (spec 9.6) when its `auto_renew` policy
+    /// says so, by registering again with a new CSR; failures are retried after `retry`.
+    pub(super) async fn renew_operational_cert_when_due(self: Arc<Self>) {
+        const IDLE: Duration = Duration::from_secs(30);
         loop {
-            attempt += 1;
-            match self
-                .install_renewed(
-                    cert_id, key_id, &temp_cert, &temp_key, &new_chain, rotate_key,
-                )
+            let settings = self.settings();
+            let Provisioning::Dps {
+                operational_cert: Some(operational),
+                ..
+            } = &settings.provisioning
+            else {
+                tokio::time::sleep(IDLE).await;
+                continue;
+            };
+            let (Some(threshold), Some(retry)) = (
+                crate::renewal::Policy::parse(&operational.auto_renew.threshold),
+                crate::renewal::Policy::parse(&operational.auto_renew.retry),
+            ) else {
+                tokio::time::sleep(IDLE).await;
+                continue;
+            };
+            let cert_id = &operational.cert_id;
+            // Until provisioning stored it, there is nothing to renew.
+            let Ok(Ok((not_before, not_after))) = self
+                .certd
+                .get_cert(cert_id)
                 .await
-            {
-                Ok(()) => break,
-                Err(error) if attempt < 5 => {
-                    log::warn!(
-                        "installing the renewed credentials failed (attempt {attempt}), retrying: {}",
+                .map(|pem| crate::renewal::validity(&pem))
+            else {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            };
+            let now = i64::try_from(crate::util::unix_now()).unwrap_or(i64::MAX);
+            let due = threshold.renew_at(not_before, not_after);
+            if now < due {
+                // Wake at the due time, or sooner to notice a configuration change.
+                let wait = u64::try_from(due - now).unwrap_or(0).clamp(1, 60);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            log::info!("renewing the DPS-issued operational certificate {cert_id:?}");
+            match self.renew_operational_cert().await {
+                Ok(()) => log::info!("operational certificate {cert_id:?} renewed"),
+                Err(error) => {
+                    let delay =
+                        retry.retry_delay(not_before, not_after, crate::renewal::RETRY_FLOOR);
+                    log::error!(
+                        "renewing operational certificate {cert_id:?} failed, retrying in {} s: {}",
+                        delay.as_secs(),
                         http_common::error::error_chain(&error)
                     );
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::time::sleep(delay).await;
                 }
-                Err(error) => return Err(error),
             }
         }
+    }
+
+    /// One renewal of the operational certificate: a registration with a CSR for a new key
+    /// (`<pk>-temp` with `rotate_key`, else the current key); once DPS issued the new chain it
+    /// replaces `<cert>` and the temp key replaces `<pk>` (retried: DPS already issued it).
+    /// Until then the current certificate and key stay in use.
+    async fn renew_operational_cert(self: &Arc<Self>) -> Result<(), IdentityError> {
+        let _round = self.round_lock.lock().await;
+        let settings = self.settings();
+        let Provisioning::Dps {
+            global_endpoint,
+            scope_id,
+            payload,
+            attestation,
+            operational_cert: Some(operational),
+        } = &settings.provisioning
+        else {
+            return Ok(());
+        };
+        let rotate_key = operational.auto_renew.rotate_key;
+        let temp_key = format!("{}-temp", operational.key_id);
+        let key_id = if rotate_key {
+            temp_key.as_str()
+        } else {
+            operational.key_id.as_str()
+        };
+        let assignment = self
+            .register(
+                global_endpoint,
+                scope_id,
+                payload.as_ref(),
+                attestation,
+                Some(super::provisioning::Operational {
+                    cert: operational,
+                    key_id,
+                }),
+            )
+            .await?;
+        retry_local_steps("the renewed operational certificate", || async {
+            if rotate_key {
+                match self
+                    .keyd
+                    .move_key_pair(&temp_key, &operational.key_id)
+                    .await
+                {
+                    Ok(()) => {}
+                    // Already moved by an earlier attempt.
+                    Err(error) if error.is_not_found() => {}
+                    Err(error) => {
+                        return Err(IdentityError::keyd(format!(
+                            "moving key pair {temp_key:?} to {:?}",
+                            operational.key_id
+                        ))(error))
+                    }
+                }
+            }
+            self.store_operational_cert(&operational.cert_id, &assignment)
+                .await
+        })
+        .await?;
+        let credentials = DeviceCredentials::X509 {
+            cert_id: operational.cert_id.clone(),
+            key_id: operational.key_id.clone(),
+        };
+        self.adopt_renewed_assignment(&settings, assignment, credentials)
+            .await
+    }
+
+    /// The device after a renewal's DPS registration: stored as the backup, published, and
+    /// its modules reconciled (cleared first when DPS moved it).
+    async fn adopt_renewed_assignment(
+        &self,
+        settings: &super::Settings,
+        assignment: dps::Assignment,
+        credentials: DeviceCredentials,
+    ) -> Result<(), IdentityError> {
         let device = Arc::new(Device {
             hub_name: assignment.assigned_hub.clone(),
             device_id: assignment.device_id,
             gateway_host: assignment.assigned_hub,
             local_gateway_hostname: None,
-            credentials: DeviceCredentials::X509 {
-                cert_id: cert_id.to_owned(),
-                key_id: key_id.to_owned(),
-            },
+            credentials,
         });
         let previous = self.store.device_info();
         let same_place = previous
@@ -198,7 +323,7 @@ impl IdentityService {
         self.set_reconciliation(Reconciliation::Running);
         self.device
             .send_replace(DeviceState::Ready(Arc::clone(&device)));
-        self.reconcile_and_record(&settings, &device, same_place, "the renewal")
+        self.reconcile_and_record(settings, &device, same_place, "the renewal")
             .await;
         Ok(())
     }
@@ -274,7 +399,7 @@ impl IdentityService {
     }
 
     /// A CSR for `subject` (DER) and the key pair behind `handle`, signed by keyd.
-    async fn keyd_signed_csr(
+    pub(super) async fn keyd_signed_csr(
         &self,
         subject: &[u8],
         handle: &KeyHandle,
@@ -337,5 +462,29 @@ impl IdentityService {
         }
         .map_err(IdentityError::keyd("signing the CSR"))?;
         crate::renewal::signed_csr(unsigned, kind, &signature).map_err(IdentityError::Credentials)
+    }
+}
+
+/// Runs a renewal's local steps (certd, keyd) up to five times, 5 s apart: DPS already accepted
+/// the new credentials, so giving up early would strand the device.
+async fn retry_local_steps<F, Fut>(what: &str, mut steps: F) -> Result<(), IdentityError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), IdentityError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match steps().await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 5 => {
+                log::warn!(
+                    "installing {what} failed (attempt {attempt}), retrying: {}",
+                    http_common::error::error_chain(&error)
+                );
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Err(error) => return Err(error),
+        }
     }
 }

@@ -326,3 +326,42 @@ pub fn rsa_self_signed(common_name: &str) -> (openssl::pkey::PKey<openssl::pkey:
     let pem = String::from_utf8(builder.build().to_pem().unwrap()).unwrap();
     (key, pem)
 }
+
+/// An individual enrollment for `registration_id` (device ID = registration ID).
+pub fn individual(
+    registration_id: &str,
+    attestation: cloud_emulator::Attestation,
+) -> cloud_emulator::IndividualEnrollment {
+    cloud_emulator::IndividualEnrollment {
+        registration_id: registration_id.into(),
+        device_id: None,
+        assigned_hub: None,
+        payload: None,
+        iot_edge: false,
+        attestation,
+    }
+}
+
+/// Polls `GET /identities/provisioning` until its `status` is `status`; returns the answer.
+pub async fn provisioning_status(stack: &Stack, status: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, info, _) = stack
+            .request(
+                Method::GET,
+                "/identities/provisioning?api-version=2021-12-01",
+                "",
+            )
+            .await;
+        assert_eq!(code, StatusCode::OK, "{info}");
+        if info["status"] == status {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "provisioning status is not {status:?}: {info}\n{}",
+            stack.identityd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -73,6 +73,25 @@ pub struct Config {
     /// enrollment CAs are trusted automatically).
     #[serde(default)]
     pub trusted_ca_files: Vec<PathBuf>,
+    /// Certificate issuance policies of enrollments (`[[certificate_issuance]]`): DPS issues a
+    /// client certificate to a registration that sends a CSR (spec 9.6).
+    #[serde(default, rename = "certificate_issuance")]
+    pub certificate_issuance: Vec<CertificateIssuance>,
+}
+
+/// An enrollment's certificate issuance policy.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateIssuance {
+    /// The enrollment: an individual enrollment's registration ID or a group's ID.
+    pub enrollment: String,
+    /// Lifetime of the issued certificates in seconds. Default 3600.
+    #[serde(default = "default_issued_validity")]
+    pub validity_secs: u64,
+}
+
+fn default_issued_validity() -> u64 {
+    3600
 }
 
 impl Default for Config {
@@ -92,6 +111,7 @@ impl Default for Config {
             group_enrollments: Vec::new(),
             devices: Vec::new(),
             trusted_ca_files: Vec::new(),
+            certificate_issuance: Vec::new(),
         }
     }
 }

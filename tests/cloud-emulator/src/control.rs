@@ -53,6 +53,27 @@ impl Control {
         self.shared.lock().add_group(g)
     }
 
+    /// Sets (or, with `None`, removes) the certificate issuance policy of an enrollment
+    /// (registration ID or group ID): its registrations that send a CSR get a certificate valid
+    /// for `validity_secs`.
+    pub fn set_certificate_issuance(&self, enrollment: &str, validity_secs: Option<u64>) {
+        let mut state = self.shared.lock();
+        match validity_secs {
+            Some(secs) => state.issuance.insert(enrollment.to_owned(), secs),
+            None => state.issuance.remove(enrollment),
+        };
+    }
+
+    /// The PEM of the CA DPS issues device certificates from.
+    pub fn dps_issuing_ca_pem(&self) -> String {
+        self.shared
+            .lock()
+            .dps_issuing_ca
+            .as_ref()
+            .map(crate::pki::TestCa::cert_pem)
+            .unwrap_or_default()
+    }
+
     /// Removes a group enrollment; false if it did not exist.
     pub fn remove_group_enrollment(&self, group_id: &str) -> bool {
         self.shared.lock().groups.remove(group_id).is_some()

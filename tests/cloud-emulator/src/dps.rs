@@ -23,7 +23,14 @@ use crate::{
 };
 
 /// `api-version` values accepted on DPS routes.
-pub const DPS_API_VERSIONS: &[&str] = &["2018-11-01", "2019-03-31", "2021-06-01"];
+pub const DPS_API_VERSIONS: &[&str] = &[
+    "2018-11-01",
+    "2019-03-31",
+    "2021-06-01",
+    // Certificate issuance (spec 9.6): `clientCertificateCsr`, then `csr`.
+    "2021-11-01-preview",
+    "2025-07-01-preview",
+];
 
 /// What the server extracted from the HTTP request.
 #[derive(Debug)]
@@ -234,15 +241,93 @@ fn register(
         },
     };
     let request_payload = body.get("payload").filter(|p| !p.is_null()).cloned();
+    let csr = match crate::issuance::csr_in_body(&body, reg_id) {
+        Ok(csr) => csr,
+        Err(why) => {
+            log::info!("DPS: {reg_id:?}: CSR refused: {why}");
+            return dps_error(StatusCode::BAD_REQUEST, 400_004, &why);
+        }
+    };
+    let enrollment_id = attested
+        .source
+        .split_once(':')
+        .map_or(attested.source.as_str(), |(_, id)| id)
+        .to_owned();
+    let mut issuance_refused = None;
+    let issued = match (
+        &csr,
+        state.issuance.get(&enrollment_id),
+        &state.dps_issuing_ca,
+    ) {
+        (None, _, _) => None,
+        (Some(_), None, _) => {
+            issuance_refused = Some(crate::config::FailSpec {
+                error_code: 400_000,
+                message: format!(
+                    "a CSR was sent but enrollment {enrollment_id:?} has no certificate issuance policy"
+                ),
+            });
+            None
+        }
+        (Some(csr), Some(validity), Some(ca)) => {
+            match crate::issuance::issue(ca, csr, reg_id, *validity) {
+                Ok(issued) => Some(issued),
+                Err(error) => {
+                    log::error!("DPS: {reg_id:?}: issuing the certificate failed: {error}");
+                    return dps_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        500_000,
+                        "could not issue the certificate",
+                    );
+                }
+            }
+        }
+        (Some(_), Some(_), None) => None,
+    };
+    // An issued certificate is what the device authenticates to the hub with; the previous one
+    // stays accepted until the device uses the new one (secondary thumbprint).
+    let device_auth = match &issued {
+        Some(issued) => {
+            let previous = state
+                .hubs
+                .get(
+                    &attested
+                        .assigned_hub
+                        .clone()
+                        .unwrap_or_else(|| state.settings.assigned_hub.clone())
+                        .to_ascii_lowercase(),
+                )
+                .and_then(|hub| hub.devices.get(&attested.device_id))
+                .and_then(|device| match &device.auth {
+                    crate::state::HubAuth::SelfSigned { primary, .. } => primary.clone(),
+                    _ => None,
+                });
+            log::info!(
+                "DPS: {reg_id:?}: issued a client certificate (serial {})",
+                issued
+                    .leaf
+                    .serial_number()
+                    .to_bn()
+                    .and_then(|bn| bn.to_hex_str().map(|hex| hex.to_string()))
+                    .unwrap_or_default()
+            );
+            crate::state::HubAuth::SelfSigned {
+                primary: Some(crate::pki::thumbprints(&issued.leaf).1),
+                secondary: previous,
+            }
+        }
+        None => attested.device_auth,
+    };
 
-    let outcome = match &state.settings.fail_registrations {
-        Some(f) => Outcome::Fail(f.clone()),
-        None => Outcome::Assign(Box::new(Plan {
+    let outcome = match (&state.settings.fail_registrations, issuance_refused) {
+        (Some(f), _) => Outcome::Fail(f.clone()),
+        (None, Some(refused)) => Outcome::Fail(refused),
+        (None, None) => Outcome::Assign(Box::new(Plan {
             device_id: attested.device_id,
             hub: attested
                 .assigned_hub
                 .unwrap_or_else(|| state.settings.assigned_hub.clone()),
-            device_auth: attested.device_auth,
+            device_auth,
             iot_edge: attested.iot_edge,
             payload: attested.payload,
             attestation_field: attested.attestation_field,
@@ -251,6 +336,7 @@ fn register(
             request_payload,
             tpm_seen: attested.tpm.map(|t| t.seen),
             tpm_authentication_key,
+            issued,
         })),
     };
     let operation_id = format!(
@@ -391,6 +477,11 @@ fn finish(state: &mut State, reg_id: &str, outcome: Outcome) -> (&'static str, V
                 map.insert(plan.attestation_field.to_string(), attestation);
                 if let Some(p) = plan.payload {
                     map.insert("payload".to_string(), p);
+                }
+                if let Some(issued) = &plan.issued {
+                    for (field, value) in issued.fields() {
+                        map.insert(field.to_string(), value);
+                    }
                 }
             }
             log::info!(

@@ -21,6 +21,7 @@ pub mod control;
 pub mod dps;
 pub mod est;
 pub mod hub;
+pub mod issuance;
 pub mod pki;
 mod reply;
 pub mod sas;
@@ -198,6 +199,15 @@ pub async fn start(config: Config) -> Result<RunningEmulator, EmulatorError> {
     );
     let cfg_err =
         |what: String| move |e: EmulatorError| EmulatorError::Config(format!("{what}: {e}"));
+    state.dps_issuing_ca = Some(
+        pki::TestCa::new("Cloud Emulator DPS Issuing CA")
+            .map_err(|error| EmulatorError::Config(format!("DPS issuing CA: {error}")))?,
+    );
+    for policy in &config.certificate_issuance {
+        state
+            .issuance
+            .insert(policy.enrollment.clone(), policy.validity_secs);
+    }
     for path in &config.trusted_ca_files {
         let pem = std::fs::read_to_string(path).map_err(|source| EmulatorError::Io {
             context: format!("read {}", path.display()),

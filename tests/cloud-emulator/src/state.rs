@@ -409,6 +409,8 @@ pub(crate) struct Plan {
     pub tpm_seen: Option<TpmSeen>,
     /// TPM attestation: `registrationState.tpm.authenticationKey` (base64 blob).
     pub tpm_authentication_key: Option<String>,
+    /// A certificate issued for the CSR the device sent (spec 9.6).
+    pub issued: Option<crate::issuance::Issued>,
 }
 
 /// The TPM public keys a device sent, base64 as received (for the admin API).
@@ -584,6 +586,10 @@ pub(crate) struct State {
     pub hubs: BTreeMap<String, Hub>,
     pub trusted_cas: Vec<X509>,
     pub faults: VecDeque<FaultSpec>,
+    /// The CA DPS issues device certificates from (trusted by the hubs).
+    pub dps_issuing_ca: Option<crate::pki::TestCa>,
+    /// Certificate issuance policies: enrollment ID → validity of issued certs (seconds).
+    pub issuance: BTreeMap<String, u64>,
     log: VecDeque<LogEntry>,
     next_seq: u64,
     etag_counter: u64,
@@ -657,6 +663,8 @@ impl State {
             hubs,
             trusted_cas: Vec::new(),
             faults: VecDeque::new(),
+            dps_issuing_ca: None,
+            issuance: BTreeMap::new(),
             log: VecDeque::new(),
             next_seq: 1,
             etag_counter: 0,
@@ -777,6 +785,7 @@ impl State {
     /// CAs the hubs trust: explicit ones plus every X.509 group enrollment CA.
     pub fn hub_trusted_cas(&self) -> Vec<X509> {
         let mut cas = self.trusted_cas.clone();
+        cas.extend(self.dps_issuing_ca.iter().map(|ca| ca.ca.cert.clone()));
         for g in self.groups.values() {
             if let GroupCred::X509 { cas: group_cas } = &g.cred {
                 cas.extend(group_cas.iter().cloned());
