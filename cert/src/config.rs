@@ -114,17 +114,17 @@ pub struct AutoRenew {
     /// Renew with a new key (`<pk>-temp`, moved over `<pk>` on success).
     pub rotate_key: bool,
     /// When to renew.
-    pub threshold: crate::renewal::RenewPolicy,
+    pub threshold: config_common::renewal::Policy,
     /// How long to wait after a failed attempt.
-    pub retry: crate::renewal::RenewPolicy,
+    pub retry: config_common::renewal::Policy,
 }
 
 impl Default for AutoRenew {
     fn default() -> Self {
         AutoRenew {
             rotate_key: true,
-            threshold: crate::renewal::RenewPolicy::Percent(80),
-            retry: crate::renewal::RenewPolicy::Percent(4),
+            threshold: config_common::renewal::Policy::Percent(80),
+            retry: config_common::renewal::Policy::Percent(4),
         }
     }
 }
@@ -823,16 +823,12 @@ fn renew_policy(
     loaded: &Loaded,
     key: &str,
     value: Option<String>,
-    default: crate::renewal::RenewPolicy,
-) -> Result<crate::renewal::RenewPolicy, ConfigError> {
+    default: config_common::renewal::Policy,
+) -> Result<config_common::renewal::Policy, ConfigError> {
     match value {
         None => Ok(default),
-        Some(text) => crate::renewal::RenewPolicy::parse(&text).ok_or_else(|| {
-            ConfigError::invalid(
-                loaded,
-                key,
-                "expected N% (1 to 99), Nmin or Nday (N greater than 0)",
-            )
+        Some(text) => config_common::renewal::Policy::parse(&text).ok_or_else(|| {
+            ConfigError::invalid(loaded, key, config_common::renewal::Policy::EXPECTED)
         }),
     }
 }
@@ -1256,11 +1252,11 @@ mod tests {
         assert!(!est.auto_renew.rotate_key);
         assert_eq!(
             est.auto_renew.threshold,
-            crate::renewal::RenewPolicy::Percent(50)
+            config_common::renewal::Policy::Percent(50)
         );
         assert_eq!(
             est.auto_renew.retry,
-            crate::renewal::RenewPolicy::Duration(std::time::Duration::from_secs(120))
+            config_common::renewal::Policy::Duration(std::time::Duration::from_secs(120))
         );
         let device = policy.issuance["device-id"].est.as_ref().unwrap();
         assert_eq!(device.url, "https://est.example/.well-known/est/");

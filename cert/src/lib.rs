@@ -15,7 +15,6 @@ mod handlers;
 pub mod issuance;
 pub mod keys;
 pub mod pem;
-pub mod renewal;
 pub mod routes;
 pub mod service;
 pub mod store;

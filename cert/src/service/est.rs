@@ -19,6 +19,8 @@ use crate::pem;
 
 /// keyd algorithms for EST identity keys certd creates (bootstrap, key rotation).
 const IDENTITY_KEY_ALGORITHMS: &str = "ec-p256:rsa-4096:*";
+/// Shortest pause between two renewal attempts of one identity.
+const MIN_RETRY: Duration = Duration::from_secs(5);
 /// Longest sleep of the renewal task (so configuration changes are picked up).
 const RENEWAL_TICK: Duration = Duration::from_secs(30);
 
@@ -378,7 +380,7 @@ impl CertService {
                             next = now_seconds();
                         }
                         Err(error) => {
-                            let delay = renew.retry.retry_delay(not_before, not_after);
+                            let delay = renew.retry.retry_delay(not_before, not_after, MIN_RETRY);
                             let again = now_seconds() + delay.as_secs() as i64;
                             retry_at.insert(job.identity.cert.clone(), again);
                             next = next.min(again);
