@@ -720,6 +720,11 @@ impl CertService {
             return Err(CertError::Preloaded(id.to_owned()));
         }
         let options = policy.issuance.get(id);
+        if options.and_then(|options| options.method) == Some(Method::Est) {
+            return Err(CertError::BadRequest(format!(
+                "cert {id:?} is issued by EST: request it with a CSR (POST /certificates)"
+            )));
+        }
         let (template, public_key) = self.new_key_template(id, id, options, Vec::new()).await?;
         let plan = match options.and_then(|options| options.method) {
             Some(Method::LocalCa) => self.local_ca_plan(&policy).await?,

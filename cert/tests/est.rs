@@ -216,6 +216,14 @@ async fn basic_auth_enrollment_stores_a_chain_that_verifies() {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The seed create route cannot make an EST cert (it has no CSR): a clear 400.
+    let error = pair
+        .certd_client()
+        .draft_create_cert("wrong-password")
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(StatusCode::BAD_REQUEST), "{error}");
+    assert!(error.to_string().contains("is issued by EST"), "{error}");
 }
 
 /// The TLS client identity is a cert in certd whose key is key pair `est-id` in keyd; it is
