@@ -31,7 +31,10 @@ use std::process::{Command, Output};
 /// Debian suite and the packages of the image, on top of minbase. Changing either names a new
 /// image tag.
 const SUITE: &str = "bookworm";
-const IMAGE_PACKAGES: &str = "systemd,systemd-sysv,dbus,ca-certificates,curl";
+/// The TPM Software Stack libraries are the packages' own dependencies (keyd links them); apt
+/// installs the local packages without package lists, so they come with the image.
+const IMAGE_PACKAGES: &str = "systemd,systemd-sysv,dbus,ca-certificates,curl,libtss2-esys-3.0.2-0,\
+                              libtss2-mu0,libtss2-sys1,libtss2-tctildr0,libtss2-tcti-device0";
 const MIRROR: &str = "http://deb.debian.org/debian";
 
 fn repository_root() -> &'static Path {
@@ -369,7 +372,11 @@ fn socket_units() -> Vec<SocketUnit> {
             mode: value("SocketMode").trim_start_matches('0').to_owned(),
         });
     }
-    assert_eq!(units.len(), 5, "keyd, certd, identityd and edged's two");
+    assert_eq!(
+        units.len(),
+        6,
+        "keyd, keyd's TPM service, certd, identityd and edged's two"
+    );
     units
 }
 
@@ -545,7 +552,15 @@ fn packages_install_and_run_under_systemd() {
     );
     // Docker's own package would make the `docker` group owning its socket; here the socket is
     // the host's, so the group takes the host's gid (the packages' sysusers adds iotedge to it).
-    device.sh("groupadd --system --gid $(stat -c %g /var/run/docker.sock) docker");
+    // A system group of the image that has that gid (tpm-udev's `tss`, say) moves aside first.
+    device.sh(
+        "gid=$(stat -c %g /var/run/docker.sock); taken=$(getent group \"$gid\" | cut -d: -f1); \
+         if [ -n \"$taken\" ]; then \
+           free=900; while getent group $free >/dev/null; do free=$((free + 1)); done; \
+           groupmod -g $free \"$taken\"; \
+         fi; \
+         groupadd --system --gid \"$gid\" docker",
+    );
     device.copy_in(packages, "/tmp/packages");
     device.sh(INSTALL);
     assert_eq!(
@@ -565,16 +580,20 @@ fn packages_install_and_run_under_systemd() {
         assert_eq!(device.unit_state(&format!("{service}.service")), "inactive");
     }
     assert_eq!(
-        device.sh("stat -c '%U %G %a' /etc/aziot/keyd/config.d /etc/aziot/identityd/config.d"),
-        "aziotks aziotks 700\naziotid aziotid 700"
+        device.sh(
+            "stat -c '%U %G %a' /etc/aziot/keyd/config.d /etc/aziot/identityd/config.d \
+             /etc/aziot/tpmd/config.d"
+        ),
+        "aziotks aziotks 700\naziotid aziotid 700\naziotks aziotks 700"
     );
     assert_eq!(
         device.sh("id -nG aziotid | tr ' ' '\\n' | sort | tr '\\n' ' '"),
         "aziotcs aziotid aziotks aziottpm"
     );
     assert_eq!(
-        device.sh("systemctl is-enabled aziot-keyd.socket aziot-identityd.service"),
-        "enabled\nenabled"
+        device
+            .sh("systemctl is-enabled aziot-keyd.socket aziot-tpmd.socket aziot-identityd.service"),
+        "enabled\nenabled\nenabled"
     );
 
     // 2. A local CA (made here with OpenSSL), preloaded into keyd and certd: certd issues the
@@ -673,6 +692,7 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     let status = device.sh("iotedge system status");
     for unit in [
         "aziot-keyd.socket",
+        "aziot-tpmd.socket",
         "aziot-certd.socket",
         "aziot-identityd.socket",
         "aziot-edged.mgmt.socket",
@@ -721,11 +741,31 @@ chmod 0600 /etc/aziot/identityd/config.d/50-hostmodule.toml"#);
     device.sh(
         "systemctl stop aziot-edged.service aziot-identityd.service aziot-certd.service \
            aziot-keyd.service && \
-         systemctl start aziot-keyd.socket aziot-certd.socket aziot-identityd.socket \
-           aziot-edged.mgmt.socket aziot-edged.workload.socket",
+         systemctl start aziot-keyd.socket aziot-tpmd.socket aziot-certd.socket \
+           aziot-identityd.socket aziot-edged.mgmt.socket aziot-edged.workload.socket",
+    );
+    // keyd: the first request on the TPM service's socket starts it (the tpmd API answers 404
+    // for an unknown route; the container has no TPM, which is opened only when asked for),
+    // and it then serves its own socket too.
+    assert_eq!(device.unit_state("aziot-keyd.service"), "inactive");
+    assert_eq!(
+        device.http_status(
+            "root",
+            "/run/aziot/tpmd.sock",
+            &format!("/nothing-here?{API}")
+        ),
+        "404"
+    );
+    assert_eq!(device.unit_state("aziot-keyd.service"), "active");
+    assert_eq!(
+        device.http_status(
+            "root",
+            "/run/aziot/keyd.sock",
+            &format!("/nothing-here?{API}")
+        ),
+        "404"
     );
     for (daemon, socket) in [
-        ("keyd", "/run/aziot/keyd.sock"),
         ("certd", "/run/aziot/certd.sock"),
         ("identityd", IDENTITYD_SOCKET),
     ] {
@@ -899,6 +939,7 @@ fn packages_take_over_a_reference_device() {
     device.sh(&format!(
         r#"set -e
 mkdir -p /etc/aziot/keyd/config.d /etc/aziot/certd/config.d /etc/aziot/identityd/config.d
+mkdir -p /etc/aziot/tpmd/config.d
 cat > /etc/aziot/config.toml <<'EOF'
 hostname = "ref-device"
 [provisioning]
@@ -958,6 +999,11 @@ cat > /etc/aziot/keyd/config.d/50-signer.toml <<EOF
 uid = $(id -u signer)
 keys = ["device-id"]
 EOF
+# The reference writes tpmd's drop-in for every device (empty here), owned by aziottpm.
+printf '' > /etc/aziot/tpmd/config.d/00-super.toml
+chown -R aziottpm:aziottpm /etc/aziot/tpmd
+chmod 0700 /etc/aziot/tpmd/config.d
+chmod 0600 /etc/aziot/tpmd/config.d/00-super.toml
 for daemon in keyd:aziotks certd:aziotcs identityd:aziotid; do
   chown -R ${{daemon#*:}}:${{daemon#*:}} /etc/aziot/${{daemon%%:*}}/config.d /var/lib/aziot/${{daemon%%:*}}
   chmod 0700 /etc/aziot/${{daemon%%:*}}/config.d /var/lib/aziot/${{daemon%%:*}}
@@ -987,6 +1033,14 @@ attestation = {{ type = "symmetric_key", primary_key = "{enrollment_base64}" }}"
     );
     assert_sockets(&device, &socket_units());
     assert_eq!(device.unit_state("aziot-identityd.service"), "active");
+    // keyd reads the TPM service's configuration: the postinst hands it over from aziottpm.
+    assert_eq!(
+        device.sh(
+            "stat -c '%U %G %a' /etc/aziot/tpmd /etc/aziot/tpmd/config.d \
+             /etc/aziot/tpmd/config.d/00-super.toml"
+        ),
+        "root root 755\naziotks aziotks 700\naziotks aziotks 600"
+    );
 
     // 5. The device provisions with the reference's enrollment key (keyd reads the preloaded
     //    file); `iotedge check` passes (the reference's drop-ins differ in form from ours, a

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Debian packages: edge-runtime-identity (keyd, certd, identityd, their units, the
-# service users and folders; installs in place of aziot-identity-service) and edge-runtime-edge
+# Builds the Debian packages: edge-runtime-identity (keyd, certd, identityd, their units and
+# the TPM service's socket, the service users and folders; installs in place of
+# aziot-identity-service) and edge-runtime-edge
 # (edged, the iotedge CLI, edged's units; in place of aziot-edge).
 #
 #   tools/build-packages.sh [--out DIR] [--binaries DIR] [--version VERSION]
@@ -87,6 +88,8 @@ for daemon in keyd certd identityd; do
   install -D -m 0644 "$units/aziot-$daemon.socket" "$identity/usr/lib/systemd/system/aziot-$daemon.socket"
   install -D -m 0644 "$units/aziot-$daemon.service" "$identity/usr/lib/systemd/system/aziot-$daemon.service"
 done
+# keyd serves the TPM service (the reference's aziot-tpmd API) on its own socket unit.
+install -D -m 0644 "$units/aziot-tpmd.socket" "$identity/usr/lib/systemd/system/aziot-tpmd.socket"
 install -D -m 0644 "$units/aziot-sysusers.conf" "$identity/usr/lib/sysusers.d/aziot.conf"
 install -D -m 0644 "$units/aziot-tmpfiles.conf" "$identity/usr/lib/tmpfiles.d/aziot.conf"
 install -D -m 0600 contrib/debian/config.toml.template "$identity/etc/aziot/config.toml.template"

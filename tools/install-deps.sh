@@ -3,7 +3,8 @@
 # we are root; otherwise names them and fails. `tools/install-deps.sh build` checks only what the
 # build needs (tools/quickstart.sh), plus busybox-static for the quickstart's agent image.
 #   build:  gcc, make and perl (the openssl crate builds OpenSSL from source and links it
-#           statically, see docs/install.md)
+#           statically, see docs/install.md), libtss2-dev and pkg-config (keyd links Debian's
+#           TPM Software Stack through tss-esapi, found with pkg-config)
 #   tests:  softhsm2 (a real PKCS#11 token), opensc (pkcs11-tool), openssl (the CLI that
 #           verifies issued certificates and runs s_server/s_client with keyd.so), binutils (nm),
 #           python3 (the other-uid client), python3-venv (edged's process-runtime test installs
@@ -11,8 +12,9 @@
 #           busybox-static (edged's FROM-scratch test image), systemd (systemd-analyze verify,
 #           systemd-sysusers and systemd-socket-activate run the units' checks; systemd need not
 #           run), util-linux (unshare), mmdebstrap (the device test's Debian image; with
-#           tools/build-packages.sh, which needs only dpkg-deb and binutils' strip)
-#           swtpm (a software TPM 2.0) and tpm2-tools: the cloud emulator's TPM attestation tests
+#           tools/build-packages.sh, which needs only dpkg-deb and binutils' strip), swtpm and
+#           swtpm-tools (a software TPM the TPM tests start on a temporary state folder) and
+#           tpm2-tools (tpm2_readpublic, and the emulator's tests import DPS's key with them)
 set -euo pipefail
 
 needed=()
@@ -21,6 +23,8 @@ command -v make >/dev/null || needed+=(make)
 # OpenSSL's Configure needs perl's full module set (IPC::Cmd), not just perl-base.
 perl -MIPC::Cmd -e 1 2>/dev/null || needed+=(perl)
 [ -x /bin/busybox ] || needed+=(busybox-static)
+command -v pkg-config >/dev/null || needed+=(pkg-config)
+pkg-config --exists tss2-esys tss2-tctildr 2>/dev/null || needed+=(libtss2-dev)
 if [ "${1:-all}" != build ]; then
   [ -e /usr/lib/softhsm/libsofthsm2.so ] || needed+=(softhsm2)
   command -v pkcs11-tool >/dev/null || needed+=(opensc)
@@ -34,6 +38,7 @@ if [ "${1:-all}" != build ]; then
   command -v unshare >/dev/null || needed+=(util-linux)
   command -v mmdebstrap >/dev/null || needed+=(mmdebstrap)
   command -v swtpm >/dev/null || needed+=(swtpm)
+  command -v swtpm_setup >/dev/null || needed+=(swtpm-tools)
   command -v tpm2_import >/dev/null || needed+=(tpm2-tools)
 fi
 [ ${#needed[@]} -eq 0 ] && exit 0

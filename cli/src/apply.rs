@@ -1,6 +1,7 @@
 //! Writes a [`Plan`] to disk: each daemon's `config.d/00-super.toml` (0600, in a 0700 `config.d`,
-//! both owned by the daemon's service user) and the secret files under
-//! `/var/secrets/aziot/keyd/` (0600 in 0700, owner keyd's user), all atomically through
+//! both owned by the daemon's service user; tpmd's by keyd's user, since keyd reads it) and the
+//! secret files under `/var/secrets/aziot/keyd/` (0600 in 0700, owner keyd's user), all
+//! atomically through
 //! `config_common::files`. Also `config mp` (a minimal super-config) and the hostname guard.
 //!
 //! `root` prefixes every path written (tests and image builders use a folder; on a device it is
@@ -24,8 +25,9 @@ pub struct Daemon {
     pub user: &'static str,
 }
 
-/// keyd, certd, identityd, edged.
-pub const DAEMONS: [Daemon; 4] = [
+/// keyd, certd, identityd, edged, and the TPM service's folder: keyd serves the tpmd API and
+/// reads `/etc/aziot/tpmd/`, so keyd's user owns it (the reference's tpmd runs as `aziottpm`).
+pub const DAEMONS: [Daemon; 5] = [
     Daemon {
         name: "keyd",
         user: KEYD_USER,
@@ -41,6 +43,10 @@ pub const DAEMONS: [Daemon; 4] = [
     Daemon {
         name: "edged",
         user: EDGED_USER,
+    },
+    Daemon {
+        name: "tpmd",
+        user: KEYD_USER,
     },
 ];
 
@@ -60,6 +66,7 @@ pub fn rendered(plan: &Plan) -> Vec<(Daemon, String)> {
         (DAEMONS[0], render(&plan.keyd)),
         (DAEMONS[1], render(&plan.certd)),
         (DAEMONS[2], render(&plan.identityd)),
+        (DAEMONS[4], render(&plan.tpmd)),
     ];
     if let Some(edged) = &plan.edged {
         files.push((DAEMONS[3], render(edged)));

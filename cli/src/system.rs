@@ -14,9 +14,10 @@ pub const IDENTITY_SERVICES: [&str; 3] = [
     "aziot-certd.service",
     "aziot-identityd.service",
 ];
-/// The identity services' sockets.
-pub const IDENTITY_SOCKETS: [&str; 3] = [
+/// The identity services' sockets (keyd serves the TPM service on `aziot-tpmd.socket`).
+pub const IDENTITY_SOCKETS: [&str; 4] = [
     "aziot-keyd.socket",
+    "aziot-tpmd.socket",
     "aziot-certd.socket",
     "aziot-identityd.socket",
 ];

@@ -24,7 +24,8 @@ use common::{
     apply_fixture, daemon_binary, describe, fixtures, iotedge, Daemon, SoftHsm, UID_ARGS,
 };
 
-const DAEMONS: [&str; 4] = ["keyd", "certd", "identityd", "edged"];
+/// The folders under `/etc/aziot/` `config apply` writes a drop-in into (tpmd's is read by keyd).
+const DAEMONS: [&str; 5] = ["keyd", "certd", "identityd", "edged", "tpmd"];
 
 fn generated(root: &Path, daemon: &str) -> PathBuf {
     root.join("etc/aziot")
@@ -177,10 +178,11 @@ struct Expect {
     /// Daemons that refuse their golden file, each with words its error must contain: a
     /// feature of another issue. When it lands, the entry goes and the daemon must serve.
     refuses: &'static [(&'static str, &'static str)],
+    /// TPM attestation with a TCTI that reaches no TPM (the fixture's `[tpm] tcti`): keyd's
+    /// tpmd API answers 503 "the TPM could not be opened", identityd serves and reports its
+    /// provisioning failed naming the TPM service, edged waits for the device identity.
+    tpm_absent: bool,
 }
-
-/// identityd has no TPM support yet (issue 18).
-const TPM_REFUSED: &[(&str, &str)] = &[("identityd", "TPM attestation is not supported")];
 
 /// The golden files of a set, parsed.
 struct GoldenFiles {
@@ -631,6 +633,22 @@ fn check_set(name: &str, expect: Expect) {
             "{name}: the device key holds other bytes"
         );
     }
+    // keyd: serves the tpmd API on the tpmd file (every set has one, as the reference's do).
+    let tpmd_socket = socket_of(
+        &files,
+        "tpmd",
+        &["endpoints", "aziot_tpmd"],
+        "/run/aziot/tpmd.sock",
+    );
+    assert!(
+        files.tables.contains_key("tpmd")
+            && std::os::unix::net::UnixStream::connect(device.path(&tpmd_socket)).is_ok(),
+        "{name}: keyd does not listen on {tpmd_socket}\n{}",
+        keyd.log()
+    );
+    if expect.tpm_absent {
+        tpm_cannot_be_opened(name, &runtime, &device.path(&tpmd_socket), &keyd);
+    }
     for (id, uri) in files.uris("keyd", "preloaded_keys") {
         if uri.starts_with("pkcs11:") {
             runtime
@@ -706,7 +724,7 @@ fn check_set(name: &str, expect: Expect) {
             ))
             .unwrap_or_else(|error| {
                 panic!(
-                    "{name}: identityd did not answer: {error}\n{}",
+                    "{name}: identityd did not answer: {error:?}\n{}",
                     identityd.log()
                 )
             });
@@ -722,6 +740,9 @@ fn check_set(name: &str, expect: Expect) {
         );
         if cloud.is_some() {
             device_is_provisioned(name, &runtime, &identity, &identityd);
+        }
+        if expect.tpm_absent {
+            provisioning_failed_at_the_tpm(name, &runtime, &identity, &identityd);
         }
         // An EST-issued device cert cannot be issued: the fixture's EST server is fictional
         // (est_enrollment_fails_clearly checked the error).
@@ -848,6 +869,73 @@ fn est_enrollment_fails_clearly(
     );
 }
 
+/// keyd's tpmd API, asked for the TPM's keys, answers 503 with the reason as its message.
+fn tpm_cannot_be_opened(
+    name: &str,
+    runtime: &tokio::runtime::Runtime,
+    socket: &Path,
+    keyd: &Daemon,
+) {
+    let answer = runtime
+        .block_on(http_common::UdsClient::new(socket).send(
+            http::Method::GET,
+            "/get_tpm_keys?api-version=2020-09-01",
+            &[],
+            bytes::Bytes::new(),
+        ))
+        .unwrap_or_else(|error| panic!("{name}: keyd's tpmd API did not answer: {error}"));
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+    assert_eq!(
+        answer.status,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "{name}: {body}\n{}",
+        keyd.log()
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("the TPM could not be opened")),
+        "{name}: {body}"
+    );
+}
+
+/// identityd keeps serving and reports, in `GET /identities/provisioning`, that provisioning
+/// failed at the TPM service.
+fn provisioning_failed_at_the_tpm(
+    name: &str,
+    runtime: &tokio::runtime::Runtime,
+    identity: &http_common::UdsClient,
+    identityd: &Daemon,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let answer = runtime.block_on(identity.send(
+            http::Method::GET,
+            "/identities/provisioning?api-version=2021-12-01",
+            &[],
+            bytes::Bytes::new(),
+        ));
+        let info: serde_json::Value = match &answer {
+            Ok(response) if response.status == http::StatusCode::OK => {
+                serde_json::from_slice(&response.body).unwrap_or_default()
+            }
+            _ => serde_json::Value::Null,
+        };
+        if info["status"] == "failed" {
+            let error = info["error"].as_str().unwrap_or_default();
+            assert!(error.contains("TPM service"), "{name}: {info}");
+            assert_eq!(info["source"], "dps", "{name}: {info}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: identityd did not report the TPM failure: {answer:?} {info}\n{}",
+            identityd.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// identityd hands out the device identity the emulator assigned.
 fn device_is_provisioned(
     name: &str,
@@ -931,7 +1019,7 @@ fn edged_serves(
     let _ = std::os::unix::net::UnixStream::connect(device.path(&management));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let refused = |daemon: &str| expect.refuses.iter().any(|(name, _)| *name == daemon);
-    if refused("identityd") {
+    if refused("identityd") || expect.tpm_absent {
         while !edged
             .log()
             .contains("could not get the device identity from identityd")
@@ -1125,7 +1213,7 @@ macro_rules! sets {
 sets! {
     aziotctl_dps_symmetric_key: "aziotctl/dps-symmetric-key" { device_key: Some(b"pump station four: the dps key!") };
     aziotctl_dps_symmetric_key_no_pad: "aziotctl/dps-symmetric-key-no-pad" { device_key: Some(b"pump station five, no padding") };
-    aziotctl_dps_tpm: "aziotctl/dps-tpm" { refuses: TPM_REFUSED };
+    aziotctl_dps_tpm: "aziotctl/dps-tpm" { tpm_absent: true };
     aziotctl_dps_x509_est_bootstrap_auto_renew: "aziotctl/dps-x509-est-bootstrap-auto-renew";
     aziotctl_dps_x509_pkcs11_est_bootstrap: "aziotctl/dps-x509-pkcs11-est-bootstrap";
     aziotctl_dps_x509_pkcs11_est_custom_bootstrap: "aziotctl/dps-x509-pkcs11-est-custom-bootstrap";
@@ -1157,7 +1245,7 @@ sets! {
     edgelet_dps_no_reprovisioning_flags: "edgelet/dps-no-reprovisioning-flags" { device_key: Some(b"edge dps one: symmetric key") };
     edgelet_dps_symmetric_key_no_pad: "edgelet/dps-symmetric-key-no-pad" { device_key: Some(b"edge dps two, unpadded") };
     edgelet_dps_symmetric_key: "edgelet/dps-symmetric-key" { device_key: Some(b"edge dps three symmetric key") };
-    edgelet_dps_tpm: "edgelet/dps-tpm" { refuses: TPM_REFUSED };
+    edgelet_dps_tpm: "edgelet/dps-tpm" { tpm_absent: true };
     edgelet_dps_x509: "edgelet/dps-x509";
     edgelet_imported_master_encryption_key: "edgelet/imported-master-encryption-key" { device_key: Some(b"edge-mek-1 edge device key") };
     edgelet_manual_connection_string_2: "edgelet/manual-connection-string-2" { device_key: Some(b"edge-manual-2 edge device key") };
@@ -1368,6 +1456,9 @@ fn refuses_an_invalid_super_config_naming_the_key() {
         ("[provisioning]\nsource = \"cloud\"\n", "provisioning.source", "unknown source"),
         ("[provisioning]\nsource = \"none\"\n[agent]\nbogus = 1\n", "agent", "unknown field `bogus`"),
         ("[provisioning\n", "not valid TOML", ""),
+        ("[provisioning]\nsource = \"none\"\n[tpm]\nauth_key_index = 0x800000\n", "tpm.auth_key_index", "0x7FFFFF"),
+        ("[provisioning]\nsource = \"none\"\n[tpm]\ntcti = \"swtpm:port=twenty\"\n", "tpm.tcti", "not a port number"),
+        ("[provisioning]\nsource = \"none\"\n[tpm.hierarchy_authorization]\nowner = \"0123456789abcdef0123456789abcdef!\"\n", "tpm.hierarchy_authorization.owner", "at most 32 bytes"),
     ];
     for (text, key, detail) in cases {
         let dir = tempfile::tempdir().unwrap();

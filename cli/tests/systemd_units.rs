@@ -62,13 +62,22 @@ fn value<'a>(unit: &'a Unit, section: &str, key: &str) -> Option<&'a str> {
 }
 
 /// (socket unit, path, mode, user, group, fd name or None for single-fd daemons, service)
-const SOCKETS: [(&str, &str, &str, &str, &str, &str); 5] = [
+const SOCKETS: [(&str, &str, &str, &str, &str, &str); 6] = [
     (
         "aziot-keyd.socket",
         "/run/aziot/keyd.sock",
         "0660",
         "aziotks",
         "aziotks",
+        "aziot-keyd.service",
+    ),
+    // keyd serves the TPM service on the reference's aziot-tpmd socket (same owner and mode).
+    (
+        "aziot-tpmd.socket",
+        "/run/aziot/tpmd.sock",
+        "0660",
+        "aziottpm",
+        "aziottpm",
         "aziot-keyd.service",
     ),
     (
@@ -171,6 +180,22 @@ fn units_match_the_socket_table_and_harden_the_services() {
         value(&edged, "Service", "Sockets"),
         Some("aziot-edged.mgmt.socket aziot-edged.workload.socket")
     );
+    // keyd gets both of its sockets (it tells them apart by fd name) and may open the TPM
+    // (/dev/tpmrm0 is group tss): no device restriction, /dev writable.
+    let keyd = parse_unit("aziot-keyd.service");
+    assert_eq!(
+        value(&keyd, "Service", "Sockets"),
+        Some("aziot-keyd.socket aziot-tpmd.socket")
+    );
+    assert_eq!(value(&keyd, "Service", "SupplementaryGroups"), Some("tss"));
+    for key in ["PrivateDevices", "DevicePolicy", "DeviceAllow"] {
+        assert_eq!(value(&keyd, "Service", key), None, "keyd: {key}");
+    }
+    assert_eq!(
+        value(&keyd, "Unit", "Wants"),
+        Some("aziot-tpmd.socket"),
+        "keyd's TPM socket comes with it"
+    );
 }
 
 /// Copies the units with ExecStart pointing at the built binaries (or /bin/true), since verify
@@ -203,7 +228,7 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
 fn units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     let files = units_for_verify(dir.path());
-    assert_eq!(files.len(), 9, "{files:?}");
+    assert_eq!(files.len(), 10, "{files:?}");
     let output = Command::new("systemd-analyze")
         .arg("verify")
         .args(&files)
@@ -250,6 +275,7 @@ fn sysusers_file_creates_the_service_users() {
         "aziotks",
         "aziotcs",
         "aziotid",
+        "aziottpm",
         "iotedge",
         "edgeagentuser:x:13622",
         "edgehubuser:x:13623",
@@ -276,6 +302,16 @@ fn sysusers_file_creates_the_service_users() {
     );
     assert!(
         members("aziotcs").contains(&"aziotid".to_owned()),
+        "{group}"
+    );
+    // identityd reaches the TPM service's socket (aziottpm's, as the reference's), and the
+    // group keyd's unit opens the TPM with exists.
+    assert!(
+        members("aziottpm").contains(&"aziotid".to_owned()),
+        "{group}"
+    );
+    assert!(
+        group.lines().any(|line| line.starts_with("tss:")),
         "{group}"
     );
     assert!(
@@ -312,6 +348,8 @@ fn sysusers_file_creates_the_service_users() {
         ("etc/aziot/certd/config.d", "aziotcs"),
         ("etc/aziot/identityd/config.d", "aziotid"),
         ("etc/aziot/edged/config.d", "iotedge"),
+        // keyd reads the TPM service's configuration.
+        ("etc/aziot/tpmd/config.d", "aziotks"),
         ("var/secrets/aziot/keyd", "aziotks"),
     ] {
         let metadata = std::fs::metadata(root.path().join(folder)).unwrap();
@@ -475,13 +513,24 @@ fn daemons_serve_on_the_sockets_their_units_pass() {
             dir.join("keyd-configured.sock").display()
         ),
     );
+    // The TPM service: a TCTI that reaches no TPM (a simulator port nobody listens on), so the
+    // machine's own TPM, if it has one, is never touched; configured path unbound as above.
+    let tpmd_config = write(
+        &dir.join("tpmd.toml"),
+        &format!(
+            "tcti = \"swtpm:host=127.0.0.1,port=1\"\n[endpoints]\naziot_tpmd = \"unix://{}\"\n",
+            dir.join("tpmd-configured.sock").display()
+        ),
+    );
     let keyd = Activated::start(
         dir,
         "aziot-keyd.service",
-        &["aziot-keyd.socket"],
+        &["aziot-keyd.socket", "aziot-tpmd.socket"],
         &[
             ("AZIOT_KEYD_CONFIG", keyd_config),
             ("AZIOT_KEYD_CONFIG_DIR", none.clone()),
+            ("AZIOT_TPMD_CONFIG", tpmd_config),
+            ("AZIOT_TPMD_CONFIG_DIR", none.clone()),
         ],
     );
     let keys = key_api::Client::new(http_common::UdsClient::new(
@@ -499,6 +548,40 @@ fn daemons_serve_on_the_sockets_their_units_pass() {
     assert!(
         !dir.join("keyd-configured.sock").exists(),
         "keyd bound its configured path"
+    );
+    // keyd serves the tpmd API on the other passed socket: the TPM cannot be opened, a 503
+    // saying so.
+    let answer = runtime
+        .block_on(
+            http_common::UdsClient::new(keyd.socket("aziot-tpmd.socket")).send(
+                http::Method::GET,
+                "/get_tpm_keys?api-version=2020-09-01",
+                &[],
+                bytes::Bytes::new(),
+            ),
+        )
+        .unwrap_or_else(|error| {
+            panic!(
+                "keyd does not answer on the passed tpmd socket: {error}\n{}",
+                keyd.log()
+            )
+        });
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+    assert_eq!(
+        answer.status,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "{body}\n{}",
+        keyd.log()
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("the TPM could not be opened")),
+        "{body}"
+    );
+    assert!(
+        !dir.join("tpmd-configured.sock").exists(),
+        "keyd bound the configured tpmd path"
     );
     let keyd_uri = format!("unix://{}", keyd.socket("aziot-keyd.socket").display());
 
@@ -633,7 +716,7 @@ fn config_apply_output_runs_the_stack_and_edged_takes_its_sockets_by_name() {
             ),
         ]
     };
-    let keyd_env = overrides(
+    let mut keyd_env = overrides(
         "keyd",
         format!(
             "[aziot_keys]\nhomedir_path = \"{}\"\n[preloaded_keys]\ndevice-id = \"file://{}\"\n[endpoints]\naziot_keyd = \"{keyd_uri}\"\n",
@@ -641,6 +724,14 @@ fn config_apply_output_runs_the_stack_and_edged_takes_its_sockets_by_name() {
             root.join("var/secrets/aziot/keyd/device-id").display()
         ),
     );
+    // keyd also reads the TPM service's generated file (empty for this device).
+    keyd_env.extend(overrides(
+        "tpmd",
+        format!(
+            "[endpoints]\naziot_tpmd = \"unix://{}\"\n",
+            socket("tpmd.sock")
+        ),
+    ));
     let certd_env = overrides(
         "certd",
         format!(
@@ -763,6 +854,11 @@ fn config_apply_output_runs_the_stack_and_edged_takes_its_sockets_by_name() {
         result("config-up-to-date"),
         "ok",
         "99-test.toml leaves 00-super.toml as applied: {report}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(dir.join("tpmd.sock")).is_ok(),
+        "keyd does not serve the TPM service on the generated tpmd file: {}",
+        keyd.log()
     );
     drop(edged);
     // edged created the test's Docker network; leave the engine as it was.

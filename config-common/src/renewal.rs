@@ -17,7 +17,13 @@ pub enum Policy {
 impl Policy {
     /// Parses `N%` (1–99), `Nmin` or `Nday` (N > 0).
     pub fn parse(text: &str) -> Option<Policy> {
-        let number = |text: &str| text.parse::<u64>().ok().filter(|n| *n > 0);
+        let number = |text: &str| {
+            // Digits only: no sign, no spaces.
+            (!text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()))
+                .then(|| text.parse::<u64>().ok())
+                .flatten()
+                .filter(|n| *n > 0)
+        };
         if let Some(percent) = text.strip_suffix('%') {
             number(percent).filter(|n| *n < 100).map(Policy::Percent)
         } else if let Some(minutes) = text.strip_suffix("min") {

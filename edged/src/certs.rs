@@ -444,26 +444,14 @@ pub async fn edge_ca_validity(
 
 /// When a certificate valid from `not_before` to `not_after` is due for renewal.
 pub fn renewal_time(not_before: i64, not_after: i64, threshold: RenewalTime) -> i64 {
-    match threshold {
-        RenewalTime::Percent(percent) => {
-            not_before + (not_after - not_before).max(0) * i64::from(percent) / 100
-        }
-        RenewalTime::Seconds(seconds) => {
-            not_after
-                - i64::try_from(seconds)
-                    .unwrap_or(i64::MAX)
-                    .min(not_after - not_before)
-        }
-    }
+    threshold.renew_at(not_before, not_after)
 }
 
 /// How long to wait after a failed renewal (at least a minute).
 pub fn retry_delay(not_before: i64, not_after: i64, retry: RenewalTime) -> u64 {
-    let seconds = match retry {
-        RenewalTime::Percent(percent) => (not_after - not_before).max(0) * i64::from(percent) / 100,
-        RenewalTime::Seconds(seconds) => i64::try_from(seconds).unwrap_or(i64::MAX),
-    };
-    u64::try_from(seconds).unwrap_or(0).max(60)
+    retry
+        .retry_delay(not_before, not_after, std::time::Duration::from_secs(60))
+        .as_secs()
 }
 
 /// Renews the Edge CA (spec section 7) and returns keyd's handle to its (possibly new) key.
@@ -815,13 +803,31 @@ mod tests {
     fn renewal_schedule() {
         let (start, end) = (1_000, 101_000);
         assert_eq!(renewal_time(start, end, RenewalTime::Percent(80)), 81_000);
-        assert_eq!(renewal_time(start, end, RenewalTime::Seconds(600)), 100_400);
         assert_eq!(
-            renewal_time(start, end, RenewalTime::Seconds(10_000_000)),
+            renewal_time(
+                start,
+                end,
+                RenewalTime::Duration(std::time::Duration::from_secs(600))
+            ),
+            100_400
+        );
+        assert_eq!(
+            renewal_time(
+                start,
+                end,
+                RenewalTime::Duration(std::time::Duration::from_secs(10_000_000))
+            ),
             start
         );
         assert_eq!(retry_delay(start, end, RenewalTime::Percent(4)), 4_000);
-        assert_eq!(retry_delay(start, end, RenewalTime::Seconds(5)), 60);
+        assert_eq!(
+            retry_delay(
+                start,
+                end,
+                RenewalTime::Duration(std::time::Duration::from_secs(5))
+            ),
+            60
+        );
     }
 
     #[test]

@@ -119,14 +119,8 @@ pub struct AutoRenew {
     pub retry: RenewalTime,
 }
 
-/// A renewal policy value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RenewalTime {
-    /// Percent of the certificate's lifetime (1–99).
-    Percent(u32),
-    /// Absolute seconds.
-    Seconds(u64),
-}
+/// A renewal policy value: the policy language certd and identityd read too.
+pub use config_common::renewal::Policy as RenewalTime;
 
 /// The module runtime, chosen by `agent.type`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -479,22 +473,9 @@ fn strip_scheme<'a>(value: &'a str, scheme: &str) -> &'a str {
     value.strip_prefix(scheme).unwrap_or(value)
 }
 
-/// Parses `N%` (1–99), `Nmin`, `Nday` with N > 0.
+/// Parses `N%` (1–99), `Nmin`, `Nday` with N > 0 (surrounding spaces allowed).
 pub fn parse_renewal_time(text: &str) -> Option<RenewalTime> {
-    let text = text.trim();
-    if let Some(number) = text.strip_suffix('%') {
-        let value: u32 = number.trim().parse().ok()?;
-        return (1..=99)
-            .contains(&value)
-            .then_some(RenewalTime::Percent(value));
-    }
-    for (suffix, unit) in [("min", 60u64), ("day", 86_400)] {
-        if let Some(number) = text.strip_suffix(suffix) {
-            let value: u64 = number.trim().parse().ok()?;
-            return (value > 0).then_some(RenewalTime::Seconds(value.checked_mul(unit)?));
-        }
-    }
-    None
+    RenewalTime::parse(text.trim())
 }
 
 /// Parses a whole number of days (`7d`, `1 day`, `2days`) into seconds.
@@ -602,19 +583,13 @@ impl Config {
                         threshold: match renew.threshold {
                             None => RenewalTime::Percent(80),
                             Some(text) => parse_renewal_time(&text).ok_or_else(|| {
-                                invalid(
-                                    "edge_ca.auto_renew.threshold",
-                                    "expected N% (1-99), Nmin or Nday",
-                                )
+                                invalid("edge_ca.auto_renew.threshold", RenewalTime::EXPECTED)
                             })?,
                         },
                         retry: match renew.retry {
                             None => RenewalTime::Percent(4),
                             Some(text) => parse_renewal_time(&text).ok_or_else(|| {
-                                invalid(
-                                    "edge_ca.auto_renew.retry",
-                                    "expected N% (1-99), Nmin or Nday",
-                                )
+                                invalid("edge_ca.auto_renew.retry", RenewalTime::EXPECTED)
                             })?,
                         },
                     }),
@@ -1071,7 +1046,10 @@ aziot_identityd_url = "unix:///tmp/identityd.sock"
         assert!(matches!(config.edge_ca.subject, Some(Subject::Fields(_))));
         let renew = config.edge_ca.auto_renew.clone().unwrap();
         assert_eq!(renew.threshold, RenewalTime::Percent(70));
-        assert_eq!(renew.retry, RenewalTime::Seconds(600));
+        assert_eq!(
+            renew.retry,
+            RenewalTime::Duration(std::time::Duration::from_secs(600))
+        );
         assert_eq!(config.agent.image_pull_policy, PullPolicy::Never);
         assert_eq!(
             config.agent.create_options["HostConfig"]["Binds"][0],
@@ -1252,7 +1230,9 @@ uri = "unix:///var/run/docker.sock"
         assert_eq!(parse_renewal_time("0%"), None);
         assert_eq!(
             parse_renewal_time("2day"),
-            Some(RenewalTime::Seconds(172_800))
+            Some(RenewalTime::Duration(std::time::Duration::from_secs(
+                172_800
+            )))
         );
         assert_eq!(parse_renewal_time("0min"), None);
         assert_eq!(parse_days("1d"), Some(86_400));

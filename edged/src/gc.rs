@@ -152,12 +152,25 @@ mod tests {
             0o600
         );
         assert!(sweep_candidates(&reopened, 3600, &[], None).is_empty());
-        // Entries recorded "now" are not older than a cutoff of now.
-        assert!(sweep_candidates(&reopened, 0, &[], None).is_empty());
-        reopened.forget("sha256:a");
+        // An image last used two hours ago is a candidate for a one-hour threshold, unless it
+        // is in use or the one to keep (no test here depends on the clock's next second).
+        let old = crate::time::now_unix() - 7200;
+        std::fs::write(
+            dir.path().join("gc/image_use"),
+            format!("sha256:old {old}\nsha256:a {}\n", crate::time::now_unix()),
+        )
+        .unwrap();
+        let with_old = Ledger::open(dir.path());
+        assert_eq!(
+            sweep_candidates(&with_old, 3600, &[], None),
+            vec!["sha256:old".to_owned()]
+        );
+        assert!(sweep_candidates(&with_old, 3600, &["sha256:old".to_owned()], None).is_empty());
+        assert!(sweep_candidates(&with_old, 3600, &[], Some("sha256:old")).is_empty());
+        with_old.forget("sha256:a");
         assert_eq!(
             Ledger::open(dir.path()).older_than(i64::MAX),
-            vec!["sha256:b".to_owned()]
+            vec!["sha256:old".to_owned()]
         );
         assert_eq!(parse_ledger("x 1\nbad\ny two\nz 3\n").len(), 2);
         assert!(seconds_until_local(0) <= 86_400);

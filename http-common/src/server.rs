@@ -945,18 +945,24 @@ async fn receive(
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
-pub async fn shutdown_signal() {
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(error) => {
-            log::error!("cannot listen for SIGTERM: {error}");
-            return std::future::pending().await;
+    // Registered now, not at the first poll: a SIGTERM during start-up (before the daemon
+    // awaits this) must not fall through to the default action and kill the process.
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        let (mut terminate, mut interrupt) = match (terminate, interrupt) {
+            (Ok(terminate), Ok(interrupt)) => (terminate, interrupt),
+            (Err(error), _) | (_, Err(error)) => {
+                log::error!("cannot listen for SIGTERM and SIGINT: {error}");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = terminate.recv() => log::info!("SIGTERM received, shutting down"),
+            _ = interrupt.recv() => log::info!("SIGINT received, shutting down"),
         }
-    };
-    tokio::select! {
-        _ = terminate.recv() => log::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received, shutting down"),
     }
 }
 

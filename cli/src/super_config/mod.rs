@@ -2,8 +2,9 @@
 //!
 //! [`plan`] parses the file strictly (unknown keys are errors), validates it (every error names
 //! the key, never the value of a secret) and returns a [`Plan`]: the `config.d/00-super.toml`
-//! table of keyd, certd, identityd and, when the file has IoT Edge keys, edged, plus the secret
-//! files (decoded inline keys) to put under `/var/secrets/aziot/keyd/`. Writing the plan is
+//! table of keyd, certd, identityd, the TPM service (tpmd, served by keyd) and, when the file
+//! has IoT Edge keys, edged, plus the secret files (decoded inline keys) to put under
+//! `/var/secrets/aziot/keyd/`. Writing the plan is
 //! [`crate::apply`]'s job; this module touches no file except the ones the super-config points
 //! at (`additional_info`, `imported_master_encryption_key`).
 //!
@@ -22,6 +23,7 @@ use crate::error::{ApplyError, Problem};
 mod edge;
 mod provisioning;
 mod raw;
+mod tpm;
 
 use edge::{map_agent, map_edge_ca};
 use provisioning::map_provisioning;
@@ -72,6 +74,8 @@ pub struct Plan {
     pub certd: Table,
     /// identityd's `00-super.toml`.
     pub identityd: Table,
+    /// The TPM service's `00-super.toml` (`/etc/aziot/tpmd/`, read by keyd); often empty.
+    pub tpmd: Table,
     /// edged's `00-super.toml`, when the super-config has IoT Edge keys.
     pub edged: Option<Table>,
     /// Secret files for keyd.
@@ -181,37 +185,17 @@ fn positive(value: i64, key: &str) -> Result<i64, Problem> {
     }
 }
 
-/// Checks a renewal policy string: `N%` (1–99), `Nmin` or `Nday`, N > 0.
+/// Checks a renewal policy string: `N%` (1–99), `Nmin` or `Nday`, N > 0 (config-common's
+/// policy language, the one the daemons read).
 fn check_policy(value: &str, key: &str) -> Result<(), Problem> {
-    let invalid = || {
-        Problem::new(
+    match config_common::renewal::Policy::parse(value) {
+        Some(_) => Ok(()),
+        None => Err(Problem::new(
             key,
             format!(
                 "{value:?} is not a renewal policy (N% with 1 <= N <= 99, Nmin or Nday, N > 0)"
             ),
-        )
-    };
-    let (number, unit) = if let Some(number) = value.strip_suffix('%') {
-        (number, "%")
-    } else if let Some(number) = value.strip_suffix("min") {
-        (number, "min")
-    } else if let Some(number) = value.strip_suffix("day") {
-        (number, "day")
-    } else {
-        return Err(invalid());
-    };
-    if number.is_empty() || !number.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(invalid());
-    }
-    let number: u64 = number.parse().map_err(|_| invalid())?;
-    let in_range = match unit {
-        "%" => (1..=99).contains(&number),
-        _ => number > 0,
-    };
-    if in_range {
-        Ok(())
-    } else {
-        Err(invalid())
+        )),
     }
 }
 
@@ -1221,6 +1205,9 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
         keyd.insert("max_requests".into(), Value::Integer(*limit));
     }
 
+    // The TPM service (keyd reads the tpmd files).
+    let tpmd = tpm::map_tpm(raw.tpm.as_ref(), max_requests.get("tpmd").copied())?;
+
     // certd.
     let mut certd = Table::new();
     certd.insert("homedir_path".into(), string(CERTD_HOMEDIR));
@@ -1293,6 +1280,7 @@ fn map(raw: RawSuperConfig, environment: &dyn Environment) -> Result<Plan, MapEr
         keyd,
         certd,
         identityd,
+        tpmd,
         edged,
         secrets: mapper.secrets,
         warnings: mapper.warnings,
@@ -1419,6 +1407,9 @@ mod tests {
             (&format!("cloud_timeout_sec = 10\n{MANUAL}"), "`cloud_timeout_sec`: cloud_timeout_sec must be at least 70 seconds"),
             ("parent_hostname = \"p\"\n[provisioning]\nsource = \"dps\"\nid_scope = \"s\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\n", "DPS provisioning is not supported in nested mode"),
             (&format!("[aziot_max_requests]\nkeyd = 1\ncertd = 1\ntpmd = 1\n{MANUAL}"), "`aziot_max_requests.identityd`"),
+            (&format!("[tpm]\nauth_key_index = \"0x00_01_00\"\n{MANUAL}"), "`tpm.auth_key_index`"),
+            (&format!("[tpm]\ntcti = \"carrier-pigeon\"\n{MANUAL}"), "`tpm.tcti`: unsupported TCTI"),
+            (&format!("[tpm]\nsurprise = 1\n{MANUAL}"), "unknown field `surprise`"),
             ("[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d\"\n", "the SharedAccessKey component is missing"),
             ("[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=!!!\"\n", "not valid base64"),
             ("[provisioning]\nsource = \"manual\"\niothub_hostname = \"h\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = { value = \"%%\" }\n", "`provisioning.authentication.device_id_pk.value`"),
@@ -1444,6 +1435,43 @@ mod tests {
         let plan = plan(MANUAL, Path::new("/x"), &Fixed).unwrap();
         assert_eq!(plan.secrets[0].contents, vec![0, 0, 0]);
         assert!(!format!("{:?}", plan.secrets).contains("[0, 0, 0]"));
+    }
+
+    #[test]
+    fn operational_cert_goes_to_identityd_with_its_rights() {
+        let text = "[provisioning]\nsource = \"dps\"\nid_scope = \"s\"\n[provisioning.attestation]\n\
+                    method = \"tpm\"\nregistration_id = \"r\"\n[provisioning.operational_cert]\ncert = \"op\"\n";
+        let plan = plan(text, Path::new("/etc/aziot/config.toml"), &Fixed).unwrap();
+        let operational = &plan.identityd["provisioning"]["operational_cert"];
+        assert_eq!(operational["cert"].as_str(), Some("op"));
+        assert_eq!(operational["pk"].as_str(), Some("aziot-dps-operational"));
+        let rights = |table: &Table, field: &str| -> Vec<String> {
+            table["principal"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|principal| principal["uid"].as_integer() == Some(5557))
+                .flat_map(|principal| principal[field].as_array().unwrap().clone())
+                .map(|id| id.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let keys = rights(&plan.keyd, "keys");
+        assert!(
+            keys.contains(&"aziot-dps-operational".to_owned()),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&"aziot-dps-operational-temp".to_owned()),
+            "{keys:?}"
+        );
+        assert!(rights(&plan.certd, "certs").contains(&"op".to_owned()));
+        let manual = error(&format!("{MANUAL}[provisioning.operational_cert]\n"));
+        assert!(manual.contains("provisioning.operational_cert"), "{manual}");
+        let file = error(&text.replace("cert = \"op\"", "cert = \"file:///op.pem\""));
+        assert!(
+            file.contains("provisioning.operational_cert.cert"),
+            "{file}"
+        );
     }
 
     #[test]

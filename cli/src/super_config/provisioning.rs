@@ -29,6 +29,7 @@ pub(super) fn map_provisioning(
                     ("id_scope", raw.id_scope.is_some() || raw.scope_id.is_some()),
                     ("payload", raw.payload.is_some()),
                     ("attestation", raw.attestation.is_some()),
+                    ("operational_cert", raw.operational_cert.is_some()),
                 ],
                 "manual",
             )?;
@@ -295,6 +296,12 @@ pub(super) fn map_provisioning(
                 }
             }
             table.insert("attestation".into(), Value::Table(att));
+            if let Some(operational) = raw.operational_cert {
+                table.insert(
+                    "operational_cert".into(),
+                    Value::Table(map_operational_cert(mapper, operational)?),
+                );
+            }
         }
         "none" => {
             unexpected(
@@ -307,6 +314,7 @@ pub(super) fn map_provisioning(
                     ("id_scope", raw.id_scope.is_some() || raw.scope_id.is_some()),
                     ("payload", raw.payload.is_some()),
                     ("attestation", raw.attestation.is_some()),
+                    ("operational_cert", raw.operational_cert.is_some()),
                 ],
                 "none",
             )?;
@@ -320,6 +328,41 @@ pub(super) fn map_provisioning(
             .into())
         }
     }
+    Ok(table)
+}
+
+/// `[provisioning.operational_cert]` → identityd's table, with identityd's rights on the cert,
+/// the key and the renewal's temporary key.
+fn map_operational_cert(mapper: &mut Mapper, raw: RawOperationalCert) -> Result<Table, Problem> {
+    const KEY: &str = "provisioning.operational_cert";
+    let id = |value: Option<String>, field: &str, scheme: &str| -> Result<String, Problem> {
+        let value = value.unwrap_or_else(|| "aziot-dps-operational".to_owned());
+        let id = value.strip_prefix(scheme).unwrap_or(&value).to_owned();
+        if id.is_empty() || id.contains("://") || id.starts_with("pkcs11:") {
+            return Err(Problem::new(
+                format!("{KEY}.{field}"),
+                "must be a cert/key ID (DPS issues it; nothing to preload)",
+            ));
+        }
+        Ok(id)
+    };
+    let cert = id(raw.cert, "cert", "cert://")?;
+    let pk = id(raw.pk, "pk", "key://")?;
+    let mut table = Table::new();
+    table.insert("cert".into(), string(cert.clone()));
+    table.insert("pk".into(), string(pk.clone()));
+    if let Some(renew) = &raw.auto_renew {
+        let renew = AutoRenew::parse(renew, &format!("{KEY}.auto_renew"))?;
+        if renew.rotate_key {
+            push_unique(&mut mapper.keyd_identityd, format!("{pk}-temp"));
+        }
+        table.insert("auto_renew".into(), renew.table());
+    } else {
+        // identityd's default renewal rotates the key.
+        push_unique(&mut mapper.keyd_identityd, format!("{pk}-temp"));
+    }
+    push_unique(&mut mapper.keyd_identityd, &pk);
+    push_unique(&mut mapper.certd_identityd, &cert);
     Ok(table)
 }
 

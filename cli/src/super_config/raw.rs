@@ -27,9 +27,7 @@ pub(super) struct RawSuperConfig {
     pub(super) cert_issuance: Option<RawCertIssuance>,
     #[serde(default)]
     pub(super) preloaded_certs: BTreeMap<String, Value>,
-    // Accepted for the future TPM service and otherwise ignored.
-    #[allow(dead_code)]
-    pub(super) tpm: Option<Value>,
+    pub(super) tpm: Option<RawTpm>,
     pub(super) trust_bundle_cert: Option<String>,
     // IoT Edge keys.
     pub(super) allow_elevated_docker_permissions: Option<bool>,
@@ -55,6 +53,34 @@ pub(super) struct RawMaxRequests {
     pub(super) identityd: Option<i64>,
 }
 
+/// `[tpm]`: the TPM service's settings (keyd's tpmd configuration).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTpm {
+    pub(super) tcti: Option<String>,
+    pub(super) auth_key_index: Option<i64>,
+    pub(super) hierarchy_authorization: Option<RawHierarchyAuthorization>,
+}
+
+impl std::fmt::Debug for RawTpm {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The hierarchy authorizations are secrets.
+        formatter
+            .debug_struct("RawTpm")
+            .field("tcti", &self.tcti)
+            .field("auth_key_index", &self.auth_key_index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[tpm.hierarchy_authorization]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHierarchyAuthorization {
+    pub(super) endorsement: Option<String>,
+    pub(super) owner: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLocalId {
@@ -74,6 +100,17 @@ pub(super) struct RawProvisioning {
     pub(super) scope_id: Option<String>,
     pub(super) payload: Option<RawPayload>,
     pub(super) attestation: Option<RawAttestation>,
+    /// Ours: DPS issues the operational certificate (identityd's same table).
+    pub(super) operational_cert: Option<RawOperationalCert>,
+}
+
+/// `[provisioning.operational_cert]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOperationalCert {
+    pub(super) cert: Option<String>,
+    pub(super) pk: Option<String>,
+    pub(super) auto_renew: Option<RawAutoRenew>,
 }
 
 impl std::fmt::Debug for RawProvisioning {

@@ -88,7 +88,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Runs `command` (a daemon, logging to `log`) and waits until `socket` exists. On failure
+    /// Runs `command` (a daemon, logging to `log`) and waits until `socket` accepts. On failure
     /// returns the daemon's output.
     pub fn spawn(mut command: Command, socket: &Path, log: &Path) -> Result<Daemon, String> {
         let log_file = std::fs::File::create(log).expect("create the log");
@@ -105,7 +105,9 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if socket.exists() {
+            // The socket file appears at bind(2), a moment before listen(2): a connection
+            // refused in between is not a daemon that refuses, so wait until one is accepted.
+            if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok() {
                 return Ok(daemon);
             }
             if let Ok(Some(status)) = daemon.child.try_wait() {

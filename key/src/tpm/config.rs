@@ -145,7 +145,7 @@ impl TpmConfig {
                 ));
             }
         }
-        let max_requests = raw.max_requests.unwrap_or(50);
+        let max_requests = raw.max_requests.unwrap_or(10);
         if max_requests == 0 {
             return Err(ConfigError::invalid(
                 loaded,
