@@ -3,8 +3,9 @@
 //! `"preloaded_cert:<id>" = "/abs/path"` keys are accepted.
 //!
 //! The reloadable part (principals, `cert_issuance`, `preloaded_certs`) is kept apart in
-//! [`Policy`] so a config change can replace it without a restart. EST issuance is not
-//! implemented: naming it is a startup error.
+//! [`Policy`] so a config change can replace it without a restart. EST settings
+//! (`[cert_issuance.est]` and per-cert `method = "est"`) are resolved here into one [`EstTarget`]
+//! per EST-issued cert ID, so the issuance code never looks up defaults.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -54,6 +55,78 @@ pub struct Policy {
     pub issuance: BTreeMap<String, IssuanceOptions>,
     /// Preloaded certs, by cert ID.
     pub preloaded: BTreeMap<String, Preloaded>,
+    /// `[cert_issuance.est]`: server trust and identity auto-renewal (set when any cert is
+    /// EST-issued or the table is present).
+    pub est: Option<EstSettings>,
+}
+
+/// A cert ID plus the keyd key pair ID of its private key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertWithKey {
+    /// The cert ID.
+    pub cert: String,
+    /// The keyd key pair ID.
+    pub pk: String,
+}
+
+/// How certd authenticates to an EST server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EstAuth {
+    /// HTTP Basic `(username, password)`.
+    pub basic: Option<(String, String)>,
+    /// The TLS client identity (`identity_cert` / `identity_pk`).
+    pub identity: Option<CertWithKey>,
+    /// Used to enroll `identity` when it does not exist yet.
+    pub bootstrap: Option<CertWithKey>,
+}
+
+impl EstAuth {
+    fn is_empty(&self) -> bool {
+        self.basic.is_none() && self.identity.is_none() && self.bootstrap.is_none()
+    }
+}
+
+/// Where and how one cert ID is enrolled over EST.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EstTarget {
+    /// The base URL, ending in `/` (`simpleenroll`, `cacerts` are appended).
+    pub url: String,
+    /// Authentication (the cert's own, else `[cert_issuance.est]`'s).
+    pub auth: EstAuth,
+}
+
+/// `[cert_issuance.est]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EstSettings {
+    /// Cert IDs of CA certs trusted for the EST server's TLS certificate (besides system roots).
+    pub trusted_certs: Vec<String>,
+    /// The global authentication.
+    pub auth: EstAuth,
+    /// `urls`: cert ID (or `default`) → base URL ending in `/`.
+    pub urls: BTreeMap<String, String>,
+    /// `identity_auto_renew`.
+    pub auto_renew: AutoRenew,
+}
+
+/// `[cert_issuance.est.identity_auto_renew]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoRenew {
+    /// Renew with a new key (`<pk>-temp`, moved over `<pk>` on success).
+    pub rotate_key: bool,
+    /// When to renew.
+    pub threshold: config_common::renewal::Policy,
+    /// How long to wait after a failed attempt.
+    pub retry: config_common::renewal::Policy,
+}
+
+impl Default for AutoRenew {
+    fn default() -> Self {
+        AutoRenew {
+            rotate_key: true,
+            threshold: config_common::renewal::Policy::Percent(80),
+            retry: config_common::renewal::Policy::Percent(4),
+        }
+    }
 }
 
 impl Policy {
@@ -104,7 +177,7 @@ pub enum Method {
     SelfSigned,
     /// Signed by the local CA.
     LocalCa,
-    /// EST enrollment (not implemented; refused at startup).
+    /// EST enrollment (RFC 7030) at the cert's [`EstTarget`].
     Est,
 }
 
@@ -131,6 +204,8 @@ pub struct IssuanceOptions {
     /// `ca`: whether an implicit issuer (self-signed, local CA) may issue this cert ID as a CA;
     /// unset means the default of [`Policy::may_be_ca`].
     pub ca: Option<bool>,
+    /// With `method = "est"`: the resolved server and authentication.
+    pub est: Option<EstTarget>,
 }
 
 /// A preloaded cert.
@@ -176,8 +251,7 @@ struct RawEndpoints {
     aziot_tpmd: Option<String>,
 }
 
-/// One `[cert_issuance.*]` table. `local_ca` uses `cert`/`pk`; `est` and the EST fields are
-/// recognized only to be refused or ignored with a clear message.
+/// One `[cert_issuance.*]` table. `local_ca` uses `cert`/`pk`; `est` the EST fields.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIssuance {
@@ -189,46 +263,26 @@ struct RawIssuance {
     ca: Option<bool>,
     cert: Option<String>,
     pk: Option<String>,
-    // EST settings (per-cert or in `[cert_issuance.est]`): accepted by the parser so the error
-    // can say that EST is not implemented rather than "unknown field".
-    url: Option<toml::Value>,
-    username: Option<toml::Value>,
-    password: Option<toml::Value>,
-    identity_cert: Option<toml::Value>,
-    identity_pk: Option<toml::Value>,
-    bootstrap_identity_cert: Option<toml::Value>,
-    bootstrap_identity_pk: Option<toml::Value>,
-    trusted_certs: Option<toml::Value>,
-    identity_auto_renew: Option<toml::Value>,
-    urls: Option<toml::Value>,
+    // EST settings: per-cert (`url` and the auth fields) or in `[cert_issuance.est]` (the auth
+    // fields, `trusted_certs`, `urls`, `identity_auto_renew`).
+    url: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    identity_cert: Option<String>,
+    identity_pk: Option<String>,
+    bootstrap_identity_cert: Option<String>,
+    bootstrap_identity_pk: Option<String>,
+    trusted_certs: Option<Vec<String>>,
+    identity_auto_renew: Option<RawAutoRenew>,
+    urls: Option<BTreeMap<String, String>>,
 }
 
-impl RawIssuance {
-    fn est_fields(&self) -> Vec<&'static str> {
-        let fields: [(&'static str, bool); 10] = [
-            ("url", self.url.is_some()),
-            ("username", self.username.is_some()),
-            ("password", self.password.is_some()),
-            ("identity_cert", self.identity_cert.is_some()),
-            ("identity_pk", self.identity_pk.is_some()),
-            (
-                "bootstrap_identity_cert",
-                self.bootstrap_identity_cert.is_some(),
-            ),
-            (
-                "bootstrap_identity_pk",
-                self.bootstrap_identity_pk.is_some(),
-            ),
-            ("trusted_certs", self.trusted_certs.is_some()),
-            ("identity_auto_renew", self.identity_auto_renew.is_some()),
-            ("urls", self.urls.is_some()),
-        ];
-        fields
-            .into_iter()
-            .filter(|(_, present)| *present)
-            .map(|(name, _)| name)
-            .collect()
-    }
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoRenew {
+    rotate_key: Option<bool>,
+    threshold: Option<String>,
+    retry: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -371,25 +425,13 @@ impl Config {
         }
 
         let mut local_ca = None;
+        let mut est_table = None;
         let mut issuance = BTreeMap::new();
         for (id, options) in raw.cert_issuance {
             let key = format!("cert_issuance.{id}");
-            let not_implemented = || {
-                ConfigError::invalid(
-                    loaded,
-                    &key,
-                    format!("EST issuance is not implemented (cert_issuance.{id})"),
-                )
-            };
-            if id == "est" || options.method == Some(Method::Est) {
-                return Err(not_implemented());
-            }
-            if let Some(field) = options.est_fields().first() {
-                return Err(ConfigError::invalid(
-                    loaded,
-                    format!("{key}.{field}"),
-                    format!("EST issuance is not implemented (cert_issuance.{id})"),
-                ));
+            if id == "est" {
+                est_table = Some(parse_est_table(loaded, &key, options)?);
+                continue;
             }
             if id == "local_ca" {
                 local_ca = Some(parse_local_ca(loaded, &key, options)?);
@@ -402,8 +444,25 @@ impl Config {
                     format!("invalid cert ID: {problem}"),
                 ));
             }
-            issuance.insert(id, parse_options(loaded, &key, options)?);
+            let mut options = options;
+            let cert_est = take_cert_est(loaded, &key, &mut options)?;
+            let mut parsed = parse_options(loaded, &key, options)?;
+            if parsed.method == Some(Method::Est) {
+                parsed.est = Some(EstTarget {
+                    url: cert_est.0.unwrap_or_default(),
+                    auth: cert_est.1,
+                });
+            } else if cert_est.0.is_some() || !cert_est.1.is_empty() {
+                let field = if cert_est.0.is_some() { "url" } else { "auth" };
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("{key}.{field}"),
+                    "EST settings need method = \"est\"",
+                ));
+            }
+            issuance.insert(id, parsed);
         }
+        let est = resolve_est(loaded, est_table, &mut issuance)?;
         for (id, options) in &issuance {
             if options.method == Some(Method::LocalCa) && local_ca.is_none() {
                 return Err(ConfigError::invalid(
@@ -470,6 +529,7 @@ impl Config {
                     .into_iter()
                     .map(|(id, (_, entry))| (id, entry))
                     .collect(),
+                est,
             },
         })
     }
@@ -483,6 +543,19 @@ fn parse_local_ca(loaded: &Loaded, key: &str, raw: RawIssuance) -> Result<LocalC
         ("expiry_days", raw.expiry_days.is_some()),
         ("key_algorithms", raw.key_algorithms.is_some()),
         ("ca", raw.ca.is_some()),
+        ("url", raw.url.is_some()),
+        ("username", raw.username.is_some()),
+        ("password", raw.password.is_some()),
+        ("identity_cert", raw.identity_cert.is_some()),
+        ("identity_pk", raw.identity_pk.is_some()),
+        (
+            "bootstrap_identity_cert",
+            raw.bootstrap_identity_cert.is_some(),
+        ),
+        ("bootstrap_identity_pk", raw.bootstrap_identity_pk.is_some()),
+        ("trusted_certs", raw.trusted_certs.is_some()),
+        ("identity_auto_renew", raw.identity_auto_renew.is_some()),
+        ("urls", raw.urls.is_some()),
     ];
     if let Some((field, _)) = extra.iter().find(|(_, present)| *present) {
         return Err(ConfigError::invalid(
@@ -600,7 +673,281 @@ fn parse_options(
         expiry_days,
         key_algorithms: raw.key_algorithms,
         ca: raw.ca,
+        est: None,
     })
+}
+
+/// Checks an EST base URL (`http://` or `https://`, with a host) and returns it ending in `/`.
+fn est_url(loaded: &Loaded, key: &str, url: &str) -> Result<String, ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| ConfigError::invalid(loaded, key, "not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") => log::warn!(
+            "EST server URL {url:?} ({key}) uses unencrypted HTTP, which exposes the device to \
+             man-in-the-middle attacks; configure HTTPS for the EST server"
+        ),
+        _ => {
+            return Err(ConfigError::invalid(
+                loaded,
+                key,
+                "must be an http:// or https:// URL",
+            ))
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::invalid(loaded, key, "the URL has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(ConfigError::invalid(
+            loaded,
+            key,
+            "the URL must not have a query",
+        ));
+    }
+    let mut url = url.to_owned();
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    Ok(url)
+}
+
+/// Reads the EST authentication fields of one table: Basic needs both `username` and
+/// `password`, a TLS identity both `identity_cert` and `identity_pk`, and a bootstrap identity
+/// both of its fields and an identity to enroll.
+fn take_auth(loaded: &Loaded, key: &str, raw: &mut RawIssuance) -> Result<EstAuth, ConfigError> {
+    let pair = |first: Option<String>,
+                second: Option<String>,
+                names: (&str, &str)|
+     -> Result<Option<(String, String)>, ConfigError> {
+        match (first, second) {
+            (None, None) => Ok(None),
+            (Some(first), Some(second)) => {
+                if first.is_empty() {
+                    return Err(ConfigError::invalid(
+                        loaded,
+                        format!("{key}.{}", names.0),
+                        "must not be empty",
+                    ));
+                }
+                Ok(Some((first, second)))
+            }
+            (Some(_), None) => Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.{}", names.1),
+                format!("is required with {}", names.0),
+            )),
+            (None, Some(_)) => Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.{}", names.0),
+                format!("is required with {}", names.1),
+            )),
+        }
+    };
+    let id_pair = |cert: Option<String>,
+                   pk: Option<String>,
+                   names: (&str, &str)|
+     -> Result<Option<CertWithKey>, ConfigError> {
+        let Some((cert, pk)) = pair(cert, pk, names)? else {
+            return Ok(None);
+        };
+        for (value, name) in [(&cert, names.0), (&pk, names.1)] {
+            if let Some(problem) = cert_id_problem(value) {
+                return Err(ConfigError::invalid(
+                    loaded,
+                    format!("{key}.{name}"),
+                    format!("invalid ID: {problem}"),
+                ));
+            }
+        }
+        Ok(Some(CertWithKey { cert, pk }))
+    };
+    let basic = pair(
+        raw.username.take(),
+        raw.password.take(),
+        ("username", "password"),
+    )?;
+    let identity = id_pair(
+        raw.identity_cert.take(),
+        raw.identity_pk.take(),
+        ("identity_cert", "identity_pk"),
+    )?;
+    let bootstrap = id_pair(
+        raw.bootstrap_identity_cert.take(),
+        raw.bootstrap_identity_pk.take(),
+        ("bootstrap_identity_cert", "bootstrap_identity_pk"),
+    )?;
+    if bootstrap.is_some() && identity.is_none() {
+        return Err(ConfigError::invalid(
+            loaded,
+            format!("{key}.identity_cert"),
+            "is required with bootstrap_identity_cert (the identity the bootstrap cert enrolls)",
+        ));
+    }
+    Ok(EstAuth {
+        basic,
+        identity,
+        bootstrap,
+    })
+}
+
+/// Takes the per-cert EST fields (`url` and authentication) out of `raw`; the fields only
+/// `[cert_issuance.est]` may have are refused.
+fn take_cert_est(
+    loaded: &Loaded,
+    key: &str,
+    raw: &mut RawIssuance,
+) -> Result<(Option<String>, EstAuth), ConfigError> {
+    for (field, present) in [
+        ("trusted_certs", raw.trusted_certs.is_some()),
+        ("urls", raw.urls.is_some()),
+        ("identity_auto_renew", raw.identity_auto_renew.is_some()),
+    ] {
+        if present {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.{field}"),
+                "only allowed in [cert_issuance.est]",
+            ));
+        }
+    }
+    let url = match raw.url.take() {
+        Some(url) => Some(est_url(loaded, &format!("{key}.url"), &url)?),
+        None => None,
+    };
+    Ok((url, take_auth(loaded, key, raw)?))
+}
+
+fn renew_policy(
+    loaded: &Loaded,
+    key: &str,
+    value: Option<String>,
+    default: config_common::renewal::Policy,
+) -> Result<config_common::renewal::Policy, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => config_common::renewal::Policy::parse(&text).ok_or_else(|| {
+            ConfigError::invalid(loaded, key, config_common::renewal::Policy::EXPECTED)
+        }),
+    }
+}
+
+/// Parses `[cert_issuance.est]`.
+fn parse_est_table(
+    loaded: &Loaded,
+    key: &str,
+    mut raw: RawIssuance,
+) -> Result<EstSettings, ConfigError> {
+    let extra = [
+        ("method", raw.method.is_some()),
+        ("common_name", raw.common_name.is_some()),
+        ("subject", raw.subject.is_some()),
+        ("expiry_days", raw.expiry_days.is_some()),
+        ("key_algorithms", raw.key_algorithms.is_some()),
+        ("ca", raw.ca.is_some()),
+        ("cert", raw.cert.is_some()),
+        ("pk", raw.pk.is_some()),
+        ("url", raw.url.is_some()),
+    ];
+    if let Some((field, _)) = extra.iter().find(|(_, present)| *present) {
+        let hint = if *field == "url" {
+            "not allowed in [cert_issuance.est]; use [cert_issuance.est.urls] default = \"...\""
+        } else {
+            "not allowed in [cert_issuance.est]"
+        };
+        return Err(ConfigError::invalid(loaded, format!("{key}.{field}"), hint));
+    }
+    let auth = take_auth(loaded, key, &mut raw)?;
+    let trusted_certs = raw.trusted_certs.unwrap_or_default();
+    for (index, id) in trusted_certs.iter().enumerate() {
+        if let Some(problem) = cert_id_problem(id) {
+            return Err(ConfigError::invalid(
+                loaded,
+                format!("{key}.trusted_certs[{index}]"),
+                format!("invalid cert ID: {problem}"),
+            ));
+        }
+    }
+    let mut urls = BTreeMap::new();
+    for (id, url) in raw.urls.unwrap_or_default() {
+        let url = est_url(loaded, &format!("{key}.urls.{id}"), &url)?;
+        urls.insert(id, url);
+    }
+    let defaults = AutoRenew::default();
+    let auto_renew = match raw.identity_auto_renew {
+        None => defaults,
+        Some(renew) => {
+            let renew_key = format!("{key}.identity_auto_renew");
+            AutoRenew {
+                rotate_key: renew.rotate_key.unwrap_or(defaults.rotate_key),
+                threshold: renew_policy(
+                    loaded,
+                    &format!("{renew_key}.threshold"),
+                    renew.threshold,
+                    defaults.threshold,
+                )?,
+                retry: renew_policy(
+                    loaded,
+                    &format!("{renew_key}.retry"),
+                    renew.retry,
+                    defaults.retry,
+                )?,
+            }
+        }
+    };
+    Ok(EstSettings {
+        trusted_certs,
+        auth,
+        urls,
+        auto_renew,
+    })
+}
+
+/// Completes every `method = "est"` cert's target: the URL from the cert, `urls.<certId>` or
+/// `urls.default`, the authentication from the cert or `[cert_issuance.est]`. Returns the EST
+/// settings when EST is used at all.
+fn resolve_est(
+    loaded: &Loaded,
+    table: Option<EstSettings>,
+    issuance: &mut BTreeMap<String, IssuanceOptions>,
+) -> Result<Option<EstSettings>, ConfigError> {
+    let uses_est = issuance
+        .values()
+        .any(|options| options.method == Some(Method::Est));
+    if !uses_est {
+        return Ok(table);
+    }
+    let settings = table.unwrap_or_else(|| EstSettings {
+        trusted_certs: Vec::new(),
+        auth: EstAuth::default(),
+        urls: BTreeMap::new(),
+        auto_renew: AutoRenew::default(),
+    });
+    for (id, options) in issuance.iter_mut() {
+        let Some(target) = options.est.as_mut() else {
+            continue;
+        };
+        if target.url.is_empty() {
+            target.url = settings
+                .urls
+                .get(id)
+                .or_else(|| settings.urls.get("default"))
+                .cloned()
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        loaded,
+                        format!("cert_issuance.{id}.url"),
+                        "method \"est\" needs a url here or in [cert_issuance.est.urls] \
+                         (the cert ID or default)",
+                    )
+                })?;
+        }
+        if target.auth.is_empty() {
+            target.auth = settings.auth.clone();
+        }
+    }
+    Ok(Some(settings))
 }
 
 pub use config_common::glob_matches;
@@ -681,6 +1028,7 @@ mod tests {
                 expiry_days: Some(365),
                 key_algorithms: None,
                 ca: None,
+                est: None,
             }
         );
         assert_eq!(
@@ -756,15 +1104,47 @@ mod tests {
             ("homedir_path = \"/h\"\nsurprise = 1", "`surprise`: unknown field"),
             (
                 "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"",
-                "EST issuance is not implemented (cert_issuance.x)",
-            ),
-            (
-                "homedir_path = \"/h\"\n[cert_issuance.est]\ntrusted_certs = []",
-                "EST issuance is not implemented (cert_issuance.est)",
+                "cert_issuance.x.url",
             ),
             (
                 "homedir_path = \"/h\"\n[cert_issuance.x]\nurl = \"https://est\"",
                 "cert_issuance.x.url",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"\nurl = \"ftp://est/\"",
+                "cert_issuance.x.url",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"\nurl = \"https://est/\"\nusername = \"u\"",
+                "cert_issuance.x.password",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"\nurl = \"https://est/\"\nbootstrap_identity_cert = \"b\"\nbootstrap_identity_pk = \"b\"",
+                "cert_issuance.x.identity_cert",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"\nurl = \"https://est/\"\ntrusted_certs = []",
+                "cert_issuance.x.trusted_certs",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.est]\nurl = \"https://est/\"",
+                "cert_issuance.est.url",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.est.identity_auto_renew]\nthreshold = \"100%\"",
+                "cert_issuance.est.identity_auto_renew.threshold",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.est.identity_auto_renew]\nretry = \"0min\"",
+                "cert_issuance.est.identity_auto_renew.retry",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.est.identity_auto_renew]\nsoon = true",
+                "cert_issuance.est",
+            ),
+            (
+                "homedir_path = \"/h\"\n[cert_issuance.est.urls]\ndefault = \"est.example\"",
+                "cert_issuance.est.urls.default",
             ),
             (
                 "homedir_path = \"/h\"\n[cert_issuance.x]\nexpiry_days = 0",
@@ -832,6 +1212,86 @@ mod tests {
         // The same preloaded cert given identically both ways is fine.
         parse("homedir_path = \"/h\"\n\"preloaded_cert:x\" = \"/a\"\n[preloaded_certs]\nx = \"file:///a\"")
             .unwrap();
+    }
+
+    #[test]
+    fn est_configs_resolve_urls_and_auth() {
+        let config = parse(
+            r#"
+            homedir_path = "/h"
+            [cert_issuance.est]
+            trusted_certs = ["est-ca"]
+            username = "user"
+            password = "secret"
+            identity_cert = "est-id"
+            identity_pk = "est-id"
+            bootstrap_identity_cert = "est-boot"
+            bootstrap_identity_pk = "est-boot"
+            [cert_issuance.est.urls]
+            default = "https://est.example/.well-known/est"
+            special = "http://other.example:8080/.well-known/est/label/"
+            [cert_issuance.est.identity_auto_renew]
+            rotate_key = false
+            threshold = "50%"
+            retry = "2min"
+            [cert_issuance.device-id]
+            method = "est"
+            [cert_issuance.special]
+            method = "est"
+            [cert_issuance.own]
+            method = "est"
+            url = "https://own.example/est"
+            identity_cert = "own-id"
+            identity_pk = "own-key"
+            "#,
+        )
+        .unwrap();
+        let policy = &config.policy;
+        let est = policy.est.as_ref().unwrap();
+        assert_eq!(est.trusted_certs, ["est-ca"]);
+        assert!(!est.auto_renew.rotate_key);
+        assert_eq!(
+            est.auto_renew.threshold,
+            config_common::renewal::Policy::Percent(50)
+        );
+        assert_eq!(
+            est.auto_renew.retry,
+            config_common::renewal::Policy::Duration(std::time::Duration::from_secs(120))
+        );
+        let device = policy.issuance["device-id"].est.as_ref().unwrap();
+        assert_eq!(device.url, "https://est.example/.well-known/est/");
+        assert_eq!(device.auth.basic, Some(("user".into(), "secret".into())));
+        assert_eq!(
+            device.auth.bootstrap,
+            Some(CertWithKey {
+                cert: "est-boot".into(),
+                pk: "est-boot".into()
+            })
+        );
+        let special = policy.issuance["special"].est.as_ref().unwrap();
+        assert_eq!(
+            special.url,
+            "http://other.example:8080/.well-known/est/label/"
+        );
+        let own = policy.issuance["own"].est.as_ref().unwrap();
+        assert_eq!(own.url, "https://own.example/est/");
+        assert_eq!(
+            own.auth.basic, None,
+            "a cert's own auth replaces the global"
+        );
+        assert_eq!(
+            own.auth.identity,
+            Some(CertWithKey {
+                cert: "own-id".into(),
+                pk: "own-key".into()
+            })
+        );
+        // Defaults of identity_auto_renew.
+        let config = parse(
+            "homedir_path = \"/h\"\n[cert_issuance.x]\nmethod = \"est\"\nurl = \"https://e/\"",
+        )
+        .unwrap();
+        assert_eq!(config.policy.est.unwrap().auto_renew, AutoRenew::default());
     }
 
     #[test]

@@ -114,6 +114,40 @@ pub enum CertError {
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The EST server could not be reached (connection, TLS handshake, timeout).
+    #[error("EST server {url} is unreachable: {reason}")]
+    EstUnreachable {
+        /// The request URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The EST server answered with an error.
+    #[error("EST server {url} refused the request ({status}): {message}")]
+    EstRefused {
+        /// The request URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's text (shortened).
+        message: String,
+    },
+    /// The EST server's answer is not usable.
+    #[error("EST server {url} answered something unusable: {reason}")]
+    EstInvalidAnswer {
+        /// The request URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// EST enrollment cannot run with this configuration or state (e.g. a missing identity).
+    #[error("EST enrollment of {id:?} is not possible: {reason}")]
+    EstNotReady {
+        /// The cert ID being enrolled.
+        id: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl CertError {
@@ -139,7 +173,13 @@ impl http_common::ApiError for CertError {
             CertError::Forbidden { .. } | CertError::CaNotAllowed { .. } => StatusCode::FORBIDDEN,
             CertError::NotFound(_) => StatusCode::NOT_FOUND,
             CertError::Preloaded(_) => StatusCode::CONFLICT,
-            CertError::KeydUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CertError::KeydUnavailable(_) | CertError::EstUnreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            CertError::EstRefused { .. } | CertError::EstInvalidAnswer { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            CertError::EstNotReady { .. } => StatusCode::CONFLICT,
             CertError::KeydForbidden { .. }
             | CertError::Keyd { .. }
             | CertError::PreloadedUnreadable { .. }
@@ -161,6 +201,10 @@ impl http_common::ApiError for CertError {
             CertError::PreloadedUnreadable { id, .. } => {
                 format!("preloaded cert {id:?} is unreadable")
             }
+            // Says what went wrong with the EST server (no secrets: URLs and server text only).
+            CertError::EstUnreachable { .. }
+            | CertError::EstRefused { .. }
+            | CertError::EstInvalidAnswer { .. } => self.to_string(),
             _ => "internal error".to_owned(),
         }
     }
@@ -176,6 +220,7 @@ impl http_common::ApiError for CertError {
         match self {
             CertError::Http(error) => error.retry_after,
             CertError::KeydUnavailable(_) => Some(1),
+            CertError::EstUnreachable { .. } => Some(30),
             _ => None,
         }
     }

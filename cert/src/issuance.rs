@@ -171,7 +171,8 @@ pub enum SignatureAlgorithm {
 }
 
 impl SignatureAlgorithm {
-    fn identifier(self) -> AlgorithmIdentifierOwned {
+    /// The AlgorithmIdentifier of signatures made this way.
+    pub fn identifier(self) -> AlgorithmIdentifierOwned {
         match self {
             SignatureAlgorithm::EcdsaSha256 => AlgorithmIdentifierOwned {
                 oid: OID_ECDSA_WITH_SHA256,
@@ -209,6 +210,8 @@ pub struct Csr {
     pub extensions: Vec<Extension>,
     /// The public key, for comparisons.
     pub public_key: PKey<Public>,
+    /// The request's DER, as received (EST forwards it unchanged).
+    pub der: Vec<u8>,
 }
 
 /// Parses a CSR given as PEM (`CERTIFICATE REQUEST` or `NEW CERTIFICATE REQUEST`) or as base64 of
@@ -270,6 +273,7 @@ pub fn parse_csr(text: &str) -> Result<Csr, CertError> {
         spki: parsed.info.public_key,
         extensions,
         public_key,
+        der,
     })
 }
 

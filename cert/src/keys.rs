@@ -116,7 +116,7 @@ impl Keys {
     }
 
     /// A handle to certd's key pair `key_id` (cached).
-    async fn handle_for(&self, key_id: &str) -> Result<KeyHandle, CertError> {
+    pub(crate) async fn handle_for(&self, key_id: &str) -> Result<KeyHandle, CertError> {
         if let Some(handle) = lock(&self.handles).get(key_id).cloned() {
             return Ok(handle);
         }
@@ -130,6 +130,16 @@ impl Keys {
 
     fn forget_handle(&self, key_id: &str) {
         lock(&self.handles).remove(key_id);
+    }
+
+    /// Renames key pair `from` to `to` in keyd (replacing `to`), forgetting both cached handles.
+    pub async fn move_key_pair(&self, from: &str, to: &str) -> Result<(), CertError> {
+        self.forget(SigningKey::Certd(from));
+        self.forget(SigningKey::Certd(to));
+        self.client
+            .move_key_pair(from, to)
+            .await
+            .map_err(|error| keyd_error(error, SigningKey::Certd(from), "moving a key pair"))
     }
 
     /// Creates key pair `key_id` in keyd if it does not exist (`algorithms` as keyd's

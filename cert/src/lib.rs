@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod error;
+pub mod est;
 mod handlers;
 pub mod issuance;
 pub mod keys;
@@ -38,11 +39,10 @@ pub async fn build_service(config: &Config) -> Result<CertService, CertError> {
             step: "connecting",
             source,
         })?;
-    Ok(CertService::new(
-        Arc::new(store),
-        config.policy.clone(),
-        keyd,
-    ))
+    Ok(
+        CertService::new(Arc::new(store), config.policy.clone(), keyd)
+            .with_keyd_uri(&config.keyd_endpoint),
+    )
 }
 
 /// Serves certd on `listener` until `shutdown` resolves. When `config_files` is given, changes
@@ -54,6 +54,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CertError> {
     let service = Arc::new(build_service(&config).await?);
+    tokio::spawn(Arc::clone(&service).run_est_renewal());
     if let Some(files) = config_files {
         tokio::spawn(watch_policy(files, Arc::clone(&service)));
     }

@@ -25,6 +25,8 @@ use crate::keys::{Keys, SigningKey};
 use crate::pem;
 use crate::store::{CertStore, StoreError};
 
+mod est;
+
 /// Most dynamic certs kept in memory; beyond it, reads go to the store.
 const CACHE_LIMIT: usize = 4096;
 
@@ -240,6 +242,8 @@ pub struct CertService {
     cache: Cache,
     /// Parsed issuer certificates by cert ID, reused while the stored chain is unchanged.
     issuers: Mutex<HashMap<String, Arc<IssuerCert>>>,
+    /// keyd's URI, for TLS client keys that sign through keyd (EST).
+    keyd_uri: String,
 }
 
 /// The most ASCII letters and digits a cert ID named through the API may contain: what the file
@@ -273,7 +277,15 @@ impl CertService {
             slots: Slots::default(),
             cache: Cache::default(),
             issuers: Mutex::new(HashMap::new()),
+            keyd_uri: crate::config::DEFAULT_KEYD_ENDPOINT.to_owned(),
         }
+    }
+
+    /// Sets keyd's URI (the default is [`crate::config::DEFAULT_KEYD_ENDPOINT`]); the EST TLS
+    /// client key signs through it.
+    pub fn with_keyd_uri(mut self, uri: &str) -> Self {
+        uri.clone_into(&mut self.keyd_uri);
+        self
     }
 
     /// Replaces principals, issuance options and preloaded certs (config reload).
@@ -632,7 +644,16 @@ impl CertService {
                     }),
                 )?,
                 Some(Method::LocalCa) => self.local_ca_plan(&policy).await?,
-                Some(Method::Est) | None => {
+                Some(Method::Est) => {
+                    let target = options
+                        .and_then(|options| options.est.as_ref())
+                        .ok_or_else(|| CertError::EstNotReady {
+                            id: id.to_owned(),
+                            reason: "no EST server is configured".to_owned(),
+                        })?;
+                    return self.est_enroll(&policy, id, target, &csr).await;
+                }
+                None => {
                     return Err(CertError::BadRequest(
                         "issuer is required for locally-issued certs".to_owned(),
                     ))
@@ -699,6 +720,11 @@ impl CertService {
             return Err(CertError::Preloaded(id.to_owned()));
         }
         let options = policy.issuance.get(id);
+        if options.and_then(|options| options.method) == Some(Method::Est) {
+            return Err(CertError::BadRequest(format!(
+                "cert {id:?} is issued by EST: request it with a CSR (POST /certificates)"
+            )));
+        }
         let (template, public_key) = self.new_key_template(id, id, options, Vec::new()).await?;
         let plan = match options.and_then(|options| options.method) {
             Some(Method::LocalCa) => self.local_ca_plan(&policy).await?,

@@ -791,11 +791,11 @@ fn invalid_config_exits_153_naming_file_and_key() {
     let cases = [
         (
             "[cert_issuance.device-id]\nmethod = \"est\"\n",
-            "EST issuance is not implemented (cert_issuance.device-id)",
+            "cert_issuance.device-id.url",
         ),
         (
             "[cert_issuance.est]\nusername = \"u\"\n",
-            "EST issuance is not implemented (cert_issuance.est)",
+            "cert_issuance.est.password",
         ),
         (
             "[cert_issuance.x]\nexpiry_days = 0\n",

@@ -184,9 +184,6 @@ struct Expect {
     tpm_absent: bool,
 }
 
-/// certd has no EST client yet (issue 12).
-const EST_REFUSED: &[(&str, &str)] = &[("certd", "EST issuance is not implemented")];
-
 /// The golden files of a set, parsed.
 struct GoldenFiles {
     dir: PathBuf,
@@ -587,6 +584,10 @@ fn check_set(name: &str, expect: Expect) {
             .map_or(std::net::Ipv4Addr::LOCALHOST, |cloud| cloud.address);
         hosts.push_str(&format!("{address} {host} {HUB_HOST}\n"));
     }
+    // The fixtures' EST servers are fictional: their names point at nothing.
+    for host in est_hosts(&files) {
+        hosts.push_str(&format!("127.0.0.1 {host}\n"));
+    }
     device.write("/etc/hosts", hosts);
     let runtime = common::runtime();
     let mut running = Vec::new();
@@ -690,6 +691,7 @@ fn check_set(name: &str, expect: Expect) {
             "{name}: certd did not answer: {answer:?}\n{}",
             certd.log()
         );
+        est_enrollment_fails_clearly(name, &device, &files, &runtime, &certs, &certd);
         running.push(certd);
     }
 
@@ -742,8 +744,11 @@ fn check_set(name: &str, expect: Expect) {
         if expect.tpm_absent {
             provisioning_failed_at_the_tpm(name, &runtime, &identity, &identityd);
         }
-        if let (None, Some(toml::Value::Table(subject))) = (
+        // An EST-issued device cert cannot be issued: the fixture's EST server is fictional
+        // (est_enrollment_fails_clearly checked the error).
+        if let (None, false, Some(toml::Value::Table(subject))) = (
             refused("certd"),
+            est_issued(&files, "device-id"),
             files.get(
                 "identityd",
                 &["provisioning", "authentication", "csr_subject"],
@@ -762,6 +767,106 @@ fn check_set(name: &str, expect: Expect) {
     drop(identityd);
     drop(running);
     drop(cloud);
+}
+
+/// Whether certd's golden file issues cert `id` by EST.
+fn est_issued(files: &GoldenFiles, id: &str) -> bool {
+    files.str("certd", &["cert_issuance", id, "method"]) == Some("est")
+}
+
+/// The host names of the EST URLs in certd's golden file.
+fn est_hosts(files: &GoldenFiles) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    if let Some(issuance) = files
+        .get("certd", &["cert_issuance"])
+        .and_then(toml::Value::as_table)
+    {
+        for (id, options) in issuance {
+            if let Some(url) = options.get("url").and_then(toml::Value::as_str) {
+                urls.push(url.to_owned());
+            }
+            if id == "est" {
+                for url in options
+                    .get("urls")
+                    .and_then(toml::Value::as_table)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(_, url)| url.as_str())
+                {
+                    urls.push(url.to_owned());
+                }
+            }
+        }
+    }
+    urls.iter()
+        .filter_map(|url| {
+            let rest = url.split_once("://")?.1;
+            let authority = rest.split('/').next()?;
+            Some(authority.split(':').next()?.to_owned())
+        })
+        .collect()
+}
+
+/// certd serves with the set's EST configuration; an enrollment of an EST-issued cert ID fails
+/// clearly (the fixtures' EST servers do not exist): 502 or 503 naming the EST server, and
+/// certd keeps serving.
+fn est_enrollment_fails_clearly(
+    name: &str,
+    device: &DeviceRoot,
+    files: &GoldenFiles,
+    runtime: &tokio::runtime::Runtime,
+    certs: &cert_api::Client,
+    certd: &Daemon,
+) {
+    let Some(issuance) = files
+        .get("certd", &["cert_issuance"])
+        .and_then(toml::Value::as_table)
+    else {
+        return;
+    };
+    let est_ids: Vec<&String> = issuance
+        .iter()
+        .filter(|(_, options)| options.get("method").and_then(toml::Value::as_str) == Some("est"))
+        .map(|(id, _)| id)
+        .collect();
+    let Some(id) = est_ids.first() else {
+        return;
+    };
+    let work = device.scratch("est-csr");
+    std::fs::create_dir_all(&work).unwrap();
+    let key = work.join("key.pem");
+    let csr = work.join("csr.pem");
+    make_key(&key);
+    openssl(
+        &["req", "-new", "-subj", "/CN=est-enrollment", "-key"],
+        &[&key, Path::new("-out"), &csr],
+    );
+    let csr = std::fs::read_to_string(&csr).unwrap();
+    let answer = runtime.block_on(certs.create_cert(id, &csr, None));
+    match answer {
+        Err(http_common::ClientError::Status { status, message })
+            if status == http::StatusCode::SERVICE_UNAVAILABLE
+                || status == http::StatusCode::BAD_GATEWAY =>
+        {
+            assert!(
+                message.contains("EST server"),
+                "{name}: certd's EST error does not name the EST server: {message}"
+            );
+        }
+        other => panic!(
+            "{name}: enrolling {id} at a fictional EST server: {other:?}\n{}",
+            certd.log()
+        ),
+    }
+    let answer = runtime.block_on(certs.get_cert("no-such-cert"));
+    assert_eq!(
+        answer
+            .as_ref()
+            .err()
+            .and_then(http_common::ClientError::status),
+        Some(http::StatusCode::NOT_FOUND),
+        "{name}: certd stopped serving after the EST error: {answer:?}"
+    );
 }
 
 /// keyd's tpmd API, asked for the TPM's keys, answers 503 with the reason as its message.
@@ -928,7 +1033,8 @@ fn edged_serves(
         }
         return;
     }
-    if refused("certd") {
+    // Without certd, or with an Edge CA from a fictional EST server, edged stops at the Edge CA.
+    if refused("certd") || est_issued(files, "aziot-edged-ca") {
         let status = loop {
             if let Some(status) = edged.exit_status() {
                 break status;
@@ -1108,11 +1214,11 @@ sets! {
     aziotctl_dps_symmetric_key: "aziotctl/dps-symmetric-key" { device_key: Some(b"pump station four: the dps key!") };
     aziotctl_dps_symmetric_key_no_pad: "aziotctl/dps-symmetric-key-no-pad" { device_key: Some(b"pump station five, no padding") };
     aziotctl_dps_tpm: "aziotctl/dps-tpm" { tpm_absent: true };
-    aziotctl_dps_x509_est_bootstrap_auto_renew: "aziotctl/dps-x509-est-bootstrap-auto-renew" { refuses: EST_REFUSED };
-    aziotctl_dps_x509_pkcs11_est_bootstrap: "aziotctl/dps-x509-pkcs11-est-bootstrap" { refuses: EST_REFUSED };
-    aziotctl_dps_x509_pkcs11_est_custom_bootstrap: "aziotctl/dps-x509-pkcs11-est-custom-bootstrap" { refuses: EST_REFUSED };
-    aziotctl_dps_x509_pkcs11_est_subject_dn_bootstrap: "aziotctl/dps-x509-pkcs11-est-subject-dn-bootstrap" { refuses: EST_REFUSED };
-    aziotctl_dps_x509_pkcs11_est: "aziotctl/dps-x509-pkcs11-est" { refuses: EST_REFUSED };
+    aziotctl_dps_x509_est_bootstrap_auto_renew: "aziotctl/dps-x509-est-bootstrap-auto-renew";
+    aziotctl_dps_x509_pkcs11_est_bootstrap: "aziotctl/dps-x509-pkcs11-est-bootstrap";
+    aziotctl_dps_x509_pkcs11_est_custom_bootstrap: "aziotctl/dps-x509-pkcs11-est-custom-bootstrap";
+    aziotctl_dps_x509_pkcs11_est_subject_dn_bootstrap: "aziotctl/dps-x509-pkcs11-est-subject-dn-bootstrap";
+    aziotctl_dps_x509_pkcs11_est: "aziotctl/dps-x509-pkcs11-est";
     aziotctl_dps_x509_pkcs11_localca: "aziotctl/dps-x509-pkcs11-localca";
     aziotctl_dps_x509_pkcs11: "aziotctl/dps-x509-pkcs11";
     aziotctl_dps_x509: "aziotctl/dps-x509";
@@ -1120,9 +1226,9 @@ sets! {
     aziotctl_manual_connection_string: "aziotctl/manual-connection-string" { device_key: Some(b"lab bench one shared key") };
     aziotctl_manual_symmetric_key_no_pad: "aziotctl/manual-symmetric-key-no-pad" { device_key: Some(b"lab bench two key") };
     aziotctl_manual_symmetric_key: "aziotctl/manual-symmetric-key" { device_key: Some(b"abcdefghijklmnopqrstuvwxyz123456") };
-    aziotctl_manual_x509_est_custom_http: "aziotctl/manual-x509-est-custom-http" { refuses: EST_REFUSED };
-    aziotctl_manual_x509_est_custom: "aziotctl/manual-x509-est-custom" { refuses: EST_REFUSED };
-    aziotctl_manual_x509_est_subject_dn: "aziotctl/manual-x509-est-subject-dn" { refuses: EST_REFUSED };
+    aziotctl_manual_x509_est_custom_http: "aziotctl/manual-x509-est-custom-http";
+    aziotctl_manual_x509_est_custom: "aziotctl/manual-x509-est-custom";
+    aziotctl_manual_x509_est_subject_dn: "aziotctl/manual-x509-est-subject-dn";
     aziotctl_manual_x509_pkcs11: "aziotctl/manual-x509-pkcs11";
     aziotctl_manual_x509: "aziotctl/manual-x509";
     aziotctl_throttle_limits: "aziotctl/throttle-limits" { device_key: Some(b"lab bench six key!") };
@@ -1130,7 +1236,7 @@ sets! {
 
 // The reference's edgelet `iotedge config apply` sets (IoT Edge devices), as our own fixtures.
 sets! {
-    edgelet_ca_certs_est: "edgelet/ca-certs-est" { device_key: Some(b"edge-est-1 edge device key"), refuses: EST_REFUSED };
+    edgelet_ca_certs_est: "edgelet/ca-certs-est" { device_key: Some(b"edge-est-1 edge device key") };
     edgelet_ca_certs_local_ca: "edgelet/ca-certs-local-ca" { device_key: Some(b"edge-local-1 edge device key") };
     edgelet_ca_certs: "edgelet/ca-certs" { device_key: Some(b"edge-device-key") };
     edgelet_ca_quickstart_custom: "edgelet/ca-quickstart-custom" { device_key: Some(b"edge-self-1 edge device key") };
@@ -1158,9 +1264,9 @@ sets! {
 // Our own sets, for what the reference's do not cover.
 sets! {
     dps_symmetric_key_with_payload_and_limits: "dps-symmetric-key" { device_key: Some(b"device-key") };
-    dps_x509_est_renewed_with_the_same_key: "dps-x509-est-renew-same-key" { refuses: EST_REFUSED };
+    dps_x509_est_renewed_with_the_same_key: "dps-x509-est-renew-same-key";
     edge_quickstart_with_a_key_file: "edge-quickstart";
-    manual_x509_from_est_with_the_global_bootstrap_identity: "est" { refuses: EST_REFUSED };
+    manual_x509_from_est_with_the_global_bootstrap_identity: "est";
     every_cert_issued_on_the_device: "issued-by-local-ca";
     dps_x509_issued_by_a_preloaded_local_ca: "local-ca";
     manual_connection_string_unpadded: "manual-connection-string" { device_key: Some(b"secret-key-bytes-for-tests-0000") };

@@ -32,6 +32,10 @@ pub struct Pair {
     pub keyd: Daemon,
     pub certd: Daemon,
     preloaded_keys: Vec<(String, PathBuf)>,
+    /// Preloaded keys given as URIs (`pkcs11:...`).
+    preloaded_uris: Vec<(String, String)>,
+    /// Lines added to keyd's `[aziot_keys]` (e.g. `pkcs11_lib_path`).
+    pub keyd_extra: String,
 }
 
 impl Pair {
@@ -59,6 +63,8 @@ impl Pair {
             keyd,
             certd,
             preloaded_keys: Vec::new(),
+            preloaded_uris: Vec::new(),
+            keyd_extra: String::new(),
         }
     }
 
@@ -74,6 +80,12 @@ impl Pair {
         self.preloaded_keys.push((id.to_owned(), path));
     }
 
+    /// Makes the key at `uri` (e.g. `pkcs11:token=...;object=...?pin-value=...`) available in keyd
+    /// as key pair `id`.
+    pub fn add_key_uri(&mut self, id: &str, uri: &str) {
+        self.preloaded_uris.push((id.to_owned(), uri.to_owned()));
+    }
+
     /// Writes both configs and starts keyd, then certd. `{dir}` in `certd_config` is replaced by
     /// the temporary folder.
     pub fn start(&mut self, certd_config: &str) {
@@ -85,11 +97,15 @@ impl Pair {
     /// Writes both configs without starting anything.
     pub fn write_configs(&self, certd_config: &str) {
         let mut keyd_config = format!(
-            "[aziot_keys]\nhomedir_path = \"{}\"\n[preloaded_keys]\n",
-            self.keyd.home().display()
+            "[aziot_keys]\nhomedir_path = \"{}\"\n{}\n[preloaded_keys]\n",
+            self.keyd.home().display(),
+            self.keyd_extra
         );
         for (id, path) in &self.preloaded_keys {
             keyd_config.push_str(&format!("\"{id}\" = \"file://{}\"\n", path.display()));
+        }
+        for (id, uri) in &self.preloaded_uris {
+            keyd_config.push_str(&format!("\"{id}\" = \"{uri}\"\n"));
         }
         keyd_config.push_str(&format!(
             "[endpoints]\naziot_keyd = \"unix://{}\"\n",

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dps;
+pub mod est;
 pub mod hub;
 pub mod issuance;
 pub mod pki;
