@@ -373,3 +373,128 @@ async fn a_preloaded_device_ca_issues_module_certs_and_the_seed_bundle_appends_t
     );
     assert_eq!(edged.manifest_trust_bundle().await.unwrap(), "");
 }
+
+/// The first certificate of a PEM chain.
+fn leaf(pem: &str) -> X509 {
+    X509::from_pem(pem.as_bytes()).unwrap()
+}
+
+fn serial(certificate: &X509) -> String {
+    certificate
+        .serial_number()
+        .to_bn()
+        .unwrap()
+        .to_hex_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_ca_issued_by_est_is_renewed_through_est_and_issues_module_certs() {
+    use cloud_emulator::est::{EstConfig, EstServer};
+    // The EST server's Edge CA profile is its `edge-ca` label.
+    let est = EstServer::start(EstConfig {
+        basic: Some(("edge".into(), "edge-pass".into())),
+        ca_labels: vec!["edge-ca".into()],
+        ..EstConfig::default()
+    })
+    .await
+    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(root.path()).unwrap();
+    std::fs::write(base.join("est-ca.pem"), est.ca_cert_pem()).unwrap();
+    let (keyd, certd) = start_keyd_certd(
+        &base,
+        "",
+        &format!(
+            "[cert_issuance.est]\ntrusted_certs = [\"est-server-ca\"]\nusername = \"edge\"\n\
+             password = \"edge-pass\"\n[cert_issuance.est.urls]\ndefault = \"{url}\"\n\
+             [cert_issuance.aziot-edged-ca]\nmethod = \"est\"\n\
+             [cert_issuance.aziot-edged-ca-temp]\nmethod = \"est\"\n\
+             [preloaded_certs]\nest-server-ca = \"file://{}\"\n",
+            base.join("est-ca.pem").display(),
+            url = est.url(Some("edge-ca")),
+        ),
+    );
+    let keyd_client = key_api::Client::new(http_common::UdsClient::new(&keyd.socket));
+    let certd_client = cert_api::Client::new(http_common::UdsClient::new(&certd.socket));
+    let edge_ca = EdgeCa {
+        cert: "aziot-edged-ca".into(),
+        key: "aziot-edged-ca".into(),
+        subject: None,
+        auto_renew: None,
+        preloaded: false,
+    };
+    let est_root = est.ca_cert_pem();
+
+    // Created through EST: a CA for keyd's key, chaining to the EST server's CA.
+    let handle = certs::ensure_edge_ca(&edge_ca, "my-device", &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    let first_pem = certd_client.get_cert("aziot-edged-ca").await.unwrap();
+    let first = leaf(&first_pem);
+    assert!(
+        text(&first).contains("CA:TRUE, pathlen:0"),
+        "{}",
+        text(&first)
+    );
+    assert!(first
+        .public_key()
+        .unwrap()
+        .public_eq(&certs::keyd_public_key(&keyd_client, &handle).await.unwrap()));
+    verify(&first_pem, &est_root);
+    let enrolled: Vec<_> = est
+        .log()
+        .into_iter()
+        .filter(|entry| entry.operation == "simpleenroll" && entry.status == 200)
+        .collect();
+    assert_eq!(enrolled.len(), 1, "{enrolled:?}");
+    assert_eq!(enrolled[0].label.as_deref(), Some("edge-ca"));
+
+    // Renewed through EST with a new key: a new serial and key, same subject, temp IDs gone.
+    let renewed = certs::renew_edge_ca(&edge_ca, true, &keyd_client, &certd_client)
+        .await
+        .unwrap();
+    let second_pem = certd_client.get_cert("aziot-edged-ca").await.unwrap();
+    let second = leaf(&second_pem);
+    assert_ne!(serial(&second), serial(&first));
+    assert_eq!(
+        second.subject_name().to_der().unwrap(),
+        first.subject_name().to_der().unwrap()
+    );
+    assert!(!second
+        .public_key()
+        .unwrap()
+        .public_eq(&first.public_key().unwrap()));
+    verify(&second_pem, &est_root);
+    assert_eq!(
+        certd_client
+            .get_cert(EDGE_CA_TEMP_ID)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(StatusCode::NOT_FOUND)
+    );
+    assert_eq!(
+        est.log()
+            .into_iter()
+            .filter(|entry| entry.operation == "simpleenroll" && entry.status == 200)
+            .count(),
+        2
+    );
+
+    // Module server certs from the renewed CA verify up to the EST server's root.
+    let server = certs::issue_module_cert(
+        &certd_client,
+        "aziot-edged-ca",
+        &renewed,
+        "$edgeHub",
+        ModuleCertKind::Server {
+            common_name: "my-device".into(),
+            gen_id: "gen1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    verify(&format!("{}{second_pem}", server.certificate), &est_root);
+}

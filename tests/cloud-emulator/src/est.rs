@@ -72,6 +72,9 @@ pub struct EstConfig {
     pub client_ca_pems: Vec<String>,
     /// Validity of issued certificates, in seconds.
     pub validity_secs: i64,
+    /// Labels (`/.well-known/est/<label>/`) whose enrollments issue CA certificates
+    /// (CA:TRUE, pathlen 0, keyCertSign): the EST server's profile for an Edge CA.
+    pub ca_labels: Vec<String>,
 }
 
 impl Default for EstConfig {
@@ -81,6 +84,7 @@ impl Default for EstConfig {
             basic: None,
             client_ca_pems: Vec::new(),
             validity_secs: 30 * 86_400,
+            ca_labels: Vec::new(),
         }
     }
 }
@@ -117,6 +121,7 @@ struct EstState {
     basic: Option<(String, String)>,
     client_cas: Vec<X509>,
     validity_secs: i64,
+    ca_labels: Vec<String>,
     /// The next this many enrollments answer 202 with `retry_after`.
     pending: u32,
     retry_after: u32,
@@ -193,6 +198,7 @@ impl EstServer {
                 basic: config.basic,
                 client_cas,
                 validity_secs: config.validity_secs,
+                ca_labels: config.ca_labels,
                 pending: 0,
                 retry_after: 0,
                 log: Vec::new(),
@@ -496,12 +502,14 @@ fn decode_basic(value: &str) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// Issues a certificate for `request` (subject and key from the CSR, EKU clientAuth) valid for
-/// `validity_secs` from now.
+/// Issues a certificate for `request` (subject and key from the CSR) valid for `validity_secs`
+/// from now: a client certificate (EKU clientAuth), or with `as_ca` a CA (CA:TRUE, pathlen 0,
+/// keyCertSign, cRLSign).
 fn issue_for(
     ca: &CertAndKey,
     request: &X509Req,
     validity_secs: i64,
+    as_ca: bool,
 ) -> Result<X509, openssl::error::ErrorStack> {
     let key = request.public_key()?;
     let mut builder = X509Builder::new()?;
@@ -518,9 +526,21 @@ fn issue_for(
     let not_after = Asn1Time::from_unix(now + validity_secs)?;
     builder.set_not_before(&not_before)?;
     builder.set_not_after(&not_after)?;
-    builder.append_extension(BasicConstraints::new().critical().build()?)?;
-    builder.append_extension(KeyUsage::new().critical().digital_signature().build()?)?;
-    builder.append_extension(ExtendedKeyUsage::new().client_auth().build()?)?;
+    if as_ca {
+        builder.append_extension(BasicConstraints::new().critical().ca().pathlen(0).build()?)?;
+        builder.append_extension(
+            KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .key_cert_sign()
+                .crl_sign()
+                .build()?,
+        )?;
+    } else {
+        builder.append_extension(BasicConstraints::new().critical().build()?)?;
+        builder.append_extension(KeyUsage::new().critical().digital_signature().build()?)?;
+        builder.append_extension(ExtendedKeyUsage::new().client_auth().build()?)?;
+    }
     let context = builder.x509v3_context(Some(&ca.cert), None);
     let ski = SubjectKeyIdentifier::new().build(&context)?;
     let aki = AuthorityKeyIdentifier::new().keyid(false).build(&context)?;
@@ -659,7 +679,11 @@ async fn handle(
                                 "the CSR's subject differs from the certificate being renewed",
                             )
                         } else {
-                            match issue_for(&inner.ca, &csr, state.validity_secs) {
+                            let as_ca = entry
+                                .label
+                                .as_ref()
+                                .is_some_and(|label| state.ca_labels.contains(label));
+                            match issue_for(&inner.ca, &csr, state.validity_secs, as_ca) {
                                 Ok(certificate) => {
                                     entry.issued_serial = serial_hex(&certificate);
                                     pkcs7_reply(&[&certificate])
