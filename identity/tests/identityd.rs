@@ -1630,6 +1630,18 @@ async fn cloud_requests_go_through_https_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_certificate_is_renewed_with_a_rotated_key() {
+    identity_certificate_renewal(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_certificate_is_renewed_with_the_same_key() {
+    identity_certificate_renewal(false).await;
+}
+
+/// A one-minute DPS X.509 identity cert renewed by identityd (spec 6.6): certd issues the new
+/// cert as `device-id-temp`, DPS accepts it, it replaces `device-id`, and with `rotate_key` a new
+/// key replaces the old one (else the same key is certified again); the hub accepts the result.
+async fn identity_certificate_renewal(rotate_key: bool) {
     let ca = cloud_emulator::pki::TestCa::new("Renewal CA").unwrap();
     let ca_pem = ca.cert_pem();
     let emu = emulator(|config| {
@@ -1713,7 +1725,9 @@ async fn identity_certificate_is_renewed_with_a_rotated_key() {
 
     stack.write_identityd_config(&dps_x509_config(&emu, None).replace(
         "identity_cert = ",
-        "identity_auto_renew = { rotate_key = true, threshold = \"10%\", retry = \"10%\" }\nidentity_cert = ",
+        &format!(
+            "identity_auto_renew = {{ rotate_key = {rotate_key}, threshold = \"10%\", retry = \"10%\" }}\nidentity_cert = "
+        ),
     ));
     stack.start_identityd(emu.ca_cert_path());
     let device = stack.client().get_device_identity().await.unwrap();
@@ -1740,24 +1754,36 @@ async fn identity_certificate_is_renewed_with_a_rotated_key() {
     };
     let leaf = openssl::x509::X509::from_pem(renewed.as_bytes()).unwrap();
     assert!(leaf.verify(&ca.ca.key).unwrap());
-    // The key was rotated: keyd's device-id is the new (RSA) key, matching the new cert.
-    let rotated = keyd.load_key_pair("device-id").await.unwrap();
-    assert_eq!(
-        keyd.get_key_pair_public_parameter(&rotated, "algorithm")
-            .await
-            .unwrap(),
-        "RSA"
-    );
-    let modulus = common::unb64(
-        &keyd
-            .get_key_pair_public_parameter(&rotated, "rsa-modulus")
-            .await
-            .unwrap(),
-    );
-    assert_eq!(
-        leaf.public_key().unwrap().rsa().unwrap().n().to_vec(),
-        modulus
-    );
+    if rotate_key {
+        // The key was rotated: keyd's device-id is the new (RSA) key, matching the new cert.
+        let rotated = keyd.load_key_pair("device-id").await.unwrap();
+        assert_eq!(
+            keyd.get_key_pair_public_parameter(&rotated, "algorithm")
+                .await
+                .unwrap(),
+            "RSA"
+        );
+        let modulus = common::unb64(
+            &keyd
+                .get_key_pair_public_parameter(&rotated, "rsa-modulus")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            leaf.public_key().unwrap().rsa().unwrap().n().to_vec(),
+            modulus
+        );
+    } else {
+        // The same EC key, certified again with a new serial.
+        assert!(leaf.public_key().unwrap().public_eq(&public_key));
+        let old = openssl::x509::X509::from_pem(initial.as_bytes()).unwrap();
+        assert_ne!(
+            leaf.serial_number().to_bn().unwrap(),
+            old.serial_number().to_bn().unwrap()
+        );
+        let missing = keyd.load_key_pair("device-id-temp").await.unwrap_err();
+        assert!(missing.is_not_found(), "{missing}");
+    }
     // The temp cert is gone and DPS saw a second registration with the new certificate.
     let missing = certd.get_cert("device-id-temp").await.unwrap_err();
     assert!(missing.is_not_found(), "{missing}");
