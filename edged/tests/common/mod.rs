@@ -314,6 +314,27 @@ impl FakeIdentityd {
 
 struct FakeRouter(Arc<FakeIdentityd>);
 
+/// A raw request from the test process (a host pid) to `socket` on `runtime`: status and body
+/// bytes (a JSON content type when there is a body).
+pub fn call_raw(
+    runtime: &tokio::runtime::Runtime,
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> (StatusCode, Vec<u8>) {
+    let client = http_common::UdsClient::new(socket);
+    let headers: &[(&str, &str)] = if body.is_empty() {
+        &[]
+    } else {
+        &[("content-type", "application/json")]
+    };
+    let response = runtime
+        .block_on(client.send(method, path, headers, body.to_owned().into()))
+        .unwrap();
+    (response.status, response.body.to_vec())
+}
+
 /// Serves a fake identityd on `socket` (module keys derived in the keyd at `keyd_socket`) until
 /// the returned sender is used or dropped.
 pub fn start_fake_identityd(
@@ -518,17 +539,7 @@ aziot_identityd_url = "unix://{identityd}"
         path: &str,
         body: &str,
     ) -> (StatusCode, Vec<u8>) {
-        let client = http_common::UdsClient::new(socket);
-        let headers: &[(&str, &str)] = if body.is_empty() {
-            &[]
-        } else {
-            &[("content-type", "application/json")]
-        };
-        let response = self
-            .runtime
-            .block_on(client.send(method, path, headers, body.to_owned().into()))
-            .unwrap();
-        (response.status, response.body.to_vec())
+        call_raw(&self.runtime, socket, method, path, body)
     }
 
     /// A JSON request from the test process to the management socket.

@@ -223,17 +223,7 @@ aziot_identityd_url = "unix://{identityd}"
         path: &str,
         body: &str,
     ) -> (StatusCode, Vec<u8>) {
-        let client = http_common::UdsClient::new(socket);
-        let headers: &[(&str, &str)] = if body.is_empty() {
-            &[]
-        } else {
-            &[("content-type", "application/json")]
-        };
-        let response = self
-            .runtime
-            .block_on(client.send(method, path, headers, body.to_owned().into()))
-            .unwrap();
-        (response.status, response.body.to_vec())
+        super::call_raw(&self.runtime, socket, method, path, body)
     }
 
     /// A management call from the test process (a host process, not a module).
