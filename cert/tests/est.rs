@@ -68,37 +68,7 @@ fn enrollments(est: &EstServer, operation: &str) -> Vec<EstLogEntry> {
 
 /// A client certificate for `public_key` with subject CN `common_name`, signed by `ca`.
 fn client_cert(ca: &TestCa, public_key: &PKeyRef<Public>, common_name: &str) -> String {
-    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", common_name).unwrap();
-    let name = name.build();
-    let mut builder = X509::builder().unwrap();
-    builder.set_version(2).unwrap();
-    let serial = openssl::bn::BigNum::from_u32(4242)
-        .unwrap()
-        .to_asn1_integer()
-        .unwrap();
-    builder.set_serial_number(&serial).unwrap();
-    builder.set_subject_name(&name).unwrap();
-    builder.set_issuer_name(ca.ca.cert.subject_name()).unwrap();
-    builder.set_pubkey(public_key).unwrap();
-    builder
-        .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    builder
-        .set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
-        .unwrap();
-    builder
-        .append_extension(
-            openssl::x509::extension::ExtendedKeyUsage::new()
-                .client_auth()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-    builder
-        .sign(&ca.ca.key, openssl::hash::MessageDigest::sha256())
-        .unwrap();
-    String::from_utf8(builder.build().to_pem().unwrap()).unwrap()
+    ca.client_cert_for(common_name, public_key).unwrap()
 }
 
 /// keyd's public key of key pair `id` (EC P-256), as OpenSSL sees it.

@@ -14,48 +14,6 @@ use common::{emulator, eventually, Stack};
 use identity_api::{AuthInfo, Identity};
 use system_tests::softhsm::{SoftHsm, MODULE, PIN};
 
-/// A CA-signed client certificate for `public_key` with subject CN `common_name`.
-fn issue_for(
-    ca: &cloud_emulator::pki::TestCa,
-    public_key: &openssl::pkey::PKeyRef<openssl::pkey::Public>,
-    common_name: &str,
-) -> String {
-    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", common_name).unwrap();
-    let name = name.build();
-    let mut builder = openssl::x509::X509::builder().unwrap();
-    builder.set_version(2).unwrap();
-    builder
-        .set_serial_number(
-            &openssl::bn::BigNum::from_u32(77)
-                .unwrap()
-                .to_asn1_integer()
-                .unwrap(),
-        )
-        .unwrap();
-    builder.set_subject_name(&name).unwrap();
-    builder.set_issuer_name(ca.ca.cert.subject_name()).unwrap();
-    builder.set_pubkey(public_key).unwrap();
-    builder
-        .set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    builder
-        .set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
-        .unwrap();
-    builder
-        .append_extension(
-            openssl::x509::extension::ExtendedKeyUsage::new()
-                .client_auth()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-    builder
-        .sign(&ca.ca.key, openssl::hash::MessageDigest::sha256())
-        .unwrap();
-    String::from_utf8(builder.build().to_pem().unwrap()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dps_x509_with_the_key_in_a_softhsm_token() {
     let hsm = SoftHsm::new("identity");
@@ -83,7 +41,7 @@ async fn dps_x509_with_the_key_in_a_softhsm_token() {
         openssl::pkey::PKey::public_key_from_der(&std::fs::read(&public_path).unwrap()).unwrap();
 
     let ca = cloud_emulator::pki::TestCa::new("HSM Group CA").unwrap();
-    let leaf_pem = issue_for(&ca, &public_key, "hsm-device");
+    let leaf_pem = ca.client_cert_for("hsm-device", &public_key).unwrap();
     let emu = emulator(|config| {
         config
             .group_enrollments

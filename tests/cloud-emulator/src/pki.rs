@@ -236,6 +236,31 @@ impl TestCa {
         issue(cn, CertKind::Client, Some(&self.ca), &[], validity)
     }
 
+    /// A client certificate (CN `cn`, EKU clientAuth, valid 30 days) for a key held elsewhere
+    /// (in keyd, in a token), as PEM.
+    pub fn client_cert_for(
+        &self,
+        cn: &str,
+        public_key: &openssl::pkey::PKeyRef<openssl::pkey::Public>,
+    ) -> Result<String, ErrorStack> {
+        let mut name = X509NameBuilder::new()?;
+        name.append_entry_by_nid(Nid::COMMONNAME, cn)?;
+        let name = name.build();
+        let mut builder = X509Builder::new()?;
+        builder.set_version(2)?;
+        let serial = random_serial()?;
+        builder.set_serial_number(&serial)?;
+        builder.set_subject_name(&name)?;
+        builder.set_issuer_name(self.ca.cert.subject_name())?;
+        builder.set_pubkey(public_key)?;
+        let (not_before, not_after) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(30)?);
+        builder.set_not_before(&not_before)?;
+        builder.set_not_after(&not_after)?;
+        builder.append_extension(ExtendedKeyUsage::new().client_auth().build()?)?;
+        builder.sign(&self.ca.key, MessageDigest::sha256())?;
+        Ok(String::from_utf8_lossy(&builder.build().to_pem()?).into_owned())
+    }
+
     /// CA certificate as PEM.
     pub fn cert_pem(&self) -> String {
         self.ca.cert_pem()
