@@ -860,32 +860,37 @@ fn provisioning_from_raw(
                     .as_ref()
                     .map(|id| vec![("CN".to_owned(), id.clone())]),
             };
+            // Fields only the X.509 method takes, and the registration ID the others require.
+            let x509_only = [
+                (
+                    "provisioning.attestation.identity_cert",
+                    attestation.identity_cert.is_some(),
+                ),
+                (
+                    "provisioning.attestation.identity_pk",
+                    attestation.identity_pk.is_some(),
+                ),
+                (
+                    "provisioning.attestation.identity_auto_renew",
+                    attestation.identity_auto_renew.is_some(),
+                ),
+            ];
+            let required_registration_id = || {
+                registration_id.clone().ok_or_else(|| {
+                    ConfigError::invalid(
+                        loaded,
+                        "provisioning.attestation.registration_id",
+                        "missing",
+                    )
+                })
+            };
             let attestation = match attestation.method.as_str() {
                 "symmetric_key" => {
-                    for (key, present) in [
-                        (
-                            "provisioning.attestation.identity_cert",
-                            attestation.identity_cert.is_some(),
-                        ),
-                        (
-                            "provisioning.attestation.identity_pk",
-                            attestation.identity_pk.is_some(),
-                        ),
-                        (
-                            "provisioning.attestation.identity_auto_renew",
-                            attestation.identity_auto_renew.is_some(),
-                        ),
-                    ] {
+                    for (key, present) in x509_only {
                         unexpected(loaded, key, present, "method = \"symmetric_key\"")?;
                     }
                     DpsAttestation::SymmetricKey {
-                        registration_id: registration_id.ok_or_else(|| {
-                            ConfigError::invalid(
-                                loaded,
-                                "provisioning.attestation.registration_id",
-                                "missing",
-                            )
-                        })?,
+                        registration_id: required_registration_id()?,
                         key_id: credential_id(
                             loaded,
                             "provisioning.attestation.symmetric_key",
@@ -931,34 +936,15 @@ fn provisioning_from_raw(
                     }
                 }
                 "tpm" => {
-                    for (key, present) in [
-                        (
-                            "provisioning.attestation.symmetric_key",
-                            attestation.symmetric_key.is_some(),
-                        ),
-                        (
-                            "provisioning.attestation.identity_cert",
-                            attestation.identity_cert.is_some(),
-                        ),
-                        (
-                            "provisioning.attestation.identity_pk",
-                            attestation.identity_pk.is_some(),
-                        ),
-                        (
-                            "provisioning.attestation.identity_auto_renew",
-                            attestation.identity_auto_renew.is_some(),
-                        ),
-                    ] {
+                    let symmetric = (
+                        "provisioning.attestation.symmetric_key",
+                        attestation.symmetric_key.is_some(),
+                    );
+                    for (key, present) in x509_only.into_iter().chain([symmetric]) {
                         unexpected(loaded, key, present, "method = \"tpm\"")?;
                     }
                     DpsAttestation::Tpm {
-                        registration_id: registration_id.ok_or_else(|| {
-                            ConfigError::invalid(
-                                loaded,
-                                "provisioning.attestation.registration_id",
-                                "missing",
-                            )
-                        })?,
+                        registration_id: required_registration_id()?,
                     }
                 }
                 other => {
