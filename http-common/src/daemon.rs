@@ -283,6 +283,19 @@ fn parse_arguments(info: &DaemonInfo) -> Result<ConfigPaths, ExitCode> {
     ))
 }
 
+/// The per-uid connection budget from `max_requests` (default 10, the reference's); 0 is a
+/// configuration error naming the key.
+pub fn max_requests(loaded: &Loaded, value: Option<usize>) -> Result<usize, ConfigError> {
+    match value.unwrap_or(10) {
+        0 => Err(ConfigError::invalid(
+            loaded,
+            "max_requests",
+            "must be at least 1",
+        )),
+        budget => Ok(budget),
+    }
+}
+
 /// Validates a daemon's own listener URI from `[endpoints] <key>` (default when absent); an
 /// invalid URI is a configuration error naming `endpoints.<key>`.
 pub fn listener_endpoint(

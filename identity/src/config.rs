@@ -1015,14 +1015,7 @@ impl Config {
                 "must be an absolute path",
             ));
         }
-        let max_requests = raw.max_requests.unwrap_or(10);
-        if max_requests == 0 {
-            return Err(ConfigError::invalid(
-                loaded,
-                "max_requests",
-                "must be at least 1",
-            ));
-        }
+        let max_requests = http_common::daemon::max_requests(loaded, raw.max_requests)?;
         let cloud_timeout_sec = raw.cloud_timeout_sec.unwrap_or(MIN_CLOUD_TIMEOUT_SECS);
         if cloud_timeout_sec < MIN_CLOUD_TIMEOUT_SECS {
             return Err(ConfigError::invalid(

@@ -252,14 +252,7 @@ impl Config {
                 ));
             }
         }
-        let max_requests = raw.max_requests.unwrap_or(10);
-        if max_requests == 0 {
-            return Err(ConfigError::invalid(
-                loaded,
-                "max_requests",
-                "must be at least 1",
-            ));
-        }
+        let max_requests = http_common::daemon::max_requests(loaded, raw.max_requests)?;
 
         let endpoint = http_common::daemon::listener_endpoint(
             loaded,

@@ -145,14 +145,7 @@ impl TpmConfig {
                 ));
             }
         }
-        let max_requests = raw.max_requests.unwrap_or(10);
-        if max_requests == 0 {
-            return Err(ConfigError::invalid(
-                loaded,
-                "max_requests",
-                "must be at least 1",
-            ));
-        }
+        let max_requests = http_common::daemon::max_requests(loaded, raw.max_requests)?;
         let endpoint = http_common::daemon::listener_endpoint(
             loaded,
             "aziot_tpmd",
@@ -255,6 +248,7 @@ mod tests {
         for (text, expected) in [
             ("auth_key_index = 0x800000", "auth_key_index"),
             ("auth_key_index = -1", "auth_key_index"),
+            ("max_requests = 0", "`max_requests`: must be at least 1"),
             ("tcti = \"carrier-pigeon\"", "tcti"),
             ("tcti = \"swtpm:port=notanumber\"", "tcti"),
             ("surprise = 1", "surprise"),
