@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{emulator, eventually, random_key_b64, Stack};
+use common::{emulator, random_key_b64, Stack};
 use http::{Method, StatusCode};
 
 fn enrollment(registration_id: &str, key: &str) -> cloud_emulator::IndividualEnrollment {
@@ -68,27 +68,6 @@ fn openssl_verify(stack: &Stack, ca_pem: &str, chain_pem: &str) {
     );
 }
 
-/// Waits for a hub request authenticated by client certificate after `after`.
-async fn hub_accepted_x509(emu: &cloud_emulator::RunningEmulator, after: u64) -> u64 {
-    eventually(
-        "a hub request over mutual TLS",
-        Duration::from_secs(60),
-        || {
-            emu.control()
-                .requests()
-                .into_iter()
-                .find(|entry| {
-                    entry.seq > after
-                        && entry.service == "hub"
-                        && entry.auth == "x509"
-                        && entry.auth_ok == Some(true)
-                })
-                .map(|entry| entry.seq)
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again() {
     let key = random_key_b64();
@@ -144,7 +123,7 @@ async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again(
                 .as_deref()
                 .is_some_and(|q| q.contains("2025-07-01-preview"))));
     // The hub authenticates the device by the issued certificate (module reconciliation).
-    let seen = hub_accepted_x509(&emu, 0).await;
+    let seen = common::hub_accepted(&emu, "x509", 0).await;
 
     // DPS is down for the first two renewal attempts: each is retried after `retry` (10 % of
     // the 70 s lifetime, raised to the 10 s floor), and the renewal then goes through.
@@ -213,7 +192,7 @@ async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again(
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    hub_accepted_x509(&emu, seen).await;
+    common::hub_accepted(&emu, "x509", seen).await;
     // No hub request of this device was ever refused.
     let refused: Vec<_> = emu
         .control()
@@ -235,7 +214,7 @@ async fn dps_issues_the_operational_cert_and_it_is_renewed_by_registering_again(
     stack.identityd.stop();
     stack.start_identityd(emu.ca_cert_path());
     stack.wait_for_device(Duration::from_secs(60)).await;
-    hub_accepted_x509(&emu, last).await;
+    common::hub_accepted(&emu, "x509", last).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,7 +303,7 @@ async fn x509_attestation_with_a_dps_issued_operational_cert() {
     let pem = stack.certd_client().get_cert("op-cert").await.unwrap();
     openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &pem);
     assert_hub_uses_operational_cert(&emu, "x509-op", &pem);
-    hub_accepted_x509(&emu, 0).await;
+    common::hub_accepted(&emu, "x509", 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,5 +354,5 @@ async fn tpm_attestation_with_a_dps_issued_operational_cert() {
         .unwrap();
     openssl_verify(&stack, &emu.control().dps_issuing_ca_pem(), &pem);
     assert_hub_uses_operational_cert(&emu, "tpm-op", &pem);
-    hub_accepted_x509(&emu, 0).await;
+    common::hub_accepted(&emu, "x509", 0).await;
 }

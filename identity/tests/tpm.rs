@@ -55,24 +55,6 @@ async fn provisioning_info(stack: &Stack) -> serde_json::Value {
     body
 }
 
-/// Waits until the emulator's hub saw an authenticated request from identityd since `after`
-/// (module reconciliation signs its Hub requests with the device's TPM-signed SAS token).
-async fn hub_accepted_device_sas(emu: &cloud_emulator::RunningEmulator, after: u64) {
-    eventually(
-        "a hub request with an accepted SAS token",
-        Duration::from_secs(60),
-        || {
-            emu.control().requests().into_iter().find(|entry| {
-                entry.seq > after
-                    && entry.service == "hub"
-                    && entry.auth == "sas"
-                    && entry.auth_ok == Some(true)
-            })
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dps_tpm_attestation_provisions_signs_and_survives_restarts() {
     let tpm = Swtpm::start();
@@ -114,7 +96,7 @@ async fn dps_tpm_attestation_provisions_signs_and_survives_restarts() {
         .iter()
         .any(|entry| entry.service == "dps" && entry.auth == "sas" && entry.auth_ok == Some(true)));
     // The hub accepted the device's TPM-signed SAS (module reconciliation).
-    hub_accepted_device_sas(&emu, 0).await;
+    common::hub_accepted(&emu, "sas", 0).await;
     eventually("hostmodule1 in the hub", Duration::from_secs(60), || {
         emu.control()
             .modules(Some(emu.hub_hostname()), "tpm-kiosk-device")
@@ -135,7 +117,7 @@ async fn dps_tpm_attestation_provisions_signs_and_survives_restarts() {
     stack.start_identityd(emu.ca_cert_path());
     let device = stack.wait_for_device(Duration::from_secs(60)).await;
     assert_eq!(device["spec"]["deviceId"], "tpm-kiosk-device");
-    hub_accepted_device_sas(&emu, last).await;
+    common::hub_accepted(&emu, "sas", last).await;
     assert!(
         !emu.control()
             .requests()
@@ -169,7 +151,7 @@ async fn dps_tpm_attestation_provisions_signs_and_survives_restarts() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    hub_accepted_device_sas(&emu, last).await;
+    common::hub_accepted(&emu, "sas", last).await;
     assert!(!stack.identityd.log().contains("SharedAccessSignature sr="));
 }
 

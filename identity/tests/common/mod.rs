@@ -365,3 +365,25 @@ pub async fn provisioning_status(stack: &Stack, status: &str) -> serde_json::Val
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Waits until the emulator's hub accepted a request authenticated by `auth` (`sas`, `x509`)
+/// after log sequence number `after`; returns that request's sequence number.
+pub async fn hub_accepted(emu: &cloud_emulator::RunningEmulator, auth: &str, after: u64) -> u64 {
+    eventually(
+        &format!("a hub request with accepted {auth} authentication"),
+        Duration::from_secs(60),
+        || {
+            emu.control()
+                .requests()
+                .into_iter()
+                .find(|entry| {
+                    entry.seq > after
+                        && entry.service == "hub"
+                        && entry.auth == auth
+                        && entry.auth_ok == Some(true)
+                })
+                .map(|entry| entry.seq)
+        },
+    )
+    .await
+}
