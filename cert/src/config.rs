@@ -218,26 +218,7 @@ pub enum Preloaded {
 }
 
 /// Short names accepted in `subject` tables, their OIDs, and their place in the DN (lower first).
-pub const SUBJECT_ATTRIBUTES: &[(&str, &str)] = &[
-    ("DC", "0.9.2342.19200300.100.1.25"),
-    ("C", "2.5.4.6"),
-    ("ST", "2.5.4.8"),
-    ("L", "2.5.4.7"),
-    ("street", "2.5.4.9"),
-    ("postalCode", "2.5.4.17"),
-    ("O", "2.5.4.10"),
-    ("OU", "2.5.4.11"),
-    ("title", "2.5.4.12"),
-    ("SN", "2.5.4.4"),
-    ("GN", "2.5.4.42"),
-    ("initials", "2.5.4.43"),
-    ("pseudonym", "2.5.4.65"),
-    ("dnQualifier", "2.5.4.46"),
-    ("serialNumber", "2.5.4.5"),
-    ("CN", "2.5.4.3"),
-    ("UID", "0.9.2342.19200300.100.1.1"),
-    ("emailAddress", "1.2.840.113549.1.9.1"),
-];
+pub use cert_api::subject::ATTRIBUTES as SUBJECT_ATTRIBUTES;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -14,17 +14,16 @@ use der::asn1::{
 };
 use der::{Decode, Encode, Reader, Tag, Tagged};
 use openssl::pkey::{PKey, Public};
-use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
 use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
 use x509_cert::ext::Extension;
-use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
+use x509_cert::name::Name;
 use x509_cert::request::CertReq;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::time::{Time, Validity};
 
-use crate::config::{SubjectSpec, SUBJECT_ATTRIBUTES};
+use crate::config::SubjectSpec;
 use crate::error::CertError;
 use crate::pem;
 
@@ -32,11 +31,7 @@ const OID_EXTENSION_REQUEST: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.14");
 const OID_SUBJECT_KEY_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.14");
 const OID_AUTHORITY_KEY_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.35");
-const OID_COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
-const OID_COUNTRY: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.6");
-const OID_EMAIL_ADDRESS: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.1");
-const OID_DOMAIN_COMPONENT: ObjectIdentifier =
-    ObjectIdentifier::new_unwrap("0.9.2342.19200300.100.1.25");
+use cert_api::subject::OID_COMMON_NAME;
 const OID_SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
 const OID_ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 
@@ -628,39 +623,19 @@ fn truncate_chars(text: &str, limit: usize) -> &str {
     }
 }
 
-fn attribute_value(oid: ObjectIdentifier, value: &str) -> Result<Any, CertError> {
-    let printable = |text: &str| {
-        text.bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || b" '()+,-./:=?".contains(&byte))
-    };
-    let tag = if oid == OID_COUNTRY && printable(value) {
-        Tag::PrintableString
-    } else if (oid == OID_EMAIL_ADDRESS || oid == OID_DOMAIN_COMPONENT) && value.is_ascii() {
-        Tag::Ia5String
-    } else {
-        Tag::Utf8String
-    };
-    let value = if oid == OID_COMMON_NAME {
-        truncate_chars(value, MAX_COMMON_NAME_CHARS)
-    } else {
-        value
-    };
-    Any::new(tag, value.as_bytes()).map_err(encoding)
-}
-
-/// A name of one-attribute RDNs, in the given order.
+/// A name of one-attribute RDNs, in the given order, every common name cut to 64 characters.
 fn name_of(attributes: &[(ObjectIdentifier, &str)]) -> Result<Name, CertError> {
-    let mut rdns = Vec::with_capacity(attributes.len());
-    for (oid, value) in attributes {
-        let mut set = SetOfVec::new();
-        set.insert(AttributeTypeAndValue {
-            oid: *oid,
-            value: attribute_value(*oid, value)?,
+    let cut: Vec<(ObjectIdentifier, &str)> = attributes
+        .iter()
+        .map(|(oid, value)| {
+            if *oid == OID_COMMON_NAME {
+                (*oid, truncate_chars(value, MAX_COMMON_NAME_CHARS))
+            } else {
+                (*oid, *value)
+            }
         })
-        .map_err(encoding)?;
-        rdns.push(RelativeDistinguishedName(set));
-    }
-    Ok(RdnSequence(rdns))
+        .collect();
+    cert_api::subject::name(&cut).map_err(encoding)
 }
 
 /// `CN=<common name>` (cut to 64 characters).
@@ -675,14 +650,9 @@ pub fn subject_from_spec(spec: &SubjectSpec) -> Result<Name, CertError> {
         SubjectSpec::Fields(fields) => {
             let mut attributes = Vec::with_capacity(fields.len());
             for (short_name, value) in fields {
-                let oid = SUBJECT_ATTRIBUTES
-                    .iter()
-                    .find(|(known, _)| known == short_name)
-                    .map(|(_, oid)| ObjectIdentifier::new(oid))
-                    .ok_or_else(|| {
-                        CertError::Encoding(format!("unknown subject attribute {short_name:?}"))
-                    })?
-                    .map_err(|error| CertError::Encoding(error.to_string()))?;
+                let oid = cert_api::subject::attribute_oid(short_name).ok_or_else(|| {
+                    CertError::Encoding(format!("unknown subject attribute {short_name:?}"))
+                })?;
                 attributes.push((oid, value.as_str()));
             }
             name_of(&attributes)
@@ -730,6 +700,8 @@ mod tests {
     use openssl::hash::MessageDigest;
     use openssl::pkey::Private;
     use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectAlternativeName};
+    use x509_cert::attr::AttributeTypeAndValue;
+    use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
 
     fn ec_key() -> PKey<Private> {
         let group =

@@ -4,6 +4,9 @@
 //! of PEM). The issuer's private key handle is keyd's opaque [`KeyHandle`], whose `Debug` output
 //! is redacted.
 
+pub mod pem;
+pub mod subject;
+
 use http::{Method, StatusCode};
 use http_common::{ClientError, UdsClient};
 use serde::{Deserialize, Serialize};
