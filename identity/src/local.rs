@@ -1,8 +1,9 @@
 //! Local identities (spec 4): a fresh RSA-2048 key made in memory for each request and a CSR for
 //! `CN=<module>.<hostname>.<domain>` with the required extensions, issued by certd under the
-//! module's name. Pure OpenSSL work; certd is called by the service.
+//! module's name. OpenSSL makes the key (ring cannot generate RSA keys) and the CSR; with the
+//! EC point of a CSR made for keyd's key (`renewal`), the only OpenSSL use in identityd, so its
+//! code is paged in only when one of those is asked for. certd is called by the service.
 
-use openssl::asn1::Asn1TimeRef;
 use openssl::hash::MessageDigest;
 use openssl::pkey::{PKey, Private};
 use openssl::x509::extension::{BasicConstraints, ExtendedKeyUsage, KeyUsage};
@@ -77,15 +78,9 @@ pub fn request(common_name: &str, server: bool) -> Result<LocalRequest, String> 
 
 /// The notAfter of the first certificate of a PEM chain, as RFC 3339 (UTC).
 pub fn expiration(chain_pem: &str) -> Result<String, String> {
-    let certificate = openssl::x509::X509::from_pem(chain_pem.as_bytes())
+    let (_, not_after) = crate::renewal::validity(chain_pem)
         .map_err(|_| "certd returned an unparsable certificate".to_owned())?;
-    Ok(rfc3339(unix_seconds(certificate.not_after())?))
-}
-
-fn unix_seconds(time: &Asn1TimeRef) -> Result<i64, String> {
-    let epoch = openssl::asn1::Asn1Time::from_unix(0).map_err(|error| error.to_string())?;
-    let difference = epoch.diff(time).map_err(|error| error.to_string())?;
-    Ok(i64::from(difference.days) * 86_400 + i64::from(difference.secs))
+    Ok(rfc3339(not_after))
 }
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -14,10 +14,12 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    match openssl::hash::hash(openssl::hash::MessageDigest::sha256(), bytes) {
-        Ok(digest) => hex(&digest),
-        Err(_) => String::new(),
-    }
+    hex(sha256(bytes).as_ref())
+}
+
+/// SHA-256.
+pub fn sha256(bytes: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
 }
 
 /// Splits `host` or `host:port` (IPv6 as `[::1]:port`) into host and port (default 443).

@@ -69,21 +69,23 @@ fn issued_chain(state: &RegistrationState) -> Result<Option<String>, IdentityErr
     let mut pem = String::new();
     for element in elements {
         let element = element.trim();
-        let certs = if element.starts_with("-----BEGIN") {
-            openssl::x509::X509::stack_from_pem(element.as_bytes())
+        let certs: Vec<Vec<u8>> = if element.starts_with("-----BEGIN") {
+            cert_api::pem::blocks(element)
                 .map_err(|_| protocol("an issued certificate is not valid PEM"))?
+                .into_iter()
+                .filter(|block| block.label == "CERTIFICATE")
+                .map(|block| block.der)
+                .collect()
         } else {
-            let der = base64::engine::general_purpose::STANDARD
+            vec![base64::engine::general_purpose::STANDARD
                 .decode(element)
-                .map_err(|_| protocol("an issued certificate is neither PEM nor base64"))?;
-            vec![openssl::x509::X509::from_der(&der)
-                .map_err(|_| protocol("an issued certificate is not a DER certificate"))?]
+                .map_err(|_| protocol("an issued certificate is neither PEM nor base64"))?]
         };
-        for cert in certs {
-            let text = cert
-                .to_pem()
-                .map_err(|_| protocol("an issued certificate cannot be written as PEM"))?;
-            pem.push_str(&String::from_utf8_lossy(&text));
+        for der in certs {
+            // certd checks the chain again when it is imported; this names the culprit early.
+            <x509_cert::Certificate as der::Decode>::from_der(&der)
+                .map_err(|_| protocol("an issued certificate is not a DER certificate"))?;
+            cert_api::pem::append(&mut pem, &cert_api::pem::encode("CERTIFICATE", &der));
         }
     }
     if pem.is_empty() {

@@ -528,7 +528,8 @@ impl CloudClient {
 /// A random number in `0..bound`.
 fn random_below(bound: u64) -> u64 {
     let mut bytes = [0u8; 8];
-    if bound == 0 || openssl::rand::rand_bytes(&mut bytes).is_err() {
+    let random = ring::rand::SystemRandom::new();
+    if bound == 0 || ring::rand::SecureRandom::fill(&random, &mut bytes).is_err() {
         return 0;
     }
     u64::from_le_bytes(bytes) % bound

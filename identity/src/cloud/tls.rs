@@ -36,14 +36,10 @@ pub fn load_roots(extra: &[PathBuf]) -> Result<rustls::RootCertStore, String> {
             .iter()
             .find(|path| std::path::Path::new(path).exists())
         {
-            let certificates = std::fs::read(bundle)
+            let system = std::fs::read(bundle)
                 .ok()
-                .and_then(|pem| openssl::x509::X509::stack_from_pem(&pem).ok())
+                .and_then(|pem| certificates(&String::from_utf8_lossy(&pem)).ok())
                 .unwrap_or_default();
-            let system: Vec<CertificateDer<'static>> = certificates
-                .iter()
-                .filter_map(|certificate| certificate.to_der().ok().map(CertificateDer::from))
-                .collect();
             let (added, _ignored) = roots.add_parsable_certificates(system);
             log::debug!("{added} system CA certificates trusted from {bundle}");
         }
@@ -51,17 +47,14 @@ pub fn load_roots(extra: &[PathBuf]) -> Result<rustls::RootCertStore, String> {
     for path in extra {
         let pem = std::fs::read(path)
             .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-        let certificates = openssl::x509::X509::stack_from_pem(&pem)
+        let certificates = certificates(&String::from_utf8_lossy(&pem))
             .map_err(|_| format!("{} is not a PEM certificate bundle", path.display()))?;
         if certificates.is_empty() {
             return Err(format!("{} holds no certificate", path.display()));
         }
         for certificate in certificates {
-            let der = certificate
-                .to_der()
-                .map_err(|_| format!("{}: unusable certificate", path.display()))?;
             roots
-                .add(CertificateDer::from(der))
+                .add(certificate)
                 .map_err(|error| format!("{}: {error}", path.display()))?;
         }
     }
@@ -73,32 +66,30 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The DER of every `CERTIFICATE` block of a PEM text, in order (other blocks are skipped; a
+/// malformed block is an error). The certificates themselves are parsed where they are used.
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, cert_api::pem::PemError> {
+    Ok(cert_api::pem::blocks(pem)?
+        .into_iter()
+        .filter(|block| block.label == "CERTIFICATE")
+        .map(|block| CertificateDer::from(block.der))
+        .collect())
+}
+
 /// Parses a PEM chain (leaf first) into DER certificates.
 pub fn chain_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certificates = openssl::x509::X509::stack_from_pem(pem.as_bytes())
-        .map_err(|_| "the identity certificate is not PEM".to_owned())?;
+    let certificates =
+        certificates(pem).map_err(|_| "the identity certificate is not PEM".to_owned())?;
     if certificates.is_empty() {
         return Err("the identity certificate chain is empty".to_owned());
     }
-    certificates
-        .iter()
-        .map(|certificate| {
-            certificate
-                .to_der()
-                .map(CertificateDer::from)
-                .map_err(|_| "the identity certificate cannot be encoded".to_owned())
-        })
-        .collect()
+    Ok(certificates)
 }
 
 /// The subject CN of the first certificate of a PEM chain.
 pub fn leaf_common_name(pem: &str) -> Option<String> {
-    let certificate = openssl::x509::X509::from_pem(pem.as_bytes()).ok()?;
-    let entry = certificate
-        .subject_name()
-        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
-        .next()?;
-    entry.data().to_string().ok()
+    let leaf = crate::renewal::leaf(pem).ok()?;
+    cert_api::subject::common_name(&leaf.tbs_certificate.subject)
 }
 
 /// Builds the TLS client identity: the chain from certd and a signer whose private-key

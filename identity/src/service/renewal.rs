@@ -441,11 +441,12 @@ impl IdentityService {
         let public_key = public_key.map_err(IdentityError::Credentials)?;
         let unsigned = crate::renewal::unsigned_csr(subject, &public_key)
             .map_err(IdentityError::Credentials)?;
-        let digest = openssl::sha::sha256(&unsigned.to_be_signed);
+        let digest = crate::util::sha256(&unsigned.to_be_signed);
+        let digest = digest.as_ref();
         let signature = match kind {
             crate::renewal::CsrSignature::EcdsaSha256 => {
                 self.keyd
-                    .sign(handle, key_api::SignMechanism::Ecdsa { digest: &digest })
+                    .sign(handle, key_api::SignMechanism::Ecdsa { digest })
                     .await
             }
             crate::renewal::CsrSignature::RsaSha256 => {
@@ -454,7 +455,7 @@ impl IdentityService {
                     0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
                 ];
                 let mut input = SHA256_DIGEST_INFO.to_vec();
-                input.extend_from_slice(&digest);
+                input.extend_from_slice(digest);
                 self.keyd
                     .encrypt(handle, key_api::EncryptMechanism::RsaPkcs1, &input)
                     .await
