@@ -11,6 +11,7 @@ const INFO: DaemonInfo = DaemonInfo {
     config_dir_env: "AZIOT_CERTD_CONFIG_DIR",
     default_config: certd::config::DEFAULT_CONFIG_FILE,
     default_config_dir: certd::config::DEFAULT_CONFIG_DIR,
+    runtime: daemon::multi_thread_runtime,
 };
 
 fn main() -> ExitCode {

@@ -16,6 +16,7 @@ const INFO: DaemonInfo = DaemonInfo {
     config_dir_env: "AZIOT_EDGED_CONFIG_DIR",
     default_config: edged::config::DEFAULT_CONFIG_FILE,
     default_config_dir: edged::config::DEFAULT_CONFIG_DIR,
+    runtime: daemon::multi_thread_runtime,
 };
 
 fn main() -> ExitCode {

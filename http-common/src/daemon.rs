@@ -32,6 +32,27 @@ pub struct DaemonInfo {
     pub default_config: &'static str,
     /// The default drop-in folder.
     pub default_config_dir: &'static str,
+    /// Builds the async runtime: [`multi_thread_runtime`] for daemons that serve load (keyd,
+    /// certd, edged), [`current_thread_runtime`] for one that mostly waits (identityd: one
+    /// thread fewer and less resident memory, docs/identityd.md "Memory").
+    pub runtime: fn() -> std::io::Result<tokio::runtime::Runtime>,
+}
+
+/// A multi-thread runtime (one worker per CPU) with at most 32 blocking threads.
+pub fn multi_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(32)
+        .build()
+}
+
+/// A runtime on the daemon's main thread, with at most 32 blocking threads. A daemon on it
+/// must not block a task on work that needs another task to progress.
+pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(32)
+        .build()
 }
 
 /// The configuration files a daemon read, with a fingerprint of what they held just before it
@@ -112,11 +133,7 @@ where
             return invalid_config();
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(32)
-        .build()
-    {
+    let runtime = match (info.runtime)() {
         Ok(runtime) => runtime,
         Err(error) => {
             log::error!(

@@ -11,6 +11,7 @@ const INFO: DaemonInfo = DaemonInfo {
     config_dir_env: "AZIOT_IDENTITYD_CONFIG_DIR",
     default_config: identityd::config::DEFAULT_CONFIG_FILE,
     default_config_dir: identityd::config::DEFAULT_CONFIG_DIR,
+    runtime: daemon::current_thread_runtime,
 };
 
 fn main() -> ExitCode {

@@ -17,6 +17,7 @@ const INFO: DaemonInfo = DaemonInfo {
     config_dir_env: "AZIOT_KEYD_CONFIG_DIR",
     default_config: keyd::config::DEFAULT_CONFIG_FILE,
     default_config_dir: keyd::config::DEFAULT_CONFIG_DIR,
+    runtime: daemon::multi_thread_runtime,
 };
 
 /// keyd's configuration and, when its files exist, tpmd's.
