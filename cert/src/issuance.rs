@@ -31,7 +31,7 @@ const OID_EXTENSION_REQUEST: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.14");
 const OID_SUBJECT_KEY_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.14");
 const OID_AUTHORITY_KEY_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.35");
-use cert_api::subject::OID_COMMON_NAME;
+use cert_api::subject::{MAX_COMMON_NAME_CHARS, OID_COMMON_NAME};
 const OID_SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
 const OID_ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 
@@ -40,9 +40,6 @@ const SHA256_DIGEST_INFO_PREFIX: [u8; 19] = [
     0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
     0x00, 0x04, 0x20,
 ];
-
-/// Longest common name, in characters (RFC 5280 `ub-common-name`).
-pub const MAX_COMMON_NAME_CHARS: usize = 64;
 
 /// Clock-skew allowance subtracted from notBefore.
 const NOT_BEFORE_SKEW: Duration = Duration::from_secs(60);

@@ -153,12 +153,12 @@ pub fn rsa_public_key_der(modulus: &[u8], exponent: &[u8]) -> Result<Vec<u8>, St
 /// The first certificate of a PEM chain.
 pub fn leaf(pem: &str) -> Result<Certificate, String> {
     let not_pem = || "the identity certificate is not PEM".to_owned();
-    let blocks = cert_api::pem::blocks(pem).map_err(|_| not_pem())?;
-    let block = blocks
+    let der = cert_api::pem::certificate_ders(pem)
+        .map_err(|_| not_pem())?
         .into_iter()
-        .find(|block| block.label == "CERTIFICATE")
+        .next()
         .ok_or_else(not_pem)?;
-    Certificate::from_der(&block.der)
+    Certificate::from_der(&der)
         .map_err(|error| format!("the identity certificate cannot be parsed: {error}"))
 }
 
@@ -171,9 +171,6 @@ pub fn validity(pem: &str) -> Result<(i64, i64), String> {
     Ok((seconds(validity.not_before), seconds(validity.not_after)))
 }
 
-/// The upper bounds X.520 sets for the attributes whose bound matters in practice.
-const MAX_COMMON_NAME_CHARS: usize = 64;
-
 /// The DER subject name of (attribute, value) pairs in order, e.g. `[("CN", "dev1"), ("O", "Contoso")]`.
 pub fn subject_from_pairs(pairs: &[(String, String)]) -> Result<Vec<u8>, String> {
     let mut attributes = Vec::with_capacity(pairs.len());
@@ -181,11 +178,10 @@ pub fn subject_from_pairs(pairs: &[(String, String)]) -> Result<Vec<u8>, String>
         let oid = cert_api::subject::attribute_oid(attribute).ok_or_else(|| {
             format!("subject attribute {attribute:?} is not a known DN attribute")
         })?;
-        if oid == cert_api::subject::OID_COMMON_NAME
-            && value.chars().count() > MAX_COMMON_NAME_CHARS
-        {
+        let limit = cert_api::subject::MAX_COMMON_NAME_CHARS;
+        if oid == cert_api::subject::OID_COMMON_NAME && value.chars().count() > limit {
             return Err(format!(
-                "subject attribute {attribute:?} is longer than {MAX_COMMON_NAME_CHARS} characters"
+                "subject attribute {attribute:?} is longer than {limit} characters"
             ));
         }
         if value.is_empty() {
@@ -297,6 +293,9 @@ mod tests {
         assert_eq!(subject_from_pairs(&pairs).unwrap(), name.to_der().unwrap());
         assert!(subject_from_pairs(&[("XYZ".to_owned(), "v".to_owned())]).is_err());
         assert!(subject_from_pairs(&[("CN".to_owned(), "x".repeat(65))]).is_err());
+        assert!(subject_from_pairs(&[("O".to_owned(), String::new())]).is_err());
+        // identityd's config upper-cases attribute names; mixed-case ones still resolve.
+        assert!(subject_from_pairs(&[("POSTALCODE".to_owned(), "12345".to_owned())]).is_ok());
 
         let group =
             openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();

@@ -100,6 +100,16 @@ pub fn encode(label: &str, der: &[u8]) -> String {
     text
 }
 
+/// The DER of every `CERTIFICATE` block of `text`, in order; other blocks (keys, parameters)
+/// are skipped. The certificates are not parsed: callers do that with whatever they hold them in.
+pub fn certificate_ders(text: &str) -> Result<Vec<Vec<u8>>, PemError> {
+    Ok(blocks(text)?
+        .into_iter()
+        .filter(|block| block.label == "CERTIFICATE")
+        .map(|block| block.der)
+        .collect())
+}
+
 /// Appends `next` to `chain`, making sure a newline separates them.
 pub fn append(chain: &mut String, next: &str) {
     if !chain.is_empty() && !chain.ends_with('\n') {
@@ -115,4 +125,27 @@ pub fn decode_base64_lines(text: &str) -> Option<Vec<u8>> {
         return None;
     }
     BASE64.decode(compact.as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_ders_keeps_certificate_blocks_in_order() {
+        let mut text = encode("CERTIFICATE", b"leaf");
+        append(&mut text, &encode("EC PRIVATE KEY", b"key"));
+        append(&mut text, &encode("CERTIFICATE", b"issuer"));
+        assert_eq!(
+            certificate_ders(&text).unwrap(),
+            [b"leaf".to_vec(), b"issuer".to_vec()]
+        );
+        assert!(certificate_ders(&encode("EC PRIVATE KEY", b"key"))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            certificate_ders("-----BEGIN CERTIFICATE-----\nAAAA\n"),
+            Err(PemError::Unterminated("CERTIFICATE".to_owned()))
+        );
+    }
 }

@@ -30,6 +30,9 @@ pub const ATTRIBUTES: &[(&str, &str)] = &[
     ("emailAddress", "1.2.840.113549.1.9.1"),
 ];
 
+/// Longest common name, in characters (RFC 5280 `ub-common-name`).
+pub const MAX_COMMON_NAME_CHARS: usize = 64;
+
 /// commonName.
 pub const OID_COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 const OID_COUNTRY: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.6");

@@ -70,12 +70,8 @@ fn issued_chain(state: &RegistrationState) -> Result<Option<String>, IdentityErr
     for element in elements {
         let element = element.trim();
         let certs: Vec<Vec<u8>> = if element.starts_with("-----BEGIN") {
-            cert_api::pem::blocks(element)
+            cert_api::pem::certificate_ders(element)
                 .map_err(|_| protocol("an issued certificate is not valid PEM"))?
-                .into_iter()
-                .filter(|block| block.label == "CERTIFICATE")
-                .map(|block| block.der)
-                .collect()
         } else {
             vec![base64::engine::general_purpose::STANDARD
                 .decode(element)
@@ -396,6 +392,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("neither PEM nor base64"));
+        let not_a_certificate = state(serde_json::json!({ "issuedCertificateChain": ["AAAA"] }));
+        assert!(issued_chain(&not_a_certificate)
+            .unwrap_err()
+            .to_string()
+            .contains("not a DER certificate"));
+        let unterminated = state(serde_json::json!({
+            "issuedClientCertificate": "-----BEGIN CERTIFICATE-----\nAAAA\n"
+        }));
+        assert!(issued_chain(&unterminated)
+            .unwrap_err()
+            .to_string()
+            .contains("not valid PEM"));
         let empty = state(serde_json::json!({ "issuedCertificateChain": [] }));
         assert!(issued_chain(&empty).is_err());
     }

@@ -69,10 +69,9 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The DER of every `CERTIFICATE` block of a PEM text, in order (other blocks are skipped; a
 /// malformed block is an error). The certificates themselves are parsed where they are used.
 fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, cert_api::pem::PemError> {
-    Ok(cert_api::pem::blocks(pem)?
+    Ok(cert_api::pem::certificate_ders(pem)?
         .into_iter()
-        .filter(|block| block.label == "CERTIFICATE")
-        .map(|block| CertificateDer::from(block.der))
+        .map(CertificateDer::from)
         .collect())
 }
 
