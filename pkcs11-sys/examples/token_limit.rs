@@ -5,7 +5,11 @@
 //! key pair (`CKM_ECDSA` over a 32-byte digest) as token objects, with the attributes keyd gives
 //! its own keys, then signs with each for `SECONDS` on 1 thread and on each thread count given,
 //! one logged-in read/write session per thread, and prints one line per run:
-//! `<mechanism> threads=<n> <signatures per second>`. The objects are destroyed at the end.
+//! `<mechanism> <objects> threads=<n> <signatures per second>`. `<objects>` is `token` for the
+//! token objects themselves and `copy` for session-object copies of them (`C_CopyObject` with
+//! `CKA_TOKEN` false), which is what keyd signs with on SoftHSM2 (`pkcs11_sys::TokenKey`):
+//! SoftHSM2 re-reads a token object's file on every use, a session object's never. The objects
+//! are destroyed at the end.
 //!
 //! Usage: `token_limit MODULE TOKEN-LABEL PIN SECONDS THREADS...`
 //! (e.g. `token_limit /usr/lib/softhsm/libsofthsm2.so bench 1234 10 16`).
@@ -56,21 +60,25 @@ fn main() -> anyhow::Result<()> {
     let setup = pkcs11.open_rw_session(slot)?;
     setup.login(UserType::User, Some(&pin))?;
     let (hmac, ec_public, ec_private) = generate(&setup)?;
+    let copy = |object| setup.copy_object(object, &[Attribute::Token(false)]);
+    let (hmac_copy, ec_private_copy) = (copy(hmac)?, copy(ec_private)?);
 
     let message = b"hello world".to_vec();
     let digest = vec![0x5a; 32];
     let runs = [
-        ("HMAC-SHA256", Kind::Hmac, hmac, message),
-        ("ECDSA-P256", Kind::Ecdsa, ec_private, digest),
+        ("HMAC-SHA256", "token", Kind::Hmac, hmac, &message),
+        ("HMAC-SHA256", "copy", Kind::Hmac, hmac_copy, &message),
+        ("ECDSA-P256", "token", Kind::Ecdsa, ec_private, &digest),
+        ("ECDSA-P256", "copy", Kind::Ecdsa, ec_private_copy, &digest),
     ];
-    for (name, kind, key, input) in &runs {
+    for (name, objects, kind, key, input) in runs {
         for &threads in &counts {
-            let rate = run(&pkcs11, slot, threads, duration, *kind, *key, input)?;
-            println!("{name} threads={threads} {rate}");
+            let rate = run(&pkcs11, slot, threads, duration, kind, key, input)?;
+            println!("{name} {objects} threads={threads} {rate}");
         }
     }
 
-    for object in [hmac, ec_public, ec_private] {
+    for object in [hmac_copy, ec_private_copy, hmac, ec_public, ec_private] {
         setup.destroy_object(object)?;
     }
     Ok(())

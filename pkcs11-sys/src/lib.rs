@@ -9,10 +9,13 @@
 //! - [`Token::with_session`] runs token calls on a pooled read/write session: one caller at a time
 //!   per session, sessions reused, at most [`Token::max_sessions`] open. Callers block while all
 //!   sessions are busy, so this must be used from blocking threads, never an async executor.
+//! - [`TokenKey`] is a key object to call with: on SoftHSM2 through a session copy of the token
+//!   object, re-checked against the token object every [`COPY_TRUSTED_FOR`].
 //!
 //! Nothing here knows about keyd's key handles or HTTP. PINs are kept as zeroize-on-drop secrets
 //! and never appear in errors, logs or `Debug` output.
 
+mod key;
 pub mod uri;
 
 use std::collections::HashMap;
@@ -27,6 +30,7 @@ use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
+pub use key::{TokenKey, COPY_TRUSTED_FOR};
 pub use uri::{PinSource, Pkcs11Uri, UriError};
 
 /// Why a PKCS#11 step failed. Messages name the module path, slot and token label, never a PIN.
@@ -283,6 +287,8 @@ pub struct Token {
     returned: Condvar,
     max_sessions: usize,
     software: bool,
+    /// Whether [`TokenKey`]s use session copies of their token objects (SoftHSM2 only).
+    session_copies: bool,
 }
 
 impl std::fmt::Debug for Token {
@@ -340,10 +346,21 @@ impl Token {
         let software = pkcs11
             .get_slot_info(slot)
             .is_ok_and(|info| !info.hardware_slot());
+        // SoftHSM2 re-reads a token object's file on every use, and never reuses an object
+        // handle: the module `key` explains why that makes session copies both worth it and safe.
+        let session_copies = software
+            && pkcs11
+                .get_library_info()
+                .is_ok_and(|info| info.manufacturer_id().starts_with("SoftHSM"));
         log::info!(
-            "PKCS#11 token {label:?} in slot {}: up to {max_sessions} sessions, {} slot",
+            "PKCS#11 token {label:?} in slot {}: up to {max_sessions} sessions, {} slot{}",
             slot.id(),
-            if software { "software" } else { "hardware" }
+            if software { "software" } else { "hardware" },
+            if session_copies {
+                ", keys used through session copies"
+            } else {
+                ""
+            }
         );
         Token {
             pkcs11,
@@ -355,6 +372,7 @@ impl Token {
             returned: Condvar::new(),
             max_sessions,
             software,
+            session_copies,
         }
     }
 
@@ -367,6 +385,11 @@ impl Token {
     /// this process, like keyd's own file store, rather than in a device.
     pub fn is_software(&self) -> bool {
         self.software
+    }
+
+    /// Whether [`TokenKey`]s in this token use session copies of their token objects.
+    pub fn uses_session_copies(&self) -> bool {
+        self.session_copies
     }
 
     /// The token label.

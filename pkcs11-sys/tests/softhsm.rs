@@ -6,43 +6,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::sync::Arc;
 
 use pkcs11_sys::cryptoki::mechanism::Mechanism;
 use pkcs11_sys::cryptoki::object::{Attribute, KeyType, ObjectClass};
 use pkcs11_sys::{Module, Pkcs11Error, Pkcs11Uri};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+mod common;
+
+use common::MODULE;
 
 #[test]
 fn tokens_pins_and_the_session_pool() {
-    assert!(
-        std::path::Path::new(MODULE).is_file(),
-        "SoftHSM2 is not installed ({MODULE} is missing)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("tokens")).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}/tokens\nobjectstore.backend = file\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    for label in ["first", "second"] {
-        let output = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args(["--init-token", "--free", "--label", label])
-            .args(["--so-pin", "5678", "--pin", "1234"])
-            .output()
-            .expect("softhsm2-util must be installed");
-        assert!(output.status.success(), "{output:?}");
-    }
-    // Set before the module is initialized; no other thread runs yet.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
+    // Before the module is initialized; no other thread runs yet.
+    let _tokens = common::softhsm_tokens(&["first", "second"]);
 
     let error = Module::open(std::path::Path::new("/nonexistent/module.so")).unwrap_err();
     assert!(

@@ -7,7 +7,9 @@
 //! threads. On a software slot (`CKF_HW_SLOT` clear, e.g. SoftHSM2) the module computes in this
 //! process like the file store does, so HMAC, AES and EC operations run on the async thread
 //! that received the request (two thread hand-offs per request cost more than the operation;
-//! docs/pkcs11.md has the figures); RSA stays on blocking threads.
+//! docs/pkcs11.md has the figures); RSA stays on blocking threads. On SoftHSM2 the operations
+//! go to an in-token session copy of each object, re-checked against the token object every
+//! second (`pkcs11_sys::TokenKey`), because SoftHSM2 re-reads a token object's file on every use.
 //!
 //! Generated objects are `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not `CKA_EXTRACTABLE`,
 //! with `CKA_LABEL` = key ID; both halves of a key pair share a random 16-byte `CKA_ID`.
@@ -33,7 +35,7 @@ use pkcs11_sys::cryptoki::mechanism::Mechanism;
 use pkcs11_sys::cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use pkcs11_sys::cryptoki::session::Session;
 use pkcs11_sys::cryptoki::types::Ulong;
-use pkcs11_sys::{Module, Pkcs11Error, Pkcs11Uri, Token};
+use pkcs11_sys::{Module, Pkcs11Error, Pkcs11Uri, Token, TokenKey};
 
 use crate::service::PreloadedLoader;
 use crate::store::{
@@ -302,10 +304,10 @@ fn find_key(
                     secrets.len()
                 );
             }
-            return Ok(Some(StoredKey::Symmetric(Arc::new(TokenSecretKey {
-                token: Arc::clone(token),
+            return Ok(Some(StoredKey::Symmetric(Arc::new(TokenSecretKey::new(
+                Arc::clone(token),
                 object,
-            }))));
+            )))));
         }
         let privates = session.find_objects(&selector.template(ObjectClass::PRIVATE_KEY))?;
         let Some(&private) = privates.first() else {
@@ -406,7 +408,7 @@ impl Pkcs11Store {
     }
 
     /// Generates an AES key (32 bytes, else 16) and checks that AES-GCM with a long IV works.
-    fn generate_aes(&self, id: &str) -> Result<ObjectHandle, StoreError> {
+    fn generate_aes(&self, id: &str) -> Result<TokenSecretKey, StoreError> {
         let mut last_error = None;
         for length in [32_u64, 16] {
             let mut template = secret_attributes(id);
@@ -421,11 +423,9 @@ impl Pkcs11Store {
                 .with_session(|session| session.generate_key(&Mechanism::AesKeyGen, &template))
             {
                 Ok(object) => {
-                    let key = TokenSecretKey {
-                        token: Arc::clone(&self.token),
-                        object,
-                    };
+                    let key = TokenSecretKey::new(Arc::clone(&self.token), object);
                     if let Err(reason) = key.probe_gcm() {
+                        drop(key);
                         self.token
                             .with_session(|session| session.destroy_object(object))
                             .map_err(token_error)?;
@@ -433,7 +433,7 @@ impl Pkcs11Store {
                             "the token's AES-GCM failed a test encryption: {reason}"
                         )));
                     }
-                    return Ok(object);
+                    return Ok(key);
                 }
                 Err(error)
                     if matches!(
@@ -484,7 +484,7 @@ impl KeyStore for Pkcs11Store {
         if usage.encrypt && (usage.derive || usage.sign) {
             return Err(no_single_object_type());
         }
-        let object = if usage.encrypt {
+        let key = if usage.encrypt {
             self.generate_aes(id)?
         } else {
             let mut template = secret_attributes(id);
@@ -494,7 +494,8 @@ impl KeyStore for Pkcs11Store {
                 Attribute::ValueLen(Ulong::from(32_u64)),
             ]);
             template.extend(secret_key_usage(true));
-            self.token
+            let object = self
+                .token
                 .with_session(|session| {
                     session.generate_key(&Mechanism::GenericSecretKeyGen, &template)
                 })
@@ -503,12 +504,10 @@ impl KeyStore for Pkcs11Store {
                         StoreError::NotSupported(error.to_string())
                     }
                     _ => token_error(error),
-                })?
+                })?;
+            TokenSecretKey::new(Arc::clone(&self.token), object)
         };
-        let key = StoredKey::Symmetric(Arc::new(TokenSecretKey {
-            token: Arc::clone(&self.token),
-            object,
-        }));
+        let key = StoredKey::Symmetric(Arc::new(key));
         self.cache_put(id, Some(key.clone()));
         Ok(key)
     }
@@ -557,10 +556,10 @@ impl KeyStore for Pkcs11Store {
                 )))
             }
         };
-        let key = StoredKey::Symmetric(Arc::new(TokenSecretKey {
-            token: Arc::clone(&self.token),
+        let key = StoredKey::Symmetric(Arc::new(TokenSecretKey::new(
+            Arc::clone(&self.token),
             object,
-        }));
+        )));
         self.cache_put(id, Some(key.clone()));
         Ok(key)
     }
@@ -685,11 +684,16 @@ impl KeyStore for Pkcs11Store {
 /// A secret key object in a token (HMAC with generic secrets, AES-GCM with AES keys).
 #[derive(Debug)]
 pub struct TokenSecretKey {
-    token: Arc<Token>,
-    object: ObjectHandle,
+    key: TokenKey,
 }
 
 impl TokenSecretKey {
+    fn new(token: Arc<Token>, object: ObjectHandle) -> Self {
+        TokenSecretKey {
+            key: TokenKey::new(token, object),
+        }
+    }
+
     /// Encrypts and decrypts a block with a 32-byte IV (edgeAgent's IV length).
     fn probe_gcm(&self) -> Result<(), StoreError> {
         let iv = random_bytes::<32>()?;
@@ -706,8 +710,8 @@ impl TokenSecretKey {
 
 impl SymmetricKey for TokenSecretKey {
     fn hmac_sha256(&self, message: &[u8]) -> Result<Vec<u8>, StoreError> {
-        self.token
-            .with_session(|session| session.sign(&Mechanism::Sha256Hmac, self.object, message))
+        self.key
+            .with_object(|session, object| session.sign(&Mechanism::Sha256Hmac, object, message))
             .map_err(operation_error)
     }
 
@@ -718,11 +722,11 @@ impl SymmetricKey for TokenSecretKey {
         plaintext: &[u8],
     ) -> Result<(Vec<u8>, [u8; 16]), StoreError> {
         let mut output = self
-            .token
-            .with_session(|session| {
+            .key
+            .with_object(|session, object| {
                 let mut iv = iv.to_vec();
                 let params = GcmParams::new(&mut iv, aad, Ulong::from(128_u64))?;
-                session.encrypt(&Mechanism::AesGcm(params), self.object, plaintext)
+                session.encrypt(&Mechanism::AesGcm(params), object, plaintext)
             })
             .map_err(operation_error)?;
         if output.len() != plaintext.len() + GCM_TAG_LENGTH {
@@ -746,10 +750,10 @@ impl SymmetricKey for TokenSecretKey {
         let mut input = Vec::with_capacity(ciphertext.len() + GCM_TAG_LENGTH);
         input.extend_from_slice(ciphertext);
         input.extend_from_slice(tag);
-        let result = self.token.with_session(|session| {
+        let result = self.key.with_object(|session, object| {
             let mut iv = iv.to_vec();
             let params = GcmParams::new(&mut iv, aad, Ulong::from(128_u64))?;
-            session.decrypt(&Mechanism::AesGcm(params), self.object, &input)
+            session.decrypt(&Mechanism::AesGcm(params), object, &input)
         });
         match result {
             Ok(plaintext) => Ok(Some(plaintext)),
@@ -770,15 +774,14 @@ impl SymmetricKey for TokenSecretKey {
     }
 
     fn runs_inline(&self) -> bool {
-        self.token.is_software()
+        self.key.token().is_software()
     }
 }
 
 /// A key pair whose private half is a token object.
 #[derive(Debug)]
 pub struct TokenKeyPair {
-    token: Arc<Token>,
-    private: ObjectHandle,
+    private: TokenKey,
     public: PKey<Public>,
     modulus_length: usize,
 }
@@ -791,8 +794,7 @@ impl TokenKeyPair {
             .and_then(|rsa| usize::try_from(rsa.size()).ok())
             .unwrap_or(0);
         TokenKeyPair {
-            token,
-            private,
+            private: TokenKey::new(token, private),
             public,
             modulus_length,
         }
@@ -811,8 +813,8 @@ impl KeyPair for TokenKeyPair {
             ));
         }
         let raw = self
-            .token
-            .with_session(|session| session.sign(&Mechanism::Ecdsa, self.private, digest))
+            .private
+            .with_object(|session, object| session.sign(&Mechanism::Ecdsa, object, digest))
             .map_err(operation_error)?;
         if raw.is_empty() || raw.len() % 2 != 0 {
             return Err(StoreError::Token(
@@ -842,8 +844,8 @@ impl KeyPair for TokenKeyPair {
             RsaPadding::None => Mechanism::RsaX509,
         };
         let output = self
-            .token
-            .with_session(|session| session.sign(&mechanism, self.private, input))
+            .private
+            .with_object(|session, object| session.sign(&mechanism, object, input))
             .map_err(operation_error)?;
         if output.len() > self.modulus_length {
             return Err(StoreError::Token(
@@ -858,7 +860,7 @@ impl KeyPair for TokenKeyPair {
 
     fn runs_inline(&self) -> bool {
         // An RSA signature takes milliseconds even in software: blocking threads, as for files.
-        self.token.is_software() && self.public.id() == openssl::pkey::Id::EC
+        self.private.token().is_software() && self.public.id() == openssl::pkey::Id::EC
     }
 }
 

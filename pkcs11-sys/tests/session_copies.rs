@@ -1,0 +1,176 @@
+//! `TokenKey` against a real SoftHSM2 token: calls go to an in-token session copy of the token
+//! object, the copy keeps the original's protection, a key deleted from the token stops working
+//! once the copy's trust runs out, a lost copy is replaced, and dropping the key destroys its
+//! copy. SoftHSM2 is required; without it the test fails.
+//!
+//! One test function only: SoftHSM2 reads `SOFTHSM2_CONF` once, when the module is initialized,
+//! and the module is loaded once per process.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use pkcs11_sys::cryptoki::error::RvError;
+use pkcs11_sys::cryptoki::mechanism::Mechanism;
+use pkcs11_sys::cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use pkcs11_sys::{Module, Pkcs11Uri, Token, TokenKey, COPY_TRUSTED_FOR};
+
+mod common;
+
+use common::MODULE;
+
+/// A 32-byte HMAC key as keyd makes its own: a private, sensitive, non-extractable token object.
+fn hmac_key(token: &Token, label: &str) -> ObjectHandle {
+    token
+        .with_session(|session| {
+            session.create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Value(vec![label.len() as u8; 32]),
+            ])
+        })
+        .unwrap()
+}
+
+/// The session objects labelled `label` (the copies; token objects excluded).
+fn session_objects(token: &Token, label: &str) -> Vec<ObjectHandle> {
+    token
+        .with_session(|session| {
+            session.find_objects(&[
+                Attribute::Token(false),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+        })
+        .unwrap()
+}
+
+/// Signs `m` with `key`, returning the MAC and the object handle the call was given.
+fn sign(key: &TokenKey) -> Result<(Vec<u8>, ObjectHandle), pkcs11_sys::Pkcs11Error> {
+    let mut used = None;
+    let mac = key.with_object(|session, object| {
+        used = Some(object);
+        session.sign(&Mechanism::Sha256Hmac, object, b"m")
+    })?;
+    Ok((mac, used.unwrap()))
+}
+
+fn wait_out_the_trust() {
+    std::thread::sleep(COPY_TRUSTED_FOR + std::time::Duration::from_millis(100));
+}
+
+#[test]
+fn session_copies_of_token_keys() {
+    // Before the module is initialized; no other thread runs yet.
+    let _tokens = common::softhsm_tokens(&["copies"]);
+    let module = Module::open(std::path::Path::new(MODULE)).unwrap();
+    let token = module
+        .token(&Pkcs11Uri::parse("pkcs11:token=copies?pin-value=1234").unwrap())
+        .unwrap();
+    assert!(token.uses_session_copies(), "SoftHSM2 gets session copies");
+
+    // The first call goes to the token object and makes the copy; later ones use the copy,
+    // with the same key.
+    let object = hmac_key(&token, "first");
+    let key = TokenKey::new(Arc::clone(&token), object);
+    assert_eq!(key.session_copy(), None);
+    let (expected, used) = sign(&key).unwrap();
+    assert_eq!(used, object);
+    let copy = key
+        .session_copy()
+        .expect("a session copy after the first call");
+    assert_ne!(copy, object);
+    assert_eq!(session_objects(&token, "first"), vec![copy]);
+    for _ in 0..3 {
+        assert_eq!(sign(&key).unwrap(), (expected.clone(), copy));
+    }
+
+    // The copy is as protected as the original: still sensitive, not extractable, and its
+    // value cannot be read.
+    let attributes = token
+        .with_session(|session| {
+            session.get_attributes(
+                copy,
+                &[
+                    AttributeType::Token,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Private,
+                ],
+            )
+        })
+        .unwrap();
+    for attribute in &attributes {
+        match attribute {
+            Attribute::Token(value) | Attribute::Extractable(value) => assert!(!value),
+            Attribute::Sensitive(value) | Attribute::Private(value) => assert!(value),
+            other => panic!("unexpected attribute {other:?}"),
+        }
+    }
+    let value = token.with_session(|session| session.get_attributes(copy, &[AttributeType::Value]));
+    assert!(
+        !matches!(&value, Ok(attributes) if attributes.iter().any(|a| matches!(a, Attribute::Value(_)))),
+        "the copy's value is readable: {value:?}"
+    );
+
+    // Once the trust has run out, the next call goes to the token object again.
+    wait_out_the_trust();
+    assert_eq!(sign(&key).unwrap(), (expected.clone(), object));
+    assert_eq!(sign(&key).unwrap(), (expected.clone(), copy));
+
+    // Deleted from the token behind the key's back: within the trust the copy still answers;
+    // after it, calls fail as they would without a copy, and the copy is destroyed.
+    token
+        .with_session(|session| session.destroy_object(object))
+        .unwrap();
+    wait_out_the_trust();
+    let gone = sign(&key).unwrap_err();
+    assert!(
+        matches!(
+            gone.rv(),
+            Some(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid)
+        ),
+        "{gone}"
+    );
+    assert_eq!(key.session_copy(), None);
+    assert!(session_objects(&token, "first").is_empty());
+    assert!(sign(&key).is_err(), "no copy comes back for a deleted key");
+    drop(key);
+
+    // A copy the token lost is dropped at once (the call still succeeds, on the token object)
+    // and replaced on a later call.
+    let object = hmac_key(&token, "second");
+    let key = TokenKey::new(Arc::clone(&token), object);
+    let (expected, _) = sign(&key).unwrap();
+    let lost = key.session_copy().unwrap();
+    token
+        .with_session(|session| session.destroy_object(lost))
+        .unwrap();
+    assert_eq!(sign(&key).unwrap(), (expected.clone(), object));
+    assert_eq!(key.session_copy(), None);
+    wait_out_the_trust();
+    assert_eq!(sign(&key).unwrap(), (expected.clone(), object));
+    let replaced = key.session_copy().expect("a new copy");
+    assert_ne!(replaced, lost);
+    assert_eq!(sign(&key).unwrap(), (expected, replaced));
+
+    // Errors that are not about the object leave the copy in place.
+    let refused = key.with_object(|session, object| session.sign(&Mechanism::Ecdsa, object, b"m"));
+    assert!(refused.is_err(), "an HMAC key cannot sign ECDSA");
+    assert_eq!(key.session_copy(), Some(replaced));
+
+    // Dropping the key destroys its copy, not the token object.
+    drop(key);
+    assert!(session_objects(&token, "second").is_empty());
+    let still_there = token
+        .with_session(|session| {
+            session.find_objects(&[Attribute::Token(true), Attribute::Label(b"second".to_vec())])
+        })
+        .unwrap();
+    assert_eq!(still_there, vec![object]);
+}
