@@ -7,9 +7,9 @@
 //! one logged-in read/write session per thread, and prints one line per run:
 //! `<mechanism> <objects> threads=<n> <signatures per second>`. `<objects>` is `token` for the
 //! token objects themselves and `copy` for session-object copies of them (`C_CopyObject` with
-//! `CKA_TOKEN` false), which is what keyd signs with on SoftHSM2 (`pkcs11_sys::TokenKey`):
-//! SoftHSM2 re-reads a token object's file on every use, a session object's never. The objects
-//! are destroyed at the end.
+//! `CKA_TOKEN` false), each thread making its own in its session, which is what keyd signs with
+//! on SoftHSM2 (`pkcs11_sys::TokenKey`): SoftHSM2 re-reads a token object's file on every use, a
+//! session object's never. The objects are destroyed at the end.
 //!
 //! Usage: `token_limit MODULE TOKEN-LABEL PIN SECONDS THREADS...`
 //! (e.g. `token_limit /usr/lib/softhsm/libsofthsm2.so bench 1234 10 16`).
@@ -60,25 +60,24 @@ fn main() -> anyhow::Result<()> {
     let setup = pkcs11.open_rw_session(slot)?;
     setup.login(UserType::User, Some(&pin))?;
     let (hmac, ec_public, ec_private) = generate(&setup)?;
-    let copy = |object| setup.copy_object(object, &[Attribute::Token(false)]);
-    let (hmac_copy, ec_private_copy) = (copy(hmac)?, copy(ec_private)?);
 
     let message = b"hello world".to_vec();
     let digest = vec![0x5a; 32];
     let runs = [
-        ("HMAC-SHA256", "token", Kind::Hmac, hmac, &message),
-        ("HMAC-SHA256", "copy", Kind::Hmac, hmac_copy, &message),
-        ("ECDSA-P256", "token", Kind::Ecdsa, ec_private, &digest),
-        ("ECDSA-P256", "copy", Kind::Ecdsa, ec_private_copy, &digest),
+        ("HMAC-SHA256", Kind::Hmac, hmac, &message),
+        ("ECDSA-P256", Kind::Ecdsa, ec_private, &digest),
     ];
-    for (name, objects, kind, key, input) in runs {
-        for &threads in &counts {
-            let rate = run(&pkcs11, slot, threads, duration, kind, key, input)?;
-            println!("{name} {objects} threads={threads} {rate}");
+    for (name, kind, key, input) in runs {
+        for copy in [false, true] {
+            let objects = if copy { "copy" } else { "token" };
+            for &threads in &counts {
+                let rate = run(&pkcs11, slot, threads, duration, kind, (key, copy), input)?;
+                println!("{name} {objects} threads={threads} {rate}");
+            }
         }
     }
 
-    for object in [hmac_copy, ec_private_copy, hmac, ec_public, ec_private] {
+    for object in [hmac, ec_public, ec_private] {
         setup.destroy_object(object)?;
     }
     Ok(())
@@ -143,14 +142,15 @@ fn generate(session: &Session) -> anyhow::Result<(ObjectHandle, ObjectHandle, Ob
     Ok((hmac, public, private))
 }
 
-/// Signs on `threads` threads, each with its own session, and returns signatures per second.
+/// Signs on `threads` threads, each with its own session (and, with `copy`, its own session copy
+/// of the key), and returns signatures per second.
 fn run(
     pkcs11: &Arc<Pkcs11>,
     slot: Slot,
     threads: usize,
     duration: Duration,
     kind: Kind,
-    key: ObjectHandle,
+    (key, copy): (ObjectHandle, bool),
     input: &[u8],
 ) -> anyhow::Result<u64> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -166,9 +166,18 @@ fn run(
                 let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
                 scope.spawn(move || -> anyhow::Result<()> {
                     let mechanism = kind.mechanism();
+                    let key = if copy {
+                        session.copy_object(key, &[Attribute::Token(false)])?
+                    } else {
+                        key
+                    };
                     while !stop.load(Ordering::Relaxed) {
                         session.sign(&mechanism, key, input)?;
                         done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The session's end would destroy the copy too; this checks it is there.
+                    if copy {
+                        session.destroy_object(key)?;
                     }
                     Ok(())
                 })

@@ -4,17 +4,19 @@
 //! SoftHSM2 keeps every token object in a file and, on every use, opens, locks and re-reads that
 //! file to see whether another process changed it. That file work costs more than the signature
 //! itself: on 2 vCPUs an HMAC with a token object takes about three times as long as with a
-//! session object. So on SoftHSM2 a `TokenKey` makes a session-object copy of its token object
-//! (`C_CopyObject` with `CKA_TOKEN` false). The copy stays inside the token, keeps the original's
-//! `CKA_SENSITIVE`, `CKA_EXTRACTABLE` and usage attributes (a copy cannot loosen them) and lives
-//! only as long as the session that made it and this `TokenKey`.
+//! session object. So on SoftHSM2 a `TokenKey` makes session-object copies of its token object
+//! (`C_CopyObject` with `CKA_TOKEN` false), one per pooled session that uses it, so that no two
+//! concurrent calls share an object (SoftHSM2 locks an object for each attribute it reads, and
+//! a shared copy halved the ECDSA rate on two threads in some runs). A copy stays inside the
+//! token, keeps the original's `CKA_SENSITIVE`, `CKA_EXTRACTABLE` and usage attributes (a copy
+//! cannot loosen them) and lives only as long as the session that made it and this `TokenKey`.
 //!
-//! The copy is used only while the token object itself answered a call within the last
+//! The copies are used only while the token object itself answered a call within the last
 //! [`COPY_TRUSTED_FOR`]: after that, the next call goes to the token object again, so a key that
 //! was deleted or changed in the token (by another process, say) stops being used within that
-//! time, just as it would without the copy. A copy the token no longer knows (its session was
-//! closed) is dropped and the call goes to the token object; a new copy is tried at most once per
-//! [`COPY_TRUSTED_FOR`].
+//! time, just as it would without copies. A copy the token no longer knows (its session was
+//! closed) is dropped and the call goes to the token object; a new copy for a session is tried at
+//! most once per [`COPY_TRUSTED_FOR`].
 //!
 //! Other tokens get no copies: a hardware token keeps keys in the device (no file work, and
 //! session objects take its scarce memory), and a module whose object handles might be reused
@@ -42,11 +44,17 @@ pub struct TokenKey {
 
 #[derive(Default)]
 struct CopyState {
-    /// The session copy, while the token knows it.
-    copy: Option<ObjectHandle>,
+    /// The session copies, by the index of the pooled session that made them.
+    copies: Vec<SessionCopy>,
     /// When the token object itself last answered a call.
     verified: Option<Instant>,
-    /// When a copy was last made or tried.
+}
+
+#[derive(Default, Clone)]
+struct SessionCopy {
+    /// The copy, while the token knows it.
+    object: Option<ObjectHandle>,
+    /// When a copy was last made or tried on this session.
     attempted: Option<Instant>,
 }
 
@@ -62,11 +70,19 @@ impl std::fmt::Debug for TokenKey {
 }
 
 /// Return values that mean the object named in the call is gone.
-fn object_gone(error: &Pkcs11Error) -> bool {
+fn object_gone(error: &CryptokiError) -> bool {
     matches!(
-        error.rv(),
-        Some(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid)
+        error,
+        CryptokiError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)
     )
+}
+
+/// What a call on one session goes to.
+enum Target {
+    /// The session's copy, trusted.
+    Copy(ObjectHandle),
+    /// The token object; then make a copy on this session if `copy` says so.
+    Object { copy: bool },
 }
 
 impl TokenKey {
@@ -89,13 +105,18 @@ impl TokenKey {
         self.object
     }
 
-    /// The session copy calls go to now, if any (for tests and diagnostics).
-    pub fn session_copy(&self) -> Option<ObjectHandle> {
-        lock(&self.state).copy
+    /// The session copies calls can go to now (for tests and diagnostics).
+    pub fn session_copies(&self) -> Vec<ObjectHandle> {
+        lock(&self.state)
+            .copies
+            .iter()
+            .filter_map(|copy| copy.object)
+            .collect()
     }
 
-    /// Runs `call` on a pooled session with the object to use: the session copy while it is
-    /// trusted, else the token object (see [`Token::with_session`] for the pool's rules).
+    /// Runs `call` on a pooled session with the object to use: that session's copy while the
+    /// copies are trusted, else the token object (see [`Token::with_session`] for the pool's
+    /// rules).
     pub fn with_object<T>(
         &self,
         mut call: impl FnMut(&Session, ObjectHandle) -> Result<T, CryptokiError>,
@@ -105,101 +126,133 @@ impl TokenKey {
                 .token
                 .with_session(|session| call(session, self.object));
         }
-        let now = Instant::now();
-        let trusted = {
-            let state = lock(&self.state);
-            state.copy.filter(|_| {
-                state
-                    .verified
-                    .is_some_and(|verified| now.duration_since(verified) < COPY_TRUSTED_FOR)
-            })
-        };
-        if let Some(copy) = trusted {
-            match self.token.with_session(|session| call(session, copy)) {
-                Err(error) if object_gone(&error) => {
-                    log::debug!(
-                        "PKCS#11 token {:?}: the session copy of object {} is gone",
-                        self.token.label,
-                        self.object.handle()
-                    );
-                    let mut state = lock(&self.state);
-                    if state.copy == Some(copy) {
-                        state.copy = None;
-                    }
+        let answer = self.token.with_indexed_session(|session, index| {
+            let now = Instant::now();
+            if let Target::Copy(copy) = self.target(index, now) {
+                match call(session, copy) {
+                    Err(error) if object_gone(&error) => self.lost(index, copy),
+                    answer => return answer,
                 }
-                answer => return answer,
             }
-        }
-        let answer = self
-            .token
-            .with_session(|session| call(session, self.object));
-        match &answer {
-            Ok(_) => self.verified(now),
-            Err(error) if object_gone(error) => self.forget_copy(),
-            Err(_) => {}
+            let answer = call(session, self.object)?;
+            if let Target::Object { copy: true } = self.verified(index, now) {
+                self.copy_on(session, index);
+            }
+            Ok(answer)
+        });
+        if let Err(Pkcs11Error::Call(error)) = &answer {
+            if object_gone(error) {
+                self.forget_copies();
+            }
         }
         answer
     }
 
-    /// Records that the token object answered at `now`, and makes a copy if there is none and
-    /// none was tried within [`COPY_TRUSTED_FOR`].
-    fn verified(&self, now: Instant) {
-        {
-            let mut state = lock(&self.state);
-            state.verified = Some(now);
-            let recent = state
-                .attempted
-                .is_some_and(|attempted| now.duration_since(attempted) < COPY_TRUSTED_FOR);
-            if state.copy.is_some() || recent {
-                return;
-            }
-            state.attempted = Some(now);
+    /// Where a call on session `index` at `now` goes.
+    fn target(&self, index: usize, now: Instant) -> Target {
+        let state = lock(&self.state);
+        let trusted = state
+            .verified
+            .is_some_and(|verified| now.duration_since(verified) < COPY_TRUSTED_FOR);
+        match state.copies.get(index).and_then(|copy| copy.object) {
+            Some(copy) if trusted => Target::Copy(copy),
+            _ => Target::Object { copy: false },
         }
-        let made = self
-            .token
-            .with_session(|session| session.copy_object(self.object, &[Attribute::Token(false)]));
-        match made {
+    }
+
+    /// Records that the token object answered at `now`; says whether to make a copy on session
+    /// `index` (it has none, and none was tried within [`COPY_TRUSTED_FOR`]).
+    fn verified(&self, index: usize, now: Instant) -> Target {
+        let mut state = lock(&self.state);
+        state.verified = Some(now);
+        if state.copies.len() <= index {
+            state.copies.resize(index + 1, SessionCopy::default());
+        }
+        let slot = &mut state.copies[index];
+        let recent = slot
+            .attempted
+            .is_some_and(|attempted| now.duration_since(attempted) < COPY_TRUSTED_FOR);
+        let copy = slot.object.is_none() && !recent;
+        if copy {
+            slot.attempted = Some(now);
+        }
+        Target::Object { copy }
+    }
+
+    /// Makes this session's copy.
+    fn copy_on(&self, session: &Session, index: usize) {
+        match session.copy_object(self.object, &[Attribute::Token(false)]) {
             Ok(copy) => {
-                let mut state = lock(&self.state);
-                if state.copy.is_none() {
-                    state.copy = Some(copy);
-                    return;
+                let replaced = {
+                    let mut state = lock(&self.state);
+                    state.copies[index].object.replace(copy)
+                };
+                if let Some(old) = replaced {
+                    destroy(session, old);
                 }
-                drop(state);
-                self.destroy(copy);
             }
             Err(error) => log::debug!(
-                "PKCS#11 token {:?}: no session copy of object {}: {error}",
+                "PKCS#11 token {:?}: no session copy of object {}: {}",
                 self.token.label,
-                self.object.handle()
+                self.object.handle(),
+                crate::describe(&error)
             ),
         }
     }
 
-    fn forget_copy(&self) {
-        let copy = lock(&self.state).copy.take();
-        if let Some(copy) = copy {
-            self.destroy(copy);
+    /// Forgets session `index`'s copy, which the token no longer knows.
+    fn lost(&self, index: usize, copy: ObjectHandle) {
+        log::debug!(
+            "PKCS#11 token {:?}: a session copy of object {} is gone",
+            self.token.label,
+            self.object.handle()
+        );
+        let mut state = lock(&self.state);
+        if let Some(slot) = state.copies.get_mut(index) {
+            if slot.object == Some(copy) {
+                slot.object = None;
+            }
         }
     }
 
-    fn destroy(&self, copy: ObjectHandle) {
-        if let Err(error) = self
-            .token
-            .with_session(|session| session.destroy_object(copy))
-        {
-            // Gone already (its session closed) is the usual reason; the token frees it anyway
-            // when the session closes.
+    /// Destroys every copy (the token object is gone, or this key is dropped).
+    fn forget_copies(&self) {
+        let copies: Vec<ObjectHandle> = {
+            let mut state = lock(&self.state);
+            state
+                .copies
+                .iter_mut()
+                .filter_map(|copy| copy.object.take())
+                .collect()
+        };
+        if copies.is_empty() {
+            return;
+        }
+        let destroyed = self.token.with_session(|session| {
+            for &copy in &copies {
+                destroy(session, copy);
+            }
+            Ok(())
+        });
+        if let Err(error) = destroyed {
             log::debug!(
-                "PKCS#11 token {:?}: destroying a session copy: {error}",
+                "PKCS#11 token {:?}: destroying session copies: {error}",
                 self.token.label
             );
         }
     }
 }
 
+/// Destroys a copy; one already gone (its session closed) is the usual reason for an error, and
+/// the token frees a copy anyway when its session closes.
+fn destroy(session: &Session, copy: ObjectHandle) {
+    if let Err(error) = session.destroy_object(copy) {
+        log::debug!("destroying a session copy: {}", crate::describe(&error));
+    }
+}
+
 impl Drop for TokenKey {
     fn drop(&mut self) {
-        self.forget_copy();
+        self.forget_copies();
     }
 }

@@ -305,7 +305,10 @@ impl std::fmt::Debug for Token {
 
 #[derive(Default)]
 struct PoolState {
-    idle: Vec<Session>,
+    /// Idle sessions with their index.
+    idle: Vec<(Session, usize)>,
+    /// Indexes of closed sessions, for the next sessions opened.
+    free_indexes: Vec<usize>,
     open: usize,
     /// Callers waiting for a session: a release wakes one only when there is one (std's
     /// `notify_one` is a system call even with nobody waiting).
@@ -468,25 +471,29 @@ impl Token {
     fn acquire(&self) -> Result<PooledSession<'_>, Pkcs11Error> {
         let mut state = lock(&self.pool);
         loop {
-            if let Some(session) = state.idle.pop() {
+            if let Some((session, index)) = state.idle.pop() {
                 return Ok(PooledSession {
                     token: self,
                     session: Some(session),
+                    index,
                     dead: false,
                 });
             }
             if state.open < self.max_sessions {
+                let index = state.free_indexes.pop().unwrap_or(state.open);
                 state.open += 1;
                 drop(state);
                 return match self.open_session() {
                     Ok(session) => Ok(PooledSession {
                         token: self,
                         session: Some(session),
+                        index,
                         dead: false,
                     }),
                     Err(error) => {
                         let mut state = lock(&self.pool);
                         state.open -= 1;
+                        state.free_indexes.push(index);
                         if state.waiting > 0 {
                             self.returned.notify_one();
                         }
@@ -503,13 +510,14 @@ impl Token {
         }
     }
 
-    fn release(&self, session: Session, dead: bool) {
+    fn release(&self, session: Session, index: usize, dead: bool) {
         let mut state = lock(&self.pool);
         let closing = if dead {
             state.open -= 1;
+            state.free_indexes.push(index);
             Some(session)
         } else {
-            state.idle.push(session);
+            state.idle.push((session, index));
             None
         };
         let wake = state.waiting > 0;
@@ -529,13 +537,23 @@ impl Token {
         &self,
         mut call: impl FnMut(&Session) -> Result<T, CryptokiError>,
     ) -> Result<T, Pkcs11Error> {
+        self.with_indexed_session(|session, _| call(session))
+    }
+
+    /// [`Token::with_session`], also telling `call` which of the pool's sessions it runs on: an
+    /// index below [`Token::max_sessions`], the same for as long as that session stays open
+    /// (a later session may get the index of a closed one).
+    pub fn with_indexed_session<T>(
+        &self,
+        mut call: impl FnMut(&Session, usize) -> Result<T, CryptokiError>,
+    ) -> Result<T, Pkcs11Error> {
         let mut retried = false;
         loop {
             let mut pooled = self.acquire()?;
             let Some(session) = pooled.session.as_ref() else {
                 return Err(Pkcs11Error::Call(CryptokiError::InvalidValue));
             };
-            let error = match call(session) {
+            let error = match call(session, pooled.index) {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };
@@ -570,13 +588,15 @@ impl Token {
 struct PooledSession<'a> {
     token: &'a Token,
     session: Option<Session>,
+    /// Its index in the pool.
+    index: usize,
     dead: bool,
 }
 
 impl Drop for PooledSession<'_> {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            self.token.release(session, self.dead);
+            self.token.release(session, self.index, self.dead);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `TokenKey` against a real SoftHSM2 token: calls go to an in-token session copy of the token
 //! object, the copy keeps the original's protection, a key deleted from the token stops working
-//! once the copy's trust runs out, a lost copy is replaced, and dropping the key destroys its
-//! copy. SoftHSM2 is required; without it the test fails.
+//! once the copy's trust runs out, a lost copy is replaced, concurrent calls get one copy per
+//! session, and dropping the key destroys its copies. SoftHSM2 is required; without it the test fails.
 //!
 //! One test function only: SoftHSM2 reads `SOFTHSM2_CONF` once, when the module is initialized,
 //! and the module is loaded once per process.
@@ -60,6 +60,13 @@ fn sign(key: &TokenKey) -> Result<(Vec<u8>, ObjectHandle), pkcs11_sys::Pkcs11Err
     Ok((mac, used.unwrap()))
 }
 
+/// The key's one copy (calls from one thread use one pooled session, so one copy).
+fn single_copy(key: &TokenKey) -> Option<ObjectHandle> {
+    let copies = key.session_copies();
+    assert!(copies.len() <= 1, "{copies:?}");
+    copies.first().copied()
+}
+
 fn wait_out_the_trust() {
     std::thread::sleep(COPY_TRUSTED_FOR + std::time::Duration::from_millis(100));
 }
@@ -78,12 +85,10 @@ fn session_copies_of_token_keys() {
     // with the same key.
     let object = hmac_key(&token, "first");
     let key = TokenKey::new(Arc::clone(&token), object);
-    assert_eq!(key.session_copy(), None);
+    assert!(key.session_copies().is_empty());
     let (expected, used) = sign(&key).unwrap();
     assert_eq!(used, object);
-    let copy = key
-        .session_copy()
-        .expect("a session copy after the first call");
+    let copy = single_copy(&key).expect("a session copy after the first call");
     assert_ne!(copy, object);
     assert_eq!(session_objects(&token, "first"), vec![copy]);
     for _ in 0..3 {
@@ -137,7 +142,7 @@ fn session_copies_of_token_keys() {
         ),
         "{gone}"
     );
-    assert_eq!(key.session_copy(), None);
+    assert!(key.session_copies().is_empty());
     assert!(session_objects(&token, "first").is_empty());
     assert!(sign(&key).is_err(), "no copy comes back for a deleted key");
     drop(key);
@@ -147,24 +152,53 @@ fn session_copies_of_token_keys() {
     let object = hmac_key(&token, "second");
     let key = TokenKey::new(Arc::clone(&token), object);
     let (expected, _) = sign(&key).unwrap();
-    let lost = key.session_copy().unwrap();
+    let lost = single_copy(&key).unwrap();
     token
         .with_session(|session| session.destroy_object(lost))
         .unwrap();
     assert_eq!(sign(&key).unwrap(), (expected.clone(), object));
-    assert_eq!(key.session_copy(), None);
+    assert!(key.session_copies().is_empty());
     wait_out_the_trust();
     assert_eq!(sign(&key).unwrap(), (expected.clone(), object));
-    let replaced = key.session_copy().expect("a new copy");
+    let replaced = single_copy(&key).expect("a new copy");
     assert_ne!(replaced, lost);
-    assert_eq!(sign(&key).unwrap(), (expected, replaced));
+    assert_eq!(sign(&key).unwrap(), (expected.clone(), replaced));
 
     // Errors that are not about the object leave the copy in place.
     let refused = key.with_object(|session, object| session.sign(&Mechanism::Ecdsa, object, b"m"));
     assert!(refused.is_err(), "an HMAC key cannot sign ECDSA");
-    assert_eq!(key.session_copy(), Some(replaced));
+    assert_eq!(key.session_copies(), vec![replaced]);
 
-    // Dropping the key destroys its copy, not the token object.
+    // Concurrent calls each get their session's own copy (no two calls share an object), all
+    // the same key.
+    let key = Arc::new(key);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let key = Arc::clone(&key);
+            let expected = expected.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    assert_eq!(sign(&key).unwrap().0, expected);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let copies = key.session_copies();
+    assert!(!copies.is_empty() && copies.len() <= token.max_sessions());
+    let mut in_token = session_objects(&token, "second");
+    in_token.sort_by_key(ObjectHandle::handle);
+    let mut sorted = copies.clone();
+    sorted.sort_by_key(ObjectHandle::handle);
+    assert_eq!(
+        in_token, sorted,
+        "every copy the token holds is one the key knows"
+    );
+
+    // Dropping the key destroys its copies, not the token object.
+    let key = Arc::into_inner(key).unwrap();
     drop(key);
     assert!(session_objects(&token, "second").is_empty());
     let still_there = token
