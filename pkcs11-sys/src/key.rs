@@ -18,7 +18,8 @@
 //! closed) is dropped and the call goes to the token object; a new copy for a session is tried at
 //! most once per [`COPY_TRUSTED_FOR`].
 //!
-//! Other tokens get no copies: a hardware token keeps keys in the device (no file work, and
+//! An object with `CKA_COPYABLE` false gets no copy (the token refuses `C_CopyObject`); its
+//! calls keep going to the token object. Other tokens get no copies: a hardware token keeps keys in the device (no file work, and
 //! session objects take its scarce memory), and a module whose object handles might be reused
 //! after a copy is lost could turn a stale copy handle into another key. SoftHSM2's handles come
 //! from one counter that only goes up.
@@ -77,14 +78,6 @@ fn object_gone(error: &CryptokiError) -> bool {
     )
 }
 
-/// What a call on one session goes to.
-enum Target {
-    /// The session's copy, trusted.
-    Copy(ObjectHandle),
-    /// The token object; then make a copy on this session if `copy` says so.
-    Object { copy: bool },
-}
-
 impl TokenKey {
     /// The key whose token object is `object`.
     pub fn new(token: Arc<Token>, object: ObjectHandle) -> Self {
@@ -98,11 +91,6 @@ impl TokenKey {
     /// The token the key is in.
     pub fn token(&self) -> &Arc<Token> {
         &self.token
-    }
-
-    /// The token object.
-    pub fn object(&self) -> ObjectHandle {
-        self.object
     }
 
     /// The session copies calls can go to now (for tests and diagnostics).
@@ -128,14 +116,14 @@ impl TokenKey {
         }
         let answer = self.token.with_indexed_session(|session, index| {
             let now = Instant::now();
-            if let Target::Copy(copy) = self.target(index, now) {
+            if let Some(copy) = self.trusted_copy(index, now) {
                 match call(session, copy) {
                     Err(error) if object_gone(&error) => self.lost(index, copy),
                     answer => return answer,
                 }
             }
             let answer = call(session, self.object)?;
-            if let Target::Object { copy: true } = self.verified(index, now) {
+            if self.verified(index, now) {
                 self.copy_on(session, index);
             }
             Ok(answer)
@@ -148,21 +136,22 @@ impl TokenKey {
         answer
     }
 
-    /// Where a call on session `index` at `now` goes.
-    fn target(&self, index: usize, now: Instant) -> Target {
+    /// Session `index`'s copy, if it has one and the copies are trusted at `now`.
+    fn trusted_copy(&self, index: usize, now: Instant) -> Option<ObjectHandle> {
         let state = lock(&self.state);
         let trusted = state
             .verified
             .is_some_and(|verified| now.duration_since(verified) < COPY_TRUSTED_FOR);
-        match state.copies.get(index).and_then(|copy| copy.object) {
-            Some(copy) if trusted => Target::Copy(copy),
-            _ => Target::Object { copy: false },
-        }
+        state
+            .copies
+            .get(index)
+            .and_then(|copy| copy.object)
+            .filter(|_| trusted)
     }
 
     /// Records that the token object answered at `now`; says whether to make a copy on session
     /// `index` (it has none, and none was tried within [`COPY_TRUSTED_FOR`]).
-    fn verified(&self, index: usize, now: Instant) -> Target {
+    fn verified(&self, index: usize, now: Instant) -> bool {
         let mut state = lock(&self.state);
         state.verified = Some(now);
         if state.copies.len() <= index {
@@ -176,10 +165,11 @@ impl TokenKey {
         if copy {
             slot.attempted = Some(now);
         }
-        Target::Object { copy }
+        copy
     }
 
-    /// Makes this session's copy.
+    /// Makes this session's copy. A token may refuse (`CKA_COPYABLE` false on the object): calls
+    /// then keep going to the token object.
     fn copy_on(&self, session: &Session, index: usize) {
         match session.copy_object(self.object, &[Attribute::Token(false)]) {
             Ok(copy) => {

@@ -9,8 +9,9 @@
 //! - [`Token::with_session`] runs token calls on a pooled read/write session: one caller at a time
 //!   per session, sessions reused, at most [`Token::max_sessions`] open. Callers block while all
 //!   sessions are busy, so this must be used from blocking threads, never an async executor.
-//! - [`TokenKey`] is a key object to call with: on SoftHSM2 through a session copy of the token
-//!   object, re-checked against the token object every [`COPY_TRUSTED_FOR`].
+//! - [`TokenKey`] is a key object to call with: on SoftHSM2 through session copies of the token
+//!   object (one per pooled session, [`Token::with_indexed_session`]), re-checked against the
+//!   token object every [`COPY_TRUSTED_FOR`].
 //!
 //! Nothing here knows about keyd's key handles or HTTP. PINs are kept as zeroize-on-drop secrets
 //! and never appear in errors, logs or `Debug` output.

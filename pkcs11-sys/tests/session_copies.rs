@@ -21,20 +21,25 @@ use common::MODULE;
 
 /// A 32-byte HMAC key as keyd makes its own: a private, sensitive, non-extractable token object.
 fn hmac_key(token: &Token, label: &str) -> ObjectHandle {
+    hmac_key_with(token, label, &[])
+}
+
+/// [`hmac_key`] with `extra` attributes.
+fn hmac_key_with(token: &Token, label: &str, extra: &[Attribute]) -> ObjectHandle {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Value(vec![label.len() as u8; 32]),
+    ];
+    template.extend_from_slice(extra);
     token
-        .with_session(|session| {
-            session.create_object(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Sign(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Value(vec![label.len() as u8; 32]),
-            ])
-        })
+        .with_session(|session| session.create_object(&template))
         .unwrap()
 }
 
@@ -196,6 +201,18 @@ fn session_copies_of_token_keys() {
         in_token, sorted,
         "every copy the token holds is one the key knows"
     );
+
+    // A key the token will not copy (CKA_COPYABLE false) keeps working on the token object,
+    // with no copy, before and after the retry interval.
+    let uncopyable = hmac_key_with(&token, "third", &[Attribute::Copyable(false)]);
+    let stays = TokenKey::new(Arc::clone(&token), uncopyable);
+    let (third, _) = sign(&stays).unwrap();
+    assert_eq!(sign(&stays).unwrap(), (third.clone(), uncopyable));
+    wait_out_the_trust();
+    assert_eq!(sign(&stays).unwrap(), (third, uncopyable));
+    assert!(stays.session_copies().is_empty());
+    assert!(session_objects(&token, "third").is_empty());
+    drop(stays);
 
     // Dropping the key destroys its copies, not the token object.
     let key = Arc::into_inner(key).unwrap();

@@ -8,8 +8,9 @@
 //! process like the file store does, so HMAC, AES and EC operations run on the async thread
 //! that received the request (two thread hand-offs per request cost more than the operation;
 //! docs/pkcs11.md has the figures); RSA stays on blocking threads. On SoftHSM2 the operations
-//! go to an in-token session copy of each object, re-checked against the token object every
-//! second (`pkcs11_sys::TokenKey`), because SoftHSM2 re-reads a token object's file on every use.
+//! go to in-token session copies of each object (one per pooled session), re-checked against the
+//! token object every second (`pkcs11_sys::TokenKey`), because SoftHSM2 re-reads a token
+//! object's file on every use.
 //!
 //! Generated objects are `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not `CKA_EXTRACTABLE`,
 //! with `CKA_LABEL` = key ID; both halves of a key pair share a random 16-byte `CKA_ID`.
